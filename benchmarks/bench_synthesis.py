@@ -1,0 +1,94 @@
+"""Synthesis step (stage 3) per image versus a supervised training step per image.
+
+One synthesis step is a forward pass of the frozen teacher with its stat layers in synthesis
+mode, the matching/CE/TV/L2 losses, a backward pass to the input images and an Adam update of
+the images; the reference is one forward/backward/SGD step of the same architecture on the
+same batch. Defaults are the demo's: small CNN, batch 200, gray private domain (MNIST).
+
+    python benchmarks/bench_synthesis.py
+    python benchmarks/bench_synthesis.py --model resnet18 --device cuda --batch_size 80 --color
+    python benchmarks/bench_synthesis.py --profile     # where the time of each side goes
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from common import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up,
+                    time_sides, training_step)
+from engine.cli import main_guard, positive_int
+from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
+
+GOAL = Goal("<=", 1.3)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def frozen_teacher(args, device: torch.device) -> torch.nn.Module:
+    """A teacher as synthesis loads it: stat layers in synthesis mode, eval, no weight gradients."""
+    teacher = make_model(args, device)
+    layers = attach_stat_layers(teacher)
+    load_dp_statistics(teacher, {name: {"mean": torch.zeros(layer.num_channels),
+                                        "var": torch.ones(layer.num_channels)}
+                                 for name, layer in layers.items()})
+    set_mode(teacher, "synthesis")
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def profile_side(name: str, run) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(f"# profile of {name}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--batch_size", type=positive_int, default=200, help="images per synthesis batch")
+    parser.add_argument("--steps", type=positive_int, default=10, help="optimization steps per timed call")
+    parser.add_argument("--color", action="store_true", help="colour private domain (default: gray, as MNIST)")
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of each side")
+    args = parser.parse_args(argv)
+    device = set_up(args)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    channels = 3 if args.color else 1
+    start = random_images(args.batch_size, args, generator, channels).expand(-1, 3, -1, -1).to(device)
+    targets = cyclic_targets(0, args.batch_size, args.num_classes).to(device)
+    low = torch.full((3,), (0 - MNIST_MEAN) / MNIST_STD, device=device)
+    high = torch.full((3,), (1 - MNIST_MEAN) / MNIST_STD, device=device)
+    teacher = frozen_teacher(args, device)
+    jitter_generator = torch.Generator().manual_seed(args.seed)
+
+    model = make_model(args, device, seed_offset=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train_images = start.contiguous()
+    labels = random_labels(args.batch_size, args, generator).to(device)
+
+    def synthesis() -> int:
+        optimize_batch(teacher, start, targets, args.steps, SynthesisWeights(), low, high, jitter_generator,
+                       grayscale=not args.color)
+        return args.steps * args.batch_size
+
+    def training() -> int:
+        for _ in range(args.steps):
+            training_step(model, optimizer, train_images, labels)
+        return args.steps * args.batch_size
+
+    timings = time_sides({"synthesis": synthesis, "training": training}, args.repeats, args.warmup, device)
+    domain = "colour" if args.color else "gray"
+    print(f"# batch {args.batch_size}, {args.steps} steps per call, {domain} domain")
+    report("synthesis_step", timings["synthesis"], timings["training"], GOAL, unit="image-step")
+    if args.profile:
+        profile_side("synthesis", synthesis)
+        profile_side("training", training)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main)())

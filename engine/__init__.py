@@ -1,0 +1,1 @@
+"""Shared machinery of the stage scripts: CLI helpers, seeding, logging, training loops."""

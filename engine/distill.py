@@ -1,0 +1,113 @@
+"""Stage 4: knowledge distillation of a student from a release bundle alone.
+
+Soft labels come from the bundle (the teacher's logits on the final images), so no teacher
+forward pass is needed per step and the student never needs the teacher or private
+training data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            temperature: float, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + beta * CE(s, targets)."""
+    loss = student_logits.new_zeros(())
+    if alpha:
+        soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                        F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+        loss = loss + alpha * temperature * temperature * soft
+    if beta:
+        loss = loss + beta * F.cross_entropy(student_logits, targets)
+    return loss
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Paper defaults: ResNet-18, batch 256, SGD 0.1/0.9/1e-4, 200 epochs, steps at 120/150/180."""
+
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    temperature: float = 100.0
+    alpha: float = 1.0
+    beta: float = 0.0
+    augment: bool = False
+
+    def milestones(self) -> list[int]:
+        """120/150/180 of 200 epochs, scaled to the configured length."""
+        return [int(round(self.epochs * f)) for f in (0.6, 0.75, 0.9)]
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Batched random crop (reflect padding) and horizontal flip on tensors, one draw per image."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(images.device)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(images.device)
+    out = padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
+                 torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1),
+                 rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+
+
+class StudentTrainer:
+    """SGD + MultiStepLR over in-memory (images, soft labels, targets) tensors; resumable per epoch."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor,
+                 targets: torch.Tensor, config: StudentConfig, device: torch.device, seed: int) -> None:
+        self.model = model.to(device)
+        self.images, self.soft_labels, self.targets = images, soft_labels, targets
+        self.config = config
+        self.device = device
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestones(), gamma=0.1)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def train_epoch(self, progress: bool = True) -> dict:
+        self.model.train()
+        order = torch.randperm(len(self.images), generator=self.generator)
+        batches = order.split(self.config.batch_size)
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(batches, desc=f"student epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for indices in bar:
+            x = self.images[indices].to(self.device, non_blocking=True)
+            if self.config.augment:
+                x = random_crop_flip(x, self.generator)
+            t = self.soft_labels[indices].to(self.device, non_blocking=True)
+            y = self.targets[indices].to(self.device, non_blocking=True)
+            loss = kd_loss(self.model(x), t, y, self.config.temperature, self.config.alpha, self.config.beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(indices)
+            seen += len(indices)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        self.scheduler.step()
+        self.epoch += 1
+        return {"epoch": self.epoch, "loss": loss_sum / max(seen, 1)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])

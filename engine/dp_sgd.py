@@ -1,0 +1,154 @@
+"""DP-SGD training of the teacher (stage 1), resumable at epoch boundaries.
+
+Opacus supplies per-sample gradients, clipping and noise (``DPOptimizer``); sampling is
+our own Poisson sampler at rate B/N so that the ledger records exactly the mechanism that
+ran. Large Poisson batches are split into physical chunks whose clipped gradients are
+accumulated before the single noisy step, as Opacus's BatchMemoryManager does.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from engine.data import batches_by_index
+from privacy.sampling import poisson_batch, steps_per_epoch
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+# The first layer's input never requires grad; Opacus's hooks are still correct, so the
+# warning torch emits for it is noise on every run.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """Hyper-parameters of stage 1 (paper defaults for the optimizer)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    max_norm: float
+    noise_multiplier: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_physical_batch_size: int = 256
+    grad_sample_mode: str = "hooks"
+    secure_mode: bool = False
+
+
+class DPSGDTrainer:
+    """Owns the model wrapper, optimizer, scheduler and both generators of a DP-SGD run."""
+
+    def __init__(self, model: nn.Module, train_set: Dataset, config: DPSGDConfig,
+                 device: torch.device, seed: int, num_workers: int = 0) -> None:
+        self.model = model.to(device)
+        self.train_set = train_set
+        self.config = config
+        self.device = device
+        self.num_workers = num_workers
+        self.num_examples = len(train_set)
+        self.sample_rate = config.batch_size / self.num_examples
+        self.steps_per_epoch = steps_per_epoch(self.num_examples, config.batch_size)
+        self.wrapped = prepare_module(self.model, config.grad_sample_mode, batch_first=True,
+                                      loss_reduction="mean")
+        base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+        self.noise_generator = None
+        if not config.secure_mode:
+            self.noise_generator = torch.Generator(device=device)
+            self.noise_generator.manual_seed(seed + 1)
+        self.optimizer = DPOptimizer(base, noise_multiplier=config.noise_multiplier,
+                                     max_grad_norm=config.max_norm,
+                                     expected_batch_size=config.batch_size,
+                                     generator=self.noise_generator, secure_mode=config.secure_mode)
+        milestones = [int(0.6 * config.epochs), int(0.8 * config.epochs)]
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
+        self.sample_generator = torch.Generator()
+        self.sample_generator.manual_seed(seed)
+        self.epoch = 0
+        self.steps_done = 0
+
+    def _noise_only_step(self) -> None:
+        """An empty Poisson batch still costs a step and still gets its noise."""
+        for param in self.optimizer.params:
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
+        self.optimizer.step()
+
+    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        chunk = self.config.max_physical_batch_size
+        total_loss, correct = 0.0, 0
+        starts = list(range(0, len(labels), chunk))
+        for position, start in enumerate(starts):
+            x = images[start:start + chunk].to(self.device, non_blocking=True)
+            y = labels[start:start + chunk].to(self.device, non_blocking=True)
+            logits = self.wrapped(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            if position < len(starts) - 1:
+                self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        return total_loss, correct
+
+    def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
+        """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
+        self.wrapped.train()
+        index_batches = [poisson_batch(self.num_examples, self.sample_rate, self.sample_generator)
+                         for _ in range(self.steps_per_epoch)]
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
+                   total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            if batch is None:
+                self._noise_only_step()
+            else:
+                batch_loss, batch_correct = self._logical_step(*batch)
+                loss_sum += batch_loss
+                correct += batch_correct
+                seen += len(batch[1])
+            self.steps_done += 1
+            if on_step is not None:
+                on_step(self.steps_done)
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+        self.scheduler.step()
+        self.epoch += 1
+        return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit after a kill (loads with weights_only=True)."""
+        state = {
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.original_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sample_generator": self.sample_generator.get_state(),
+            "config": asdict(self.config),
+        }
+        if self.noise_generator is not None:
+            state["noise_generator"] = self.noise_generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sample_generator.set_state(state["sample_generator"])
+        if self.noise_generator is not None and "noise_generator" in state:
+            self.noise_generator.set_state(state["noise_generator"])
+        self.epoch = int(state["epoch"])
+        self.steps_done = int(state["steps_done"])

@@ -1,0 +1,122 @@
+"""The whole pipeline from one config: teacher -> DP statistics -> releases per k -> students.
+
+Each stage is the stage script's own ``run`` (same code path as the CLI); stages skip work
+whose artifacts already exist with the same settings, so a rerun after a crash continues.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import privacy
+import save_dp_db_stats
+import synthesize
+import train_dp
+import train_student
+from engine.runtime import atomic_write_text
+
+
+def _flags(**values) -> list[str]:
+    argv: list[str] = []
+    for name, value in values.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+def _common(config: dict) -> dict:
+    return {"device": config["device"], "data_root": config["data_root"]}
+
+
+def run_pipeline(config: dict, output: str | Path | None = None, progress: bool = True) -> dict:
+    """Run every stage of ``config``; write and return ``report.json``'s content."""
+    out = Path(output or config["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = not progress
+    seconds: dict[str, float] = {}
+    t, s, syn, st = config["teacher"], config["statistics"], config["synthesis"], config["student"]
+
+    started = time.time()
+    teacher_path = train_dp.run(_flags(
+        dataset=config["dataset"], model=config["model"], epochs=t["epochs"],
+        train_batch_size=t["train_batch_size"], lr=t["lr"], max_norm=t["max_norm"], seed=t["seed"],
+        noise_multiplier=config["noise_multiplier"], target_epsilon=config["target_epsilon"],
+        stats_epochs=s["epochs"], stats_batch_size=s["train_batch_size"], delta=config["delta"],
+        accountant=config["accountant"], max_physical_batch_size=t["max_physical_batch_size"],
+        output=out / "teacher.dppt", no_progress=quiet, **_common(config)))
+    seconds["teacher"] = time.time() - started
+    teacher = privacy.load_dppt(teacher_path)
+    sigma = teacher["settings"]["noise_multiplier"]
+
+    started = time.time()
+    stats_path = save_dp_db_stats.run(_flags(
+        teacher=teacher_path, epochs=s["epochs"], train_batch_size=s["train_batch_size"],
+        max_norm=s["max_norm"], noise_multiplier=sigma, public_set=s["public_set"],
+        clip_quantile=s["clip_quantile"], seed=s["seed"],
+        output=out / "statistics.dppt", no_progress=quiet, **_common(config)))
+    seconds["statistics"] = time.time() - started
+    block = privacy.load_dppt(stats_path)["privacy"]
+
+    releases: dict[int, Path] = {}
+    for k in syn["g_steps"]:
+        started = time.time()
+        releases[k] = synthesize.run(_flags(
+            teacher=stats_path, public_set=syn["public_set"], num_samples=syn["num_samples"], g_steps=k,
+            batch_size=syn["batch_size"], batches_per_shard=syn["batches_per_shard"], lr_g=syn["lr_g"],
+            bn=syn["bn"], oh=syn["oh"], tv=syn["tv"], l2=syn["l2"], targets=syn["targets"],
+            no_flip=not syn["flip"], seed=syn["seed"], output=out / f"release_k{k}", no_progress=quiet,
+            **_common(config)))
+        seconds[f"synthesis_k{k}"] = time.time() - started
+
+    results = []
+    for k, release in releases.items():
+        for seed in st["seeds"]:
+            started = time.time()
+            metrics = train_student.run(_flags(
+                release=release, model=st["model"], epochs=st["epochs"], batch_size=st["batch_size"],
+                lr=st["lr"], momentum=st["momentum"], weight_decay=st["weight_decay"], T=st["T"],
+                alpha=st["alpha"], beta=st["beta"], augment=st["augment"], seed=seed,
+                output=out / f"student_k{k}_seed{seed}", no_progress=quiet, **_common(config)))
+            seconds[f"student_k{k}_seed{seed}"] = time.time() - started
+            results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
+
+    report = {
+        "dataset": config["dataset"], "public_set": syn["public_set"], "model": config["model"],
+        "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
+        "noise_multiplier": sigma, "teacher_test_acc": teacher["test_acc"], "ledger": block["ledger"],
+        "results": results, "summary": summarize(results), "seconds": seconds,
+        "releases": {str(k): str(path) for k, path in releases.items()},
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_report(report))
+    return report
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean ± std (sample std; 0 for one seed) of the student accuracy per k, like the paper's table."""
+    summary = []
+    for k in sorted({row["k"] for row in results}):
+        accs = [row["student_test_acc"] for row in results if row["k"] == k]
+        summary.append({"k": k, "mean": statistics.fmean(accs),
+                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs)})
+    return summary
+
+
+def render_report(report: dict) -> str:
+    """A markdown report: privacy, teacher, and the student table (accuracies in %)."""
+    lines = [
+        f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
+        f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
+        f"noise multiplier {report['noise_multiplier']:.4f})",
+        f"- DP teacher test accuracy (final epoch): {100 * report['teacher_test_acc']:.2f}%", "",
+        "| Private dataset | epsilon | Public dataset | " + " | ".join(
+            f"DP-ImgSyn({row['k']})" for row in report["summary"]) + " |",
+        "|---|---|---|" + "---|" * len(report["summary"]),
+        f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | " + " | ".join(
+            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" for row in report["summary"]) + " |",
+        "", "Seconds per stage: " + ", ".join(f"{name} {value:.0f}" for name, value in report["seconds"].items()),
+    ]
+    return "\n".join(lines) + "\n"

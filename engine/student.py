@@ -1,0 +1,79 @@
+"""Stage 4 orchestration: a student distilled from a release, evaluated on the private test split."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import registry
+from engine.artifacts import require_same_settings
+from engine.distill import StudentConfig, StudentTrainer
+from engine.evaluation import evaluate
+from engine.runtime import atomic_path, atomic_write_text, resolve_device, seed_everything, setup_logging
+from errors import DPImgSynError
+from synthesizer import release as release_io
+
+
+def train_student(args: argparse.Namespace) -> dict:
+    """Run (or resume) stage 4; returns the metrics written to ``<output>/metrics.json``."""
+    device = resolve_device(args.device)
+    bundle = release_io.load(args.release)
+    dataset = args.dataset or bundle.metadata.get("dataset")
+    if not dataset:
+        raise DPImgSynError(f"{args.release} does not record its private dataset; pass --dataset")
+    output = Path(args.output)
+    config = StudentConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           momentum=args.momentum, weight_decay=args.weight_decay,
+                           temperature=args.T, alpha=args.alpha, beta=args.beta, augment=args.augment)
+    settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": dataset, "model": args.model,
+                "seed": args.seed, **vars(config)}
+    metrics_path = output / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        require_same_settings(metrics_path, metrics.get("settings", {}), settings)
+        print(f"{metrics_path} already complete (student test accuracy {metrics['student_test_acc']:.4f})")
+        return metrics
+    logger = setup_logging(output / "train_student.log")
+    logger.info("stage 4 (student) settings: %s", settings)
+    test_set = registry.get_split(dataset, "test", args.data_root, args.download)
+
+    seed_everything(args.seed)
+    images, soft_labels, targets = bundle.tensors()
+    mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
+    images = (images - mean) / std
+    model = registry.get_model(args.model, soft_labels.shape[1])
+    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, args.seed)
+    resume_path = output / "student.resume"
+    history: list[dict] = []
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        require_same_settings(resume_path, state["settings"], settings)
+        trainer.load_state_dict(state["trainer"])
+        history = list(state["history"])
+        print(f"resuming student after epoch {trainer.epoch}")
+    started = time.time()
+    while trainer.epoch < config.epochs:
+        stats = trainer.train_epoch(progress=not args.no_progress)
+        if args.eval_every and (trainer.epoch % args.eval_every == 0 or trainer.epoch == config.epochs):
+            stats["test_acc"] = evaluate(trainer.model, test_set, device)
+        history.append(stats)
+        logger.info("epoch %s", stats)
+        with atomic_path(resume_path) as tmp:
+            torch.save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, tmp)
+    final_acc = evaluate(trainer.model, test_set, device)
+    with atomic_path(output / "student.pt") as tmp:
+        torch.save({"model": trainer.model.state_dict(), "architecture": args.model,
+                    "num_classes": soft_labels.shape[1], "dataset": dataset}, tmp)
+    metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
+               "release": str(Path(args.release)), "k": bundle.metadata.get("k"),
+               "public_set": bundle.metadata.get("public_set"), "seed": args.seed,
+               "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"),
+               "seconds": time.time() - started, "history": history, "settings": settings}
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+    resume_path.unlink(missing_ok=True)
+    print(f"student test accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
+    return metrics

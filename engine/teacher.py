@@ -1,0 +1,163 @@
+"""Stage 1 orchestration: data, model, calibration, resumable DP-SGD, the teacher `.dppt`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+import privacy
+import registry
+from engine.artifacts import require_same_settings, with_suffix_once
+from engine.data import default_workers
+from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
+from engine.evaluation import evaluate
+from engine.runtime import atomic_path, resolve_device, rng_state, seed_everything, set_rng_state, setup_logging
+from errors import DPImgSynError
+from privacy.sampling import private_seed, steps_per_epoch
+
+# Arguments that determine the teacher's content; a rerun must match them to resume.
+# The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
+# leaves the local resume file (see private_seed).
+CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm",
+                    "noise_multiplier", "val_split", "delta", "accountant",
+                    "grad_sample_mode", "secure_mode")
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    """The original code's naming: ``checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt``."""
+    dataset = args.dataset.replace("folder:", "folder_").replace("/", "_")
+    return Path("checkpoints") / f"{dataset}_{args.model}_nm_{args.noise_multiplier:g}_{args.suffix}_.dppt"
+
+
+VALIDATION_SPLIT_SEED = 0  # which examples are held out is not secret; the noise seed is
+
+
+def split_validation(train_set, val_split: float, seed: int):
+    """Hold out a fixed random fraction of the private training set (validation is logged only)."""
+    if val_split <= 0:
+        return train_set, None
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_set), generator=generator)
+    cut = int(round(len(train_set) * val_split))
+    return Subset(train_set, order[cut:].tolist()), Subset(train_set, order[:cut].tolist())
+
+
+def pipeline_plan(num_examples: int, args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(sample rate, steps) of the whole pipeline's private mechanisms: DP-SGD, then DP statistics."""
+    return [
+        (args.train_batch_size / num_examples,
+         args.epochs * steps_per_epoch(num_examples, args.train_batch_size)),
+        (args.stats_batch_size / num_examples,
+         args.stats_epochs * steps_per_epoch(num_examples, args.stats_batch_size)),
+    ]
+
+
+def _teacher_entry(args: argparse.Namespace, sample_rate: float, steps: int) -> dict:
+    return privacy.mechanism_entry(
+        "dp_sgd", args.noise_multiplier, sample_rate, steps, args.max_norm,
+        epochs=args.epochs, batch_size=args.train_batch_size, stage="teacher")
+
+
+def train_teacher(args: argparse.Namespace) -> Path:
+    """Run (or resume) stage 1 and return the path of the final `.dppt`."""
+    device = resolve_device(args.device)
+    if args.val_split < 0 or args.val_split >= 1:
+        raise DPImgSynError(f"--val_split must be in [0, 1), got {args.val_split}")
+    num_classes, train_set, test_set = registry.get_dataset(args.dataset, args.data_root, args.download)
+    train_set, val_set = split_validation(train_set, args.val_split, VALIDATION_SPLIT_SEED)
+    num_examples = len(train_set)
+    if args.train_batch_size > num_examples:
+        raise DPImgSynError(f"--train_batch_size {args.train_batch_size} exceeds the {num_examples} training examples")
+    if args.delta >= 1 / num_examples:
+        logging.getLogger("dpimgsyn").warning("delta %.3g >= 1/N = %.3g: a weak guarantee", args.delta, 1 / num_examples)
+
+    if args.target_epsilon is not None:
+        args.noise_multiplier = privacy.calibrate_noise_multiplier(
+            args.target_epsilon, args.delta, pipeline_plan(num_examples, args), args.accountant)
+        print(f"calibrated noise multiplier {args.noise_multiplier:.4f} for total epsilon "
+              f"{args.target_epsilon} over DP-SGD + DP statistics")
+
+    output = with_suffix_once(args.output or default_output(args), ".dppt")
+    settings = {key: getattr(args, key) for key in CONTENT_SETTINGS}
+    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log"))
+    logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
+    if output.exists():
+        existing = privacy.load_dppt(output)
+        require_same_settings(output, existing.get("settings", {}), settings)
+        print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
+        return output
+
+    seed = private_seed(args.seed)
+    seed_everything(seed)
+    model = registry.get_model(args.model, num_classes)
+    config = DPSGDConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+                         max_norm=args.max_norm, noise_multiplier=args.noise_multiplier,
+                         max_physical_batch_size=args.max_physical_batch_size,
+                         grad_sample_mode=args.grad_sample_mode, secure_mode=args.secure_mode)
+    workers = default_workers(device)
+    trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers)
+    resume_path = with_suffix_once(output, ".resume")
+    history: list[dict] = []
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        require_same_settings(resume_path, state["settings"], settings)
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        history = list(state["history"])
+        print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
+
+    started = time.time()
+    while trainer.epoch < args.epochs:
+        stats = trainer.train_epoch(progress=not args.no_progress)
+        stats["test_acc"] = evaluate(trainer.model, test_set, device, num_workers=workers)
+        if val_set is not None:
+            stats["val_acc"] = evaluate(trainer.model, val_set, device, num_workers=workers)
+        stats["epsilon"] = privacy.compute_epsilon(
+            [(args.noise_multiplier, trainer.sample_rate, trainer.steps_done)], args.delta, args.accountant)
+        stats["epoch"] = trainer.epoch
+        history.append(stats)
+        line = (f"epoch {trainer.epoch}/{args.epochs}  loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}"
+                f"  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}")
+        print(line, flush=True)
+        logger.info(line)
+        with atomic_path(resume_path) as tmp:
+            torch.save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
+                        "history": history}, tmp)
+
+    ledger = [_teacher_entry(args, trainer.sample_rate, trainer.steps_done)]
+    block = privacy.privacy_block(ledger, args.delta, args.accountant)
+    final_acc = history[-1]["test_acc"] if history else float("nan")
+    payload = {
+        "format": privacy.CHECKPOINT_FORMAT, "version": 1, "stage": "teacher",
+        "model": privacy.strip_wrapper_prefixes(trainer.model.state_dict()),
+        "architecture": args.model, "num_classes": num_classes, "dataset": args.dataset,
+        "privacy": block, "settings": settings, "args": plain_args(args),
+        "test_acc": final_acc, "history": history,
+    }
+    privacy.save_dppt(output, payload)
+    resume_path.unlink(missing_ok=True)
+    logger.info("DP-SGD took %.1fs", time.time() - started)
+    summary = (f"teacher written to {output}: test accuracy {final_acc:.4f} (final epoch), "
+               f"epsilon {block['epsilon']:.3f} at delta {args.delta:g} ({args.accountant})")
+    print(summary)
+    logger.info(summary)
+    return output
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The CLI arguments as plain values for an artifact, without the (secret) seed."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+            if key != "seed" and (value is None or isinstance(value, (str, int, float, bool, Path)))}
+
+
+def check_finite(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Reject NaN/inf in values that may come from a preset rather than the command line."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+            raise DPImgSynError(f"--{name} must be a positive finite number, got {value!r}")

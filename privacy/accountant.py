@@ -1,0 +1,355 @@
+"""Epsilon of a whole pipeline, noise calibration, and the paper's Table 1 presets.
+
+Every DP step of DP-ImgSyn (DP-SGD on the teacher, the DP normalization statistics) is a
+Poisson-subsampled Gaussian mechanism, so one Opacus accountant composes them all: its
+``history`` is exactly a list of ``(noise_multiplier, sample_rate, steps)``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import warnings
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from errors import DPImgSynError
+from privacy.sampling import steps_per_epoch
+
+Mechanism = tuple[float, float, int]
+"""``(noise_multiplier, sample_rate, steps)`` of one Poisson-subsampled Gaussian mechanism."""
+
+DEFAULT_DELTA = 1e-5
+
+# PRV discretizes the privacy loss on a grid whose size grows with epsilon and sqrt(steps), and
+# peaks at about 200 bytes per point: the ImageNette row of Table 1 needs 2.6e7 points (~5 GB),
+# sigma 0.1 over a few thousand steps 1.4e8 (the process gets killed). Refuse beyond ~6.5 GB.
+MAX_PRV_GRID_POINTS = 2**25
+
+# Calibration searches noise multipliers in this range and stops at this relative precision.
+MIN_CALIBRATED_SIGMA = 1e-3
+MAX_CALIBRATED_SIGMA = 1e4
+CALIBRATION_REL_TOL = 1e-3
+
+
+# Opacus is imported on first use: importing it takes seconds, and `--help` should not wait.
+def _prv_accountant():
+    from opacus.accountants import PRVAccountant
+
+    return PRVAccountant()
+
+
+def _rdp_accountant():
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()
+
+
+ACCOUNTANTS = {"prv": _prv_accountant, "rdp": _rdp_accountant}
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise DPImgSynError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+
+
+def _check_delta(delta: float) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
+        raise DPImgSynError(f"delta must be a number in (0, 1), got {delta!r}")
+
+
+def _check_int(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise DPImgSynError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_sample_rate(sample_rate, where: str) -> float:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
+        raise DPImgSynError(f"{where}: sample rate must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def _check_noise_multiplier(noise_multiplier, where: str) -> float:
+    """Zero is allowed (a noiseless, non-private mechanism); negative or non-finite is a mistake."""
+    if (isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real)
+            or not math.isfinite(noise_multiplier) or noise_multiplier < 0):
+        raise DPImgSynError(
+            f"{where}: noise multiplier must be a finite number > 0 (0 = no noise, not private), "
+            f"got {noise_multiplier!r}"
+        )
+    return float(noise_multiplier)
+
+
+def validate_mechanism(mechanism, where: str = "mechanism") -> Mechanism:
+    """A checked ``(noise_multiplier, sample_rate, steps)``; ``where`` names it in the error."""
+    if not isinstance(mechanism, (tuple, list)) or len(mechanism) != 3:
+        raise DPImgSynError(f"{where} must be (noise_multiplier, sample_rate, steps), got {mechanism!r}")
+    return (_check_noise_multiplier(mechanism[0], where), _check_sample_rate(mechanism[1], where),
+            _check_int(mechanism[2], f"{where}: steps", 0))
+
+
+def _merge(mechanisms: list[Mechanism]) -> tuple[Mechanism, ...]:
+    """Validate, drop empty mechanisms, and merge identical ones.
+
+    Composition is commutative, so k steps of one mechanism followed later by m more steps are
+    k + m self-compositions; merging gives the same epsilon and halves the PRV work on Table 1.
+    """
+    steps_by_mechanism: dict[tuple[float, float], int] = {}
+    for index, mechanism in enumerate(mechanisms):
+        sigma, rate, steps = validate_mechanism(mechanism, f"mechanism {index}")
+        if steps:
+            steps_by_mechanism[sigma, rate] = steps_by_mechanism.get((sigma, rate), 0) + steps
+    return tuple((sigma, rate, steps) for (sigma, rate), steps in steps_by_mechanism.items())
+
+
+def _prv_grid_points(history: tuple[Mechanism, ...], delta: float) -> int:
+    """Grid size Opacus's PRV accountant would allocate, computed cheaply (through RDP).
+
+    Uses the errors that ``PRVAccountant.get_epsilon`` defaults to (eps 0.01, delta / 1000).
+    """
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(rate, sigma) for sigma, rate, _ in history]
+    return _prv_accountant()._get_domain(
+        prvs=prvs, num_self_compositions=[steps for *_, steps in history],
+        eps_error=0.01, delta_error=delta / 1000,
+    ).size
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of_history(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
+    """One accountant call over an already validated, merged history (cached: PRV can take seconds)."""
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    if accountant == "prv":
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grid_points = _prv_grid_points(history, delta)
+        if grid_points > MAX_PRV_GRID_POINTS:
+            raise DPImgSynError(
+                f"the PRV accountant would need {grid_points:,} grid points (too much memory) for this "
+                "weak a guarantee; use a larger noise multiplier, fewer steps, or accountant 'rdp'"
+            )
+    tracker = ACCOUNTANTS[accountant]()
+    tracker.history = list(history)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about alpha ranges and numpy overflows it handles
+        epsilon = float(tracker.get_epsilon(delta=delta))
+    return epsilon if not math.isnan(epsilon) else math.inf
+
+
+def compute_epsilon(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the composition of all ``mechanisms`` at ``delta``, in one accountant call.
+
+    A mechanism with noise multiplier 0 adds no noise, so the result is ``math.inf``.
+    Mechanisms with 0 steps contribute nothing; an empty list gives 0.
+    """
+    _check_accountant(accountant)
+    _check_delta(delta)
+    if not isinstance(mechanisms, (list, tuple)):
+        raise DPImgSynError(f"mechanisms must be a list of (noise_multiplier, sample_rate, steps), got {mechanisms!r}")
+    return _epsilon_of_history(_merge(list(mechanisms)), float(delta), accountant)
+
+
+def _check_target(target_epsilon: float) -> None:
+    if (isinstance(target_epsilon, bool) or not isinstance(target_epsilon, numbers.Real)
+            or not math.isfinite(target_epsilon) or target_epsilon <= 0):
+        raise DPImgSynError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
+
+
+def _check_plan(plan: list[tuple[float, int]], ratios: list[float] | None) -> list[float]:
+    if not isinstance(plan, (list, tuple)) or not plan:
+        raise DPImgSynError("the plan must list (sample_rate, steps) for every DP mechanism of the pipeline")
+    for index, item in enumerate(plan):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DPImgSynError(f"plan entry {index} must be (sample_rate, steps), got {item!r}")
+        _check_sample_rate(item[0], f"plan entry {index}")
+        _check_int(item[1], f"plan entry {index}: steps", 0)
+    if not any(steps for _, steps in plan):
+        raise DPImgSynError("the plan has no steps, so no noise is needed; check epochs and batch sizes")
+    if ratios is None:
+        return [1.0] * len(plan)
+    if len(ratios) != len(plan):
+        raise DPImgSynError(f"got {len(ratios)} noise ratios for {len(plan)} planned mechanisms; give one per mechanism")
+    for ratio in ratios:
+        if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
+                or not math.isfinite(ratio) or ratio <= 0):
+            raise DPImgSynError(f"noise ratios must be finite numbers > 0, got {ratio!r}")
+    return [float(r) for r in ratios]
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float, plan: list[tuple[float, int]],
+                               accountant: str = "prv", ratios: list[float] | None = None
+                               ) -> float | list[float]:
+    """Smallest noise multiplier whose composed epsilon over the whole ``plan`` meets the target.
+
+    ``plan`` lists ``(sample_rate, steps)`` of every DP mechanism of the pipeline (DP-SGD and the
+    DP statistics), because the budget covers the release, not one stage. One shared sigma by
+    default (as in the paper's Table 1, returned as a float); with ``ratios`` mechanism i gets
+    ``ratios[i] * s`` and the list of those sigmas is returned. A bracketed search on a log
+    scale; the answer meets the target and is within ``CALIBRATION_REL_TOL`` of the smallest that does.
+    """
+    _check_target(target_epsilon)
+    _check_delta(delta)
+    _check_accountant(accountant)
+    scales = _check_plan(plan, ratios)
+
+    def sigmas(scale: float) -> list[float]:
+        return [ratio * scale for ratio in scales]
+
+    def excess(scale: float) -> float:
+        """log(epsilon / target): <= 0 where the target is met; decreasing in ``scale``."""
+        mechanisms = [(sigma, rate, steps) for sigma, (rate, steps) in zip(sigmas(scale), plan)]
+        try:
+            epsilon = compute_epsilon(mechanisms, delta, accountant)
+        except DPImgSynError:
+            return math.inf  # PRV refuses only far too weak guarantees: this scale is too small
+        return math.log(epsilon / target_epsilon) if epsilon > 0 else -math.inf
+
+    low, high = _bracket(excess, target_epsilon, delta, accountant)
+    return sigmas(_refine(excess, low, high)) if ratios is not None else _refine(excess, low, high)
+
+
+def _bracket(excess, target_epsilon: float, delta: float, accountant: str) -> tuple[float, float]:
+    """Scales ``(low, high)`` = (misses the target, meets it), a factor 2 apart, searched from 1."""
+    low = high = 1.0
+    if excess(high) <= 0:
+        while excess(low) <= 0:
+            high, low = low, low / 2
+            if low < MIN_CALIBRATED_SIGMA:
+                raise DPImgSynError(
+                    f"target epsilon {target_epsilon} is met even with noise multiplier {high:.2g}; "
+                    "choose a smaller target epsilon or set the noise multiplier directly"
+                )
+    else:
+        while excess(high) > 0:
+            low, high = high, high * 2
+            if high > MAX_CALIBRATED_SIGMA:
+                raise DPImgSynError(
+                    f"target epsilon {target_epsilon} at delta {delta} is unreachable with accountant "
+                    f"{accountant!r} even with noise multiplier {MAX_CALIBRATED_SIGMA:g}; choose a larger "
+                    "target epsilon or delta, or fewer steps (fewer epochs or a smaller sample rate)"
+                )
+    return low, high
+
+
+def _refine(excess, low: float, high: float) -> float:
+    """Shrink the bracket to ``CALIBRATION_REL_TOL``; return its end that meets the target.
+
+    log(epsilon) is nearly linear in log(sigma), so regula falsi in log-log space (Illinois
+    variant) needs a handful of accountant calls where bisection needs ten; every step moves at
+    least half the tolerance away from the bracket's ends so that the bracket itself closes.
+    """
+    f_low, f_high = excess(low), excess(high)
+    min_step = math.log1p(CALIBRATION_REL_TOL) / 2
+    kept = None
+    while math.log(high / low) > math.log1p(CALIBRATION_REL_TOL):
+        x_low, x_high = math.log(low), math.log(high)
+        if math.isfinite(f_low) and math.isfinite(f_high) and f_low > f_high:
+            x = x_low + f_low * (x_high - x_low) / (f_low - f_high)
+        else:
+            x = (x_low + x_high) / 2
+        scale = math.exp(min(max(x, x_low + min_step), x_high - min_step))
+        f = excess(scale)
+        if f <= 0:
+            high, f_high = scale, f
+            f_low, kept = (f_low / 2 if kept == "low" else f_low), "low"
+        else:
+            low, f_low = scale, f
+            f_high, kept = (f_high / 2 if kept == "high" else f_high), "high"
+    return high  # exactly the value whose epsilon was checked
+
+
+def poisson_plan(train_size: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """``(sample_rate, steps)`` of a Poisson-sampled stage: rate B/N, epochs * ceil(N/B) steps."""
+    train_size = _check_int(train_size, "train size", 1)
+    batch_size = _check_int(batch_size, "batch size", 1)
+    epochs = _check_int(epochs, "epochs", 0)
+    if batch_size > train_size:
+        raise DPImgSynError(f"batch size {batch_size} exceeds the training set size {train_size}")
+    return batch_size / train_size, epochs * steps_per_epoch(train_size, batch_size)
+
+
+# ----------------------------------------------------------------------------- Table 1 presets
+
+DEFAULT_PRESETS_PATH = Path(__file__).resolve().parent.parent / "configs" / "table1.yaml"
+
+PRESET_FIELDS: dict[str, type] = {
+    "dataset": str,
+    "model": str,
+    "epochs": int,
+    "train_batch_size": int,
+    "lr": float,
+    "max_norm": float,
+    "noise_multiplier": float,
+    "stats_epochs": int,
+    "stats_batch_size": int,
+    "train_size": int,
+    "delta": float,
+    "target_epsilon": float,
+    "expected_epsilon": float,
+}
+
+
+def _check_preset(name: str, preset) -> dict:
+    if not isinstance(preset, dict):
+        raise DPImgSynError(f"preset {name!r} must be a mapping of settings, got {preset!r}")
+    missing = sorted(PRESET_FIELDS.keys() - preset.keys())
+    unknown = sorted(preset.keys() - PRESET_FIELDS.keys())
+    if missing or unknown:
+        raise DPImgSynError(f"preset {name!r}: missing keys {missing}, unknown keys {unknown}; "
+                            f"expected exactly {sorted(PRESET_FIELDS)}")
+    checked = {}
+    for key, kind in PRESET_FIELDS.items():
+        value = preset[key]
+        if kind is str:
+            valid = isinstance(value, str) and bool(value)
+        elif kind is int:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        else:
+            valid = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value) and value > 0)
+            value = float(value) if valid else value
+        if not valid:
+            raise DPImgSynError(f"preset {name!r}: {key} must be a positive {kind.__name__}, got {value!r}")
+        checked[key] = value
+    _check_delta(checked["delta"])
+    for batch_key in ("train_batch_size", "stats_batch_size"):
+        if checked[batch_key] > checked["train_size"]:
+            raise DPImgSynError(f"preset {name!r}: {batch_key} exceeds train_size")
+    return checked
+
+
+def load_presets(path: str | Path | None = None) -> dict[str, dict]:
+    """Read and validate the Table 1 presets (default: the repository's ``configs/table1.yaml``)."""
+    path = Path(path) if path is not None else DEFAULT_PRESETS_PATH
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise DPImgSynError(f"cannot read presets file {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise DPImgSynError(f"presets file {path} is not valid YAML ({type(error).__name__})") from None
+    if not isinstance(data, dict) or not data:
+        raise DPImgSynError(f"presets file {path} must map preset names to settings")
+    return {str(name): _check_preset(str(name), preset) for name, preset in data.items()}
+
+
+def get_preset(name: str, path: str | Path | None = None) -> dict:
+    """One preset by name; an unknown name lists the available ones."""
+    presets = load_presets(path)
+    if name not in presets:
+        raise DPImgSynError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]
+
+
+def preset_plan(preset: dict) -> list[tuple[float, int]]:
+    """The pipeline plan of a preset: its DP-SGD stage, then its DP-statistics stage."""
+    return [
+        poisson_plan(preset["train_size"], preset["train_batch_size"], preset["epochs"]),
+        poisson_plan(preset["train_size"], preset["stats_batch_size"], preset["stats_epochs"]),
+    ]

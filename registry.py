@@ -1,0 +1,311 @@
+"""THE table of datasets and models, and the one public→private alignment.
+
+Every dataset is one :class:`DatasetSpec` row in :data:`DATASETS`; every model one entry in
+:data:`MODELS`. A dataset's images come from a raw source (``datasets/``) and are seen through
+a view (size, gray/colour, normalization, channels). :func:`get_split` uses the dataset's own
+view; :func:`aligned` shows a public set through a *private* set's view, which replaces the
+original code's per-pair transform copies.
+
+Privacy: normalization constants are fixed public values (DESIGN.md section 5), never computed
+from data; :func:`dataset_info` and :func:`aligned` never open a private split, and every split
+that is opened is recorded in :data:`OPENED_SPLITS` so tests can prove it.
+
+Layout expected under the data root (``--data_root``, else ``$DPIMGSYN_DATA``, else ``./data``)::
+
+    MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte       mnist   (--download works)
+    FashionMNIST/raw/...  (same four IDX files)                  fmnist  (--download works)
+    cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} cifar10 (--download works)
+    celeba/img_align_celeba/*.jpg, celeba/list_attr_celeba.txt, list_eval_partition.txt,
+        identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt
+                                                                 celeba_hair, celeba_gender
+    imagenette2[-320|-160]/{train,val}/<wnid>/*.JPEG             imagenette (--download: 320px)
+    tiny-imagenet-200/train/<wnid>/images/*.JPEG                 tinyimagenet (unzip the archive)
+    places365/categories_places365.txt, places365_train_standard.txt, data_256_standard/...
+                                                                 places365 (small 256 px images)
+    lsun/<category>/**/*.{jpg,png,webp}                          lsun (images exported from lmdb)
+    dtd/dtd/images/<texture>/*.jpg                               textures (--download works)
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
+
+import models
+from datasets import embedded, paper
+from datasets.convert import RawSource, RawTensors, View, view_of
+from datasets.files import class_folders, labeled_tree
+from engine.runtime import atomic_path
+from errors import DPImgSynError
+
+DATA_ROOT_ENV = "DPIMGSYN_DATA"
+DEFAULT_DATA_ROOT = "data"
+FOLDER_PREFIX = "folder:"
+PUBLIC_LABEL = -1
+ROLES = ("private", "public", "both")
+SPLITS = ("train", "test")
+
+MNIST_NORM = ((0.1307,) * 3, (0.3081,) * 3)
+FMNIST_NORM = ((0.2860,) * 3, (0.3530,) * 3)
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+CELEBA_NORM = ((0.5064, 0.4258, 0.3832), (0.3080, 0.2876, 0.2870))
+IMAGENETTE_NORM = ((0.4625, 0.4580, 0.4295), (0.2813, 0.2774, 0.3006))
+TINYIMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_NORM = ((0.5,) * 3, (0.5,) * 3)
+
+DOWNLOADABLE = "Pass --download to let torchvision fetch it, or put the files there yourself."
+CELEBA_HINT = ("Pass --download (needs the gdown package), or put img_align_celeba/ and the five "
+               "list_*/identity_* text files of CelebA there.")
+
+Loader = Callable[[Path, str, bool], "RawTensors | RawSource"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: its public shape and normalization, its role, and where its images come from."""
+
+    name: str
+    num_classes: int  # 0 for public-only sets (their labels are never used)
+    image_size: int  # side of the square images the loader yields
+    channels: int  # channels of the yielded tensors (gray content is repeated)
+    grayscale: bool  # gray content: public sets aligned to it become gray too
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    role: str  # "private", "public" or "both"
+    loader: Loader = field(repr=False, compare=False)
+    family: str = ""  # sets with the same family share images and must never be aligned to each other
+    folders: tuple[str, ...] = ()  # any one of these under the data root means "present"; () = no files
+    hint: str = ""  # how to get the data when it is missing
+    downloadable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"{self.name}: role must be one of {ROLES}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"{self.name}: mean/std need one value per channel")
+        if self.grayscale and (len(set(self.mean)) != 1 or len(set(self.std)) != 1):
+            raise ValueError(f"{self.name}: gray content repeated over channels needs equal constants")
+        if not self.grayscale and self.channels != 3:
+            raise ValueError(f"{self.name}: colour images have 3 channels")
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
+
+    @property
+    def view(self) -> View:
+        return View(self.image_size, self.channels, self.grayscale, self.mean, self.std)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train",) if self.role == "public" else SPLITS
+
+
+def _spec(name: str, num_classes: int, image_size: int, grayscale: bool, norm: tuple, role: str,
+          loader: Loader, **extra) -> DatasetSpec:
+    return DatasetSpec(name, num_classes, image_size, 3, grayscale, norm[0], norm[1], role, loader, **extra)
+
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    _spec("mnist", 10, 32, True, MNIST_NORM, "both", paper.mnist, folders=("MNIST/raw",),
+          hint=DOWNLOADABLE, downloadable=True),
+    _spec("fmnist", 10, 32, True, FMNIST_NORM, "both", paper.fmnist, folders=("FashionMNIST/raw",),
+          hint=DOWNLOADABLE, downloadable=True),
+    _spec("cifar10", 10, 32, False, CIFAR10_NORM, "private", paper.cifar10, folders=("cifar-10-batches-py",),
+          hint=DOWNLOADABLE, downloadable=True),
+    _spec("celeba_hair", 3, 64, False, CELEBA_NORM, "private", paper.celeba_hair, family="celeba",
+          folders=("celeba",), downloadable=True, hint=CELEBA_HINT),
+    _spec("celeba_gender", 2, 64, False, CELEBA_NORM, "private", paper.celeba_gender, family="celeba",
+          folders=("celeba",), downloadable=True, hint=CELEBA_HINT),
+    _spec("imagenette", 10, 224, False, IMAGENETTE_NORM, "private", paper.imagenette,
+          folders=tuple(paper.IMAGENETTE_FOLDERS), downloadable=True,
+          hint="Pass --download (fetches imagenette2-320), or extract any ImageNette archive there "
+               "(train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)."),
+    _spec("tinyimagenet", 0, 64, False, TINYIMAGENET_NORM, "public", paper.tinyimagenet,
+          folders=(str(paper.TINYIMAGENET_TRAIN),),
+          hint="It cannot be downloaded automatically: unzip tiny-imagenet-200.zip in the data root "
+               "(train/<wnid>/images/*.JPEG)."),
+    _spec("places365", 0, 256, False, HALF_NORM, "public", paper.places365, folders=(str(paper.PLACES365_FOLDER),),
+          downloadable=True,
+          hint="Pass --download (large), or put categories_places365.txt, places365_train_standard.txt "
+               "and the small images as data_256_standard/ there (rename an extracted data_256/)."),
+    _spec("lsun", 0, 256, False, HALF_NORM, "public", paper.lsun, folders=(str(paper.LSUN_FOLDER),),
+          hint="It cannot be downloaded automatically: export the LSUN lmdb databases to image files "
+               "(lsun/<category>/**/*.jpg|png|webp) with the LSUN tools."),
+    _spec("textures", 0, 256, False, HALF_NORM, "public", paper.textures, folders=(str(paper.DTD_IMAGES),),
+          hint=DOWNLOADABLE + " (DTD: dtd/dtd/images/<texture>/*.jpg)", downloadable=True),
+    _spec("mnist5k", 10, 32, True, MNIST_NORM, "both", embedded.mnist5k, family="mnist"),
+    _spec("photos", 0, 64, False, HALF_NORM, "public", embedded.photos),
+)}
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "small_cnn": models.small_cnn,
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet18_imagenet": models.resnet18_imagenet,
+}
+
+FOLDER_OPTIONS = {"image_size": 32, "channels": 3}
+FOLDER_CHANNELS = (1, 3)
+
+OPENED_SPLITS: list[tuple[str, str]] = []
+
+
+def reset_opened_splits() -> None:
+    """Forget which splits were opened (tests call this before checking a stage)."""
+    OPENED_SPLITS.clear()
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """``--data_root`` if given, else ``$DPIMGSYN_DATA``, else ``./data``."""
+    return Path(data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+def _valid_names() -> str:
+    return ", ".join(list(DATASETS) + [f"{FOLDER_PREFIX}<path>"])
+
+
+def _folder_loader(path: Path) -> Loader:
+    def load(root: Path, split: str, download: bool) -> RawSource:
+        return labeled_tree(path / split, class_folders(path / "train"))
+
+    return load
+
+
+def _folder_spec(name: str, folder_opts: dict) -> DatasetSpec:
+    """A user's ImageFolder tree; its class count is the number of class folders in ``train/``."""
+    options = dict(FOLDER_OPTIONS, **folder_opts)
+    image_size, channels = options["image_size"], options["channels"]
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DPImgSynError(f"image size of {name} must be a positive integer, got {image_size!r}")
+    if channels not in FOLDER_CHANNELS:
+        raise DPImgSynError(f"channels of {name} must be one of {FOLDER_CHANNELS}, got {channels!r}")
+    if not name[len(FOLDER_PREFIX):]:
+        raise DPImgSynError(f"{FOLDER_PREFIX} needs a path, e.g. {FOLDER_PREFIX}/data/my_images")
+    path = Path(name[len(FOLDER_PREFIX):]).expanduser().absolute()
+    return DatasetSpec(
+        name, len(class_folders(path / "train")), image_size, channels, channels == 1,
+        HALF_NORM[0][:channels], HALF_NORM[1][:channels], "both", _folder_loader(path),
+        folders=(str(path / "train"),),
+        hint="A folder dataset needs <path>/train/<class>/* and <path>/test/<class>/* image files.",
+    )
+
+
+def dataset_info(name: str, **folder_opts) -> DatasetSpec:
+    """The spec of ``name`` without touching any image (safe to call on the private set anywhere).
+
+    ``folder_opts`` (``image_size``, ``channels``; ``None`` means default) shape ``folder:`` sets
+    only; every other dataset has a fixed shape and ignores them.
+    """
+    unknown = set(folder_opts) - set(FOLDER_OPTIONS)
+    if unknown:
+        raise DPImgSynError(f"unknown dataset option(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(FOLDER_OPTIONS)}")
+    if name.startswith(FOLDER_PREFIX):
+        return _folder_spec(name, {key: value for key, value in folder_opts.items() if value is not None})
+    if name not in DATASETS:
+        raise DPImgSynError(f"unknown dataset {name!r}; valid names: {_valid_names()}")
+    return DATASETS[name]
+
+
+def _open_source(spec: DatasetSpec, split: str, data_root, download: bool) -> RawTensors | RawSource:
+    if split not in spec.splits:
+        raise DPImgSynError(f"dataset {spec.name!r} has no {split!r} split (it has: {', '.join(spec.splits)})")
+    OPENED_SPLITS.append((spec.name, split))
+    root = resolve_data_root(data_root)
+    fetching = download and spec.downloadable
+    if spec.folders and not fetching and not any((root / folder).exists() for folder in spec.folders):
+        expected = " or ".join(str(root / folder) for folder in spec.folders)
+        where = "" if Path(spec.folders[0]).is_absolute() else \
+            f" (data root from --data_root, else ${DATA_ROOT_ENV}, else ./{DEFAULT_DATA_ROOT})"
+        raise DPImgSynError(f"dataset {spec.name!r} not found: expected {expected}{where}. {spec.hint}")
+    try:
+        return spec.loader(root, split, fetching)
+    except (RuntimeError, OSError) as exc:
+        raise DPImgSynError(f"could not read dataset {spec.name!r} under {root}: {exc}. {spec.hint}") from None
+
+
+def get_split(name: str, split: str, data_root=None, download: bool = False, **folder_opts) -> Dataset:
+    """One split as (normalized float tensor C×H×W, int label) items; small sets are held in memory."""
+    spec = dataset_info(name, **folder_opts)
+    return view_of(_open_source(spec, split, data_root, download), spec.view)
+
+
+def get_dataset(name: str, data_root=None, download: bool = False,
+                **folder_opts) -> tuple[int, Dataset, Dataset | None]:
+    """``(num_classes, train_set, test_set)``; public-only sets have no test set (``None``)."""
+    spec = dataset_info(name, **folder_opts)
+    test = get_split(name, "test", data_root, download, **folder_opts) if "test" in spec.splits else None
+    return spec.num_classes, get_split(name, "train", data_root, download, **folder_opts), test
+
+
+def get_model(name: str, num_classes: int) -> nn.Module:
+    """A fresh, Opacus-ready model for ``num_classes`` outputs."""
+    if name not in MODELS:
+        raise DPImgSynError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise DPImgSynError(f"a model needs a positive number of classes, got {num_classes!r}")
+    return MODELS[name](num_classes)
+
+
+def aligned(public_name: str, private_name: str, data_root=None, download: bool = False,
+            **folder_opts) -> Dataset:
+    """The public set's training images seen through the private set's eyes; labels are -1.
+
+    Gray if the private set is gray, the private image size, the private normalization constants,
+    the private channel count. Only the private set's *spec* is used: no private image is opened.
+    ``folder_opts`` describe the private set when it is a ``folder:`` set.
+    """
+    public = dataset_info(public_name)
+    private = dataset_info(private_name, **folder_opts)
+    if public.role == "private":
+        raise DPImgSynError(f"{public_name!r} is a private dataset; public sets: "
+                            f"{', '.join(name for name, spec in DATASETS.items() if spec.role != 'private')}")
+    if private.role == "public":
+        raise DPImgSynError(f"{private_name!r} is a public dataset and has no private domain to align to")
+    if public.family == private.family:
+        raise DPImgSynError(f"public set {public_name!r} shares its images with private set {private_name!r}; "
+                            "choose a public set that is independent of the private data")
+    return view_of(_open_source(public, "train", data_root, download), private.view, label=PUBLIC_LABEL)
+
+
+def sampling_list_path(public_name: str, count: int, seed: int,
+                       directory: str | os.PathLike = "Random_Sampling_List") -> Path:
+    """Where :func:`sampling_list` keeps the list (names like ``folder:/x`` are made file-safe)."""
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", public_name).strip("_")
+    return Path(directory) / f"{safe_name}_{count}_{seed}.npy"
+
+
+def sampling_list(public_name: str, count: int, seed: int, available: int,
+                  directory: str | os.PathLike = "Random_Sampling_List") -> np.ndarray:
+    """Deterministic indices of ``count`` public images, stored as ``<public>_<count>_<seed>.npy``.
+
+    Drawn without replacement when ``count <= available``, else as whole shuffled passes over the
+    set. Created on first use (atomically) and reused afterwards, so every run that names the same
+    (public set, count, seed) starts from the same public images.
+    """
+    if count < 1 or available < 1 or seed < 0:
+        raise DPImgSynError(f"a sampling list needs a positive count and set size and a non-negative seed; "
+                            f"got count {count}, size {available}, seed {seed}")
+    path = sampling_list_path(public_name, count, seed, directory)
+    if path.exists():
+        indices = np.load(path, allow_pickle=False)
+        if indices.shape != (count,) or indices.dtype.kind not in "iu" or indices.min() < 0 \
+                or indices.max() >= available:
+            raise DPImgSynError(f"{path} does not fit {public_name!r} with {available} images "
+                                f"(made for another version of the set?); delete it to draw a new list")
+        return indices.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    if count <= available:
+        indices = rng.choice(available, size=count, replace=False)
+    else:
+        passes = -(-count // available)
+        indices = np.concatenate([rng.permutation(available) for _ in range(passes)])[:count]
+    indices = indices.astype(np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, indices)
+    return indices

@@ -1,0 +1,4 @@
+#!/bin/sh
+# Paper rows for private cifar10 (ResNet-18 teacher and student).
+# Usage: sh scripts/DP/cifar10/kd_resnet18_resnet18/run.sh <epsilon> <public_set>
+exec sh "$(dirname "$0")/../../run_row.sh" cifar10 "$@"

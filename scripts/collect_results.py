@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Turn finished paper runs (runs/paper/<row>/report.json) into the paper's results table.
+
+Usage: python scripts/collect_results.py [--runs runs/paper] [--output results.md]
+Rows that have not finished are listed as missing; accuracies are mean ± std over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.cli import ArgumentParser, main_guard  # noqa: E402
+from engine.paper import row_names  # noqa: E402
+from engine.runtime import atomic_write_text  # noqa: E402
+
+
+def _cell(summary: list[dict], k: int) -> str:
+    for row in summary:
+        if row["k"] == k:
+            return f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} (n={row['seeds']})"
+    return "—"
+
+
+def collect(runs: Path, config: str = "configs/paper.yaml") -> str:
+    """The markdown table, one line per paper row, in the paper's order."""
+    lines = ["| Row | Private | epsilon | Public | DP-ImgSyn(0) | DP-ImgSyn(k_exp) | k_exp |",
+             "|---|---|---|---|---|---|---|"]
+    for name in row_names(config):
+        path = runs / name / "report.json"
+        if not path.is_file():
+            lines.append(f"| {name} | missing | | | | | |")
+            continue
+        report = json.loads(path.read_text())
+        k_exp = max(row["k"] for row in report["summary"])
+        lines.append(f"| {name} | {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | "
+                     f"{_cell(report['summary'], 0)} | {_cell(report['summary'], k_exp)} | {k_exp} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str] | None = None) -> str:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/paper", help="folder holding one subfolder per row")
+    parser.add_argument("--config", default="configs/paper.yaml", help="paper rows config")
+    parser.add_argument("--output", help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+    table = collect(Path(args.runs), args.config)
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, table)
+    return table
+
+
+main = main_guard(run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

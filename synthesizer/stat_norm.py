@@ -1,0 +1,173 @@
+"""A GroupNorm wrapper that records the statistics of its input.
+
+Stage 2 needs, per private example, the per-channel spatial mean of every normalization
+layer's input and of its square ("capture" mode); stage 3 needs each layer to compare the
+statistics of a synthetic batch with the released DP ones ("synthesis" mode). The wrapped
+GroupNorm's output is never changed, so the teacher's predictions are identical in every mode.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from errors import DPImgSynError
+
+MODES = ("off", "capture", "synthesis")
+
+
+class StatNorm(nn.Module):
+    """Wraps one ``nn.GroupNorm`` (as ``self.group_norm``); ``forward`` always returns ``group_norm(x)``.
+
+    - ``"off"``: plain GroupNorm.
+    - ``"capture"``: stores ``self.per_sample``, a ``(B, 2C)`` float32 tensor holding, per example,
+      the spatial mean of ``x`` per channel followed by the spatial mean of ``x**2`` per channel.
+      It stays attached to the autograd graph only when gradients are enabled.
+    - ``"synthesis"``: compares the batch's per-channel mean and (biased) variance over (N, H, W)
+      with the buffers ``dp_mean``/``dp_var`` and stores
+      ``self.matching_loss = ||mean - dp_mean||_2 + ||var - dp_var||_2`` (DeepInversion's feature
+      loss). The buffers are only ever written by :func:`load_dp_statistics`.
+
+    ``dp_mean``/``dp_var`` start as NaN, meaning "no statistics loaded", so that synthesis against
+    placeholder values is refused instead of silently optimizing towards zeros.
+    """
+
+    def __init__(self, group_norm: nn.GroupNorm) -> None:
+        super().__init__()
+        self.group_norm = group_norm
+        channels = group_norm.num_channels
+        self.register_buffer("dp_mean", torch.full((channels,), float("nan")))
+        self.register_buffer("dp_var", torch.full((channels,), float("nan")))
+        self.mode = "off"
+        self.per_sample: Tensor | None = None
+        self.matching_loss: Tensor | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return self.group_norm.num_channels
+
+    def has_dp_statistics(self) -> bool:
+        return bool(torch.isfinite(self.dp_mean).all() and torch.isfinite(self.dp_var).all())
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise DPImgSynError(f"unknown statistics mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "synthesis" and not self.has_dp_statistics():
+            raise DPImgSynError("synthesis needs DP statistics, but none are loaded; "
+                                "use a teacher checkpoint written by save_dp_db_stats.py")
+        self.mode = mode
+        self.per_sample = None
+        self.matching_loss = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "capture":
+            self.per_sample = per_sample_moments(x)
+        elif self.mode == "synthesis":
+            self.matching_loss = self._matching_loss(x)
+        return self.group_norm(x)
+
+    def _matching_loss(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(_flat_spatial(x), dim=(0, 2), correction=0)
+        return torch.linalg.vector_norm(mean - self.dp_mean) + torch.linalg.vector_norm(var - self.dp_var)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+def per_sample_moments(x: Tensor) -> Tensor:
+    """``(B, 2C)``: per example, per-channel spatial mean of ``x`` then of ``x**2`` (float32).
+
+    A mean and a norm reduction, without materializing ``x**2`` (and much faster than
+    ``var_mean`` on CPU): capture must stay cheap next to the forward pass it rides on.
+    """
+    flat = _flat_spatial(x)
+    squared_norm = torch.linalg.vector_norm(flat, dim=2).square()
+    return torch.cat([flat.mean(dim=2), squared_norm / flat.shape[2]], dim=1)
+
+
+def _flat_spatial(x: Tensor) -> Tensor:
+    """``(N, C, *)`` -> float32 ``(N, C, L)`` with every spatial position along the last dim."""
+    return (x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)).float()
+
+
+def stat_layers(model: nn.Module) -> dict[str, StatNorm]:
+    """Every :class:`StatNorm` of ``model`` by qualified name, in module registration order.
+
+    This order is THE order of the concatenated per-sample statistic vector.
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, StatNorm)}
+
+
+def attach_stat_layers(model: nn.Module) -> dict[str, StatNorm]:
+    """Replace every ``nn.GroupNorm`` of ``model`` in place by a :class:`StatNorm` wrapping it.
+
+    Idempotent (layers already wrapped are kept); a GroupNorm shared by several parents gets one
+    shared wrapper. Returns :func:`stat_layers`.
+    """
+    if isinstance(model, (nn.GroupNorm, StatNorm)):
+        raise DPImgSynError("attach_stat_layers needs a model that contains GroupNorm layers, not a single layer")
+    wrappers: dict[int, StatNorm] = {}
+    for parent in list(model.modules()):
+        if isinstance(parent, StatNorm):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                wrapper = wrappers.setdefault(id(child), StatNorm(child))
+                setattr(parent, child_name, wrapper)
+    layers = stat_layers(model)
+    if not layers:
+        raise DPImgSynError("the model has no GroupNorm layers, so it has no normalization statistics; "
+                            "use a GroupNorm teacher (BatchNorm replaced by GroupNorm, as train_dp.py does)")
+    return layers
+
+
+def detach_stat_layers(model: nn.Module) -> None:
+    """Put the plain ``nn.GroupNorm`` layers back (same modules, so the same weights)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, StatNorm):
+                setattr(parent, child_name, child.group_norm)
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every stat layer of ``model`` to ``mode`` (one of :data:`MODES`)."""
+    layers = stat_layers(model)
+    if not layers:
+        raise DPImgSynError("the model has no stat layers; call attach_stat_layers(model) first")
+    for layer in layers.values():
+        layer.set_mode(mode)
+
+
+def load_dp_statistics(model: nn.Module, stats: dict[str, dict[str, Tensor]]) -> None:
+    """Copy released statistics ``{layer name: {"mean": (C,), "var": (C,)}}`` into the synthesis buffers."""
+    layers = stat_layers(model)
+    missing = sorted(set(layers) - set(stats))
+    unexpected = sorted(set(stats) - set(layers))
+    if missing or unexpected:
+        raise DPImgSynError(f"DP statistics do not fit this model (missing layers: {missing or 'none'}; "
+                            f"unknown layers: {unexpected or 'none'}); use statistics computed for this teacher")
+    for name, layer in layers.items():
+        for key, buffer in (("mean", layer.dp_mean), ("var", layer.dp_var)):
+            value = torch.as_tensor(stats[name][key], dtype=torch.float32)
+            if value.shape != buffer.shape:
+                raise DPImgSynError(f"DP statistics for layer {name!r}: {key} has shape {tuple(value.shape)}, "
+                                    f"the layer has {layer.num_channels} channels")
+            if not torch.isfinite(value).all() or (key == "var" and not (value > 0).all()):
+                raise DPImgSynError(f"DP statistics for layer {name!r}: {key} holds non-finite or, "
+                                    "for a variance, non-positive values; the statistics file is corrupt")
+            buffer.copy_(value)
+
+
+def get_dp_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The statistics held by the synthesis buffers, in the format :func:`load_dp_statistics` reads."""
+    return {name: {"mean": layer.dp_mean.detach().cpu().clone(), "var": layer.dp_var.detach().cpu().clone()}
+            for name, layer in stat_layers(model).items()}
+
+
+def matching_loss(model: nn.Module) -> Tensor:
+    """Sum over stat layers of their ``matching_loss`` from the last forward in synthesis mode."""
+    layers = stat_layers(model)
+    losses = [layer.matching_loss for layer in layers.values()]
+    if not layers or any(loss is None for loss in losses):
+        raise RuntimeError("matching_loss needs a forward pass in synthesis mode first "
+                           "(set_mode(model, 'synthesis'), then model(x))")
+    return torch.stack(losses).sum()

@@ -1,0 +1,94 @@
+"""Pipeline configs: schema errors name the key; every paper row expands to Table 1's privacy settings."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from engine.config import load_config, validate_config
+from engine.paper import row_names
+from errors import DPImgSynError
+
+MINIMAL = {
+    "output": "runs/x", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": 10,
+    "teacher": {"epochs": 1, "train_batch_size": 64, "lr": 0.5, "max_norm": 1.0},
+    "statistics": {"epochs": 1, "train_batch_size": 64, "max_norm": 1.0},
+    "synthesis": {"public_set": "photos", "num_samples": 80, "g_steps": [0, 2]},
+    "student": {"model": "small_cnn", "epochs": 1, "seeds": [1]},
+}
+
+# The paper's results-table rows (seed README), in order: (dataset, epsilon, public, k_exp).
+PAPER_ROWS = [
+    ("mnist", 1, "tinyimagenet", 10), ("mnist", 1, "places365", 10), ("mnist", 1, "fmnist", 10),
+    ("mnist", 10, "tinyimagenet", 10), ("mnist", 10, "places365", 10), ("mnist", 10, "fmnist", 10),
+    ("fmnist", 1, "tinyimagenet", 1), ("fmnist", 1, "places365", 1), ("fmnist", 1, "mnist", 10),
+    ("fmnist", 10, "tinyimagenet", 1), ("fmnist", 10, "places365", 1), ("fmnist", 10, "mnist", 10),
+    ("celeba_hair", 1, "lsun", 1), ("celeba_hair", 1, "places365", 1),
+    ("celeba_hair", 10, "lsun", 1), ("celeba_hair", 10, "places365", 1),
+    ("celeba_gender", 1, "lsun", 1), ("celeba_gender", 1, "places365", 1),
+    ("celeba_gender", 10, "lsun", 1), ("celeba_gender", 10, "places365", 1),
+]
+
+
+def test_minimal_config_gets_defaults():
+    config = validate_config(copy.deepcopy(MINIMAL))
+    assert config["delta"] == 1e-5 and config["synthesis"]["batch_size"] == 80
+    assert config["student"]["T"] == 100.0 and config["teacher"]["seed"] == 0
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c.update(learning_rate=1), "learning_rate"),
+    (lambda c: c["teacher"].update(epoch=3), "teacher.epoch"),
+    (lambda c: c["teacher"].pop("lr"), "teacher.lr"),
+    (lambda c: c.pop("statistics"), "statistics"),
+    (lambda c: c["teacher"].update(epochs="ten"), "teacher.epochs"),
+    (lambda c: c["synthesis"].update(g_steps=5), "synthesis.g_steps"),
+    (lambda c: c["student"].update(augment="yes"), "student.augment"),
+    (lambda c: c.update(noise_multiplier=0.5), "target_epsilon"),
+])
+def test_bad_config_names_the_key(mutate, key):
+    config = copy.deepcopy(MINIMAL)
+    mutate(config)
+    with pytest.raises(DPImgSynError) as info:
+        validate_config(config)
+    assert key in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("output: [unclosed\n")
+    with pytest.raises(DPImgSynError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(DPImgSynError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_demo_config_parses():
+    config = load_config("configs/demo.yaml")
+    assert config["dataset"] == "mnist5k" and config["synthesis"]["public_set"] == "photos"
+    assert config["target_epsilon"] == 10 and 0 in config["synthesis"]["g_steps"]
+
+
+def test_every_paper_row_has_a_config():
+    names = row_names()
+    expected = [f"{d}_eps{e}_{p}" for d, e, p, _ in PAPER_ROWS] + ["cifar10_eps10_tinyimagenet"]
+    assert names == expected
+    for (dataset, epsilon, public, k_exp), name in zip(PAPER_ROWS, names):
+        config = load_config("configs/paper.yaml", name)
+        assert config["dataset"] == dataset and config["synthesis"]["public_set"] == public
+        assert config["synthesis"]["g_steps"] == [0, k_exp]
+        assert config["student"]["seeds"] == [111, 2023, 50173] and config["student"]["T"] == 100.0
+
+
+def test_paper_rows_need_a_row_name():
+    with pytest.raises(DPImgSynError, match="--row"):
+        load_config("configs/paper.yaml")
+    with pytest.raises(DPImgSynError, match="unknown row"):
+        load_config("configs/paper.yaml", "mnist_eps3_nowhere")
+
+
+def test_config_file_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert load_config(path)["synthesis"]["g_steps"] == [0, 2]
