@@ -15,6 +15,7 @@ import save_dp_db_stats
 import synthesize
 import train_dp
 import train_student
+from engine.release_eval import evaluate_release
 from engine.runtime import atomic_write_text
 
 
@@ -83,12 +84,23 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
             seconds[f"student_k{k}_seed{seed}"] = time.time() - started
             results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
 
+    evaluations = {}
+    if config["evaluate"]:
+        for k, release in releases.items():
+            started = time.time()
+            result = evaluate_release(
+                release, out / f"evaluation_k{k}", device=config["device"], data_root=config["data_root"],
+                metrics_paths=[out / f"student_k{k}_seed{seed}" / "metrics.json" for seed in st["seeds"]])
+            seconds[f"evaluation_k{k}"] = time.time() - started
+            evaluations[str(k)] = {"card": str(result["card_markdown"]), "obfuscated": result["obfuscated"]}
+
     report = {
         "dataset": config["dataset"], "public_set": syn["public_set"], "model": config["model"],
         "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
         "noise_multiplier": sigma, "teacher_test_acc": teacher["test_acc"], "ledger": block["ledger"],
         "results": results, "summary": summarize(results), "seconds": seconds,
         "releases": {str(k): str(path) for k, path in releases.items()},
+        "evaluations": evaluations,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_report(report))
@@ -116,7 +128,9 @@ def render_report(report: dict) -> str:
             f"DP-ImgSyn({row['k']})" for row in report["summary"]) + " |",
         "|---|---|---|" + "---|" * len(report["summary"]),
         f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | " + " | ".join(
-            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" for row in report["summary"]) + " |",
+            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" for row in report["summary"]) + " |", "",
+        *[f"- release k={k}: {'obfuscated' if row['obfuscated'] else 'NOT obfuscated'} "
+          f"(internal card, not for publication: {row['card']})" for k, row in report["evaluations"].items()],
         "", "Seconds per stage: " + ", ".join(f"{name} {value:.0f}" for name, value in report["seconds"].items()),
     ]
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.evaluation import evaluate
 from engine.runtime import atomic_path, resolve_device, rng_state, seed_everything, set_rng_state, setup_logging
 from errors import DPImgSynError
-from privacy.sampling import private_seed, steps_per_epoch
+from privacy.sampling import private_seed
 
 # Arguments that determine the teacher's content; a rerun must match them to resume.
 # The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
@@ -49,12 +49,8 @@ def split_validation(train_set, val_split: float, seed: int):
 
 def pipeline_plan(num_examples: int, args: argparse.Namespace) -> list[tuple[float, int]]:
     """(sample rate, steps) of the whole pipeline's private mechanisms: DP-SGD, then DP statistics."""
-    return [
-        (args.train_batch_size / num_examples,
-         args.epochs * steps_per_epoch(num_examples, args.train_batch_size)),
-        (args.stats_batch_size / num_examples,
-         args.stats_epochs * steps_per_epoch(num_examples, args.stats_batch_size)),
-    ]
+    return [privacy.poisson_plan(num_examples, args.train_batch_size, args.epochs),
+            privacy.poisson_plan(num_examples, args.stats_batch_size, args.stats_epochs)]
 
 
 def _teacher_entry(args: argparse.Namespace, sample_rate: float, steps: int) -> dict:
@@ -132,13 +128,9 @@ def train_teacher(args: argparse.Namespace) -> Path:
     ledger = [_teacher_entry(args, trainer.sample_rate, trainer.steps_done)]
     block = privacy.privacy_block(ledger, args.delta, args.accountant)
     final_acc = history[-1]["test_acc"] if history else float("nan")
-    payload = {
-        "format": privacy.CHECKPOINT_FORMAT, "version": 1, "stage": "teacher",
-        "model": privacy.strip_wrapper_prefixes(trainer.model.state_dict()),
-        "architecture": args.model, "num_classes": num_classes, "dataset": args.dataset,
-        "privacy": block, "settings": settings, "args": plain_args(args),
-        "test_acc": final_acc, "history": history,
-    }
+    payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), args.model, num_classes, args.dataset,
+                                   block, settings=settings, args=plain_args(args), test_acc=final_acc,
+                                   history=history)
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)

@@ -103,7 +103,7 @@ def test_real_process_prints_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_dp.py", "save_dp_db_stats.py", "synthesize.py", "train_student.py",
-                                    "run_pipeline.py"])
+                                    "run_pipeline.py", "evaluate_release.py"])
 def test_help_documents_every_flag(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

@@ -1,0 +1,323 @@
+"""Evaluation of a release against the private data: utility, obfuscation, fidelity, release card.
+
+This is an *analysis* tool for the data owner. It reads the private training and test images,
+so everything it measures is internal: it goes into the card's internal part and the output
+folder, never into the release (which is only read). The publishable part of the card repeats
+what the release itself already discloses, with its privacy block re-verified against its ledger.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import privacy
+import registry
+from engine.data import stack_items
+from engine.runtime import atomic_path, resolve_device, setup_logging
+from engine.synthesis import SAMPLING_SEED
+from errors import DPImgSynError
+from evaluation import (build_card, frechet_distance, gallery_rows, nn_report, obfuscation_verdict,
+                        penultimate_features, precision_recall, write_card)
+from synthesizer import release as release_io
+
+DEFAULT_MAX_SYNTHETIC = 5000
+DEFAULT_MAX_PRIVATE = 5000
+DEFAULT_K_SSIM = 5
+DEFAULT_GALLERY_PAIRS = 16
+GALLERY_PAIRS_PER_ROW = 4
+PRECISION_RECALL_K = 3
+SUBSAMPLE_SEED = 0  # which images a capped evaluation uses; fixed so two releases are compared alike
+REPRODUCTION_TOLERANCE = 1e-5  # pixel-space match of the regenerated public initialization (k = 0)
+GALLERY_FILE = "closest_pairs.png"
+NEIGHBOURS_FILE = "nearest_neighbours.npz"
+LOG_FILE = "evaluate_release.log"
+
+SUBSETS = ("synthetic", "private_train", "private_test")  # order fixes each subset's random stream
+PRIVATE_TEST_REFERENCE = "private test (reference)"
+PUBLIC_INIT_REFERENCE = "public init (reference)"
+
+
+def announce(release: Path, dataset: str) -> str:
+    """The first thing the tool says: it reads private data and writes nothing into the release."""
+    return (f"evaluate_release reads the PRIVATE training and test data of {dataset!r}: its results are "
+            f"internal diagnostics for the data owner, not for publication. {release} is only read.")
+
+
+def verified_teacher_path(metadata: dict, release: Path, teacher: str | os.PathLike | None = None) -> Path:
+    """The teacher the release was made with: ``teacher`` or the recorded path, checked by sha256."""
+    expected = metadata.get("teacher_sha256")
+    if not isinstance(expected, str) or not expected:
+        raise DPImgSynError(f"{release / release_io.METADATA_FILE} records no teacher_sha256, so its teacher "
+                            "cannot be verified; regenerate the release with synthesize.py")
+    path = Path(teacher) if teacher is not None else Path(str(metadata.get("teacher_path", "")))
+    origin = "--teacher" if teacher is not None else f"the teacher recorded in {release / release_io.METADATA_FILE}"
+    if not path.is_file():
+        raise DPImgSynError(f"{origin} ({path}) is not a file; pass --teacher with the checkpoint the release "
+                            f"was made with (sha256 {expected})")
+    actual = privacy.file_sha256(path)
+    if actual != expected:
+        raise DPImgSynError(f"{origin} ({path}) has sha256 {actual}, but the release was made with a teacher of "
+                            f"sha256 {expected}; pass --teacher with the checkpoint synthesize.py used")
+    return path
+
+
+def load_teacher(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The teacher model in eval mode (weights only) and its checkpoint dict."""
+    checkpoint = privacy.load_dppt(path)
+    privacy.check_dppt(checkpoint)
+    model = registry.get_model(checkpoint["architecture"], checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def student_results(paths: Sequence[str | os.PathLike], metadata: dict) -> list[dict] | None:
+    """One row per ``metrics.json`` (``None`` without any), refusing students of another release."""
+    if not paths:
+        return None
+    runs = []
+    for path in map(Path, paths):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DPImgSynError(f"--metrics {path} cannot be read ({exc}); pass a metrics.json of train_student.py")
+        if not isinstance(metrics, dict) or "student_test_acc" not in metrics:
+            raise DPImgSynError(f"--metrics {path} has no student_test_acc; pass a metrics.json of train_student.py")
+        trained_on = metrics.get("settings", {}).get("release_sha256")
+        if trained_on != metadata.get("files"):
+            raise DPImgSynError(f"--metrics {path} belongs to a student trained on another release (its release "
+                                "checksums differ); pass the metrics.json of students trained on this release")
+        runs.append({"k": metrics.get("k"), "seed": metrics.get("seed"),
+                     "model": metrics.get("settings", {}).get("model"),
+                     "student_test_acc": float(metrics["student_test_acc"]), "metrics": str(path)})
+    return runs
+
+
+def subsample(total: int, limit: int, stream: int) -> np.ndarray:
+    """Sorted indices of at most ``limit`` of ``total`` items, the same ones on every run."""
+    if total <= limit:
+        return np.arange(total)
+    rng = np.random.default_rng([SUBSAMPLE_SEED, stream])
+    return np.sort(rng.choice(total, size=limit, replace=False))
+
+
+def to_pixels(normalized: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Undo the dataset normalization: images in pixel space [0, 1], like released images."""
+    return (normalized * std + mean).clamp(0, 1)
+
+
+def _folder_options(dataset: str, image_shape: Sequence[int]) -> dict:
+    """A ``folder:`` dataset's shape is not in the registry; the release's image shape fixes it."""
+    if not dataset.startswith(registry.FOLDER_PREFIX):
+        return {}
+    return {"channels": int(image_shape[0]), "image_size": int(image_shape[-1])}
+
+
+@dataclass
+class ImageSets:
+    """Every image set of one evaluation, in pixel space [0, 1], with the subsets that were used."""
+
+    synthetic: Tensor
+    public_init: Tensor
+    private_train: Tensor
+    private_test: Tensor
+    used: dict[str, np.ndarray]  # indices into the release / the private splits
+    totals: dict[str, int]
+    mean: Tensor
+    std: Tensor
+
+    def normalize(self, batch: Tensor) -> Tensor:
+        """Pixel space to the teacher's input space."""
+        return (batch - self.mean.to(batch)) / self.std.to(batch)
+
+    def sampling(self) -> dict:
+        return {name: {"used": len(self.used[name]), "total": self.totals[name]} for name in SUBSETS}
+
+    def sampling_note(self) -> str | None:
+        capped = [name for name in SUBSETS if len(self.used[name]) < self.totals[name]]
+        if not capped:
+            return None
+        return (f"random subsets of {', '.join(capped)} were used (see sampling): nearest-neighbour distances "
+                "are to the closest image of the private-train subset, an upper bound on the distance to the "
+                "whole set, and fidelity is estimated on the subsets; raise --max_private/--max_synthetic to "
+                "use more images")
+
+
+def load_image_sets(bundle: release_io.ReleaseDataset, dataset: str, public_set: str, data_root,
+                    max_synthetic: int, max_private: int) -> ImageSets:
+    """Release images, their regenerated public initialization, and the private splits (subsampled).
+
+    The release stores only final images, so the public initialization is rebuilt exactly as
+    synthesis built it: the aligned public set in the order of its fixed sampling list.
+    """
+    image_shape = tuple(bundle.images.shape[1:])
+    options = _folder_options(dataset, image_shape)
+    spec = registry.dataset_info(dataset, **options)
+    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    splits = {"private_train": registry.get_split(dataset, "train", data_root, **options),
+              "private_test": registry.get_split(dataset, "test", data_root, **options)}
+    totals = {"synthetic": len(bundle), **{name: len(split) for name, split in splits.items()}}
+    limits = {"synthetic": max_synthetic, "private_train": max_private, "private_test": max_private}
+    used = {name: subsample(totals[name], limits[name], stream) for stream, name in enumerate(SUBSETS)}
+    private = {name: to_pixels(stack_items(split, used[name]), mean, std) for name, split in splits.items()}
+    if tuple(private["private_train"].shape[1:]) != image_shape:
+        raise DPImgSynError(f"{dataset!r} images have shape {tuple(private['private_train'].shape[1:])} but the "
+                            f"release's have {image_shape}; pass the --dataset the release was made for")
+    public = registry.aligned(public_set, dataset, data_root, **options)
+    public_order = registry.sampling_list(public_set, len(bundle), SAMPLING_SEED, available=len(public))
+    return ImageSets(
+        synthetic=torch.from_numpy(np.array(bundle.images[used["synthetic"]])),
+        public_init=to_pixels(stack_items(public, public_order[used["synthetic"]]), mean, std),
+        private_train=private["private_train"], private_test=private["private_test"],
+        used=used, totals=totals, mean=mean, std=std)
+
+
+def obfuscation(sets: ImageSets, k: int | None, k_ssim: int, device: torch.device) -> tuple[dict, dict]:
+    """Nearest private training image of the synthetic images and of both references, and the verdict.
+
+    Returns the card section and the synthetic images' per-image report (for the gallery).
+    """
+    reports = {name: nn_report(images, sets.private_train, k_ssim=k_ssim, device=device)
+               for name, images in (("synthetic", sets.synthetic), (PRIVATE_TEST_REFERENCE, sets.private_test),
+                                    (PUBLIC_INIT_REFERENCE, sets.public_init))}
+    section = {
+        "verdict": obfuscation_verdict(reports["synthetic"], reports[PRIVATE_TEST_REFERENCE]),
+        "l2_to_nearest_private_train": {name: report["summary"]["l2"] for name, report in reports.items()},
+        "ssim_to_most_similar_private_train": {name: report["summary"]["ssim"] for name, report in reports.items()},
+        "ssim_candidates": reports["synthetic"]["k_ssim"],
+    }
+    if k == 0:
+        mismatch = float((sets.public_init - sets.synthetic).abs().max())
+        section["public_init_reproduced"] = mismatch <= REPRODUCTION_TOLERANCE
+        if mismatch > REPRODUCTION_TOLERANCE:
+            logging.getLogger("dpimgsyn").warning(
+                "the regenerated public initialization differs from this k = 0 release by up to %.3g: the "
+                "public-init reference is not this release's initialization", mismatch)
+    return section, reports["synthetic"]
+
+
+def fidelity(model: torch.nn.Module, sets: ImageSets, device: torch.device) -> dict:
+    """Fréchet distance and precision/recall in teacher feature space, each set against private test."""
+    def features(images: Tensor) -> Tensor:
+        return penultimate_features(model, images, device=device, preprocess=sets.normalize)
+
+    real = features(sets.private_test)
+    rows = {}
+    for name, images in (("synthetic", sets.synthetic), (PUBLIC_INIT_REFERENCE, sets.public_init),
+                         ("private train (reference)", sets.private_train)):
+        fake = features(images)
+        scores = precision_recall(real, fake, k=PRECISION_RECALL_K, device=device)
+        rows[name] = {"frechet_distance": frechet_distance(fake, real), "precision": scores["precision"],
+                      "recall": scores["recall"], "n": len(images)}
+    return rows
+
+
+def write_diagnostics(output: Path, sets: ImageSets, synthetic_nn: dict, gallery_pairs: int) -> Path:
+    """The gallery of the closest pairs and the per-image distances (private indices: internal only)."""
+    rows = gallery_rows(sets.synthetic, sets.private_train, synthetic_nn, n=min(gallery_pairs, len(sets.synthetic)))
+    tiles = 2 * GALLERY_PAIRS_PER_ROW
+    pairs = rows["pairs"]
+    gallery = output / GALLERY_FILE
+    release_io.save_image_grid(gallery, [pairs[start:start + tiles] for start in range(0, len(pairs), tiles)],
+                               group=2)
+    private_index = sets.used["private_train"]
+    with atomic_path(output / NEIGHBOURS_FILE) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, release_index=sets.used["synthetic"], l2=synthetic_nn["l2"],
+                 private_train_index=private_index[synthetic_nn["l2_index"]], ssim=synthetic_nn["ssim"],
+                 ssim_private_train_index=private_index[synthetic_nn["ssim_index"]])
+    return gallery
+
+
+def publishable_part(release: Path, output: Path, metadata: dict, block: dict, dataset: str) -> dict:
+    """What the release itself discloses, and nothing else (the card enforces the key list)."""
+    return {
+        "release": str(release), "dataset": dataset, "public_set": metadata["public_set"], "k": metadata.get("k"),
+        "num_images": metadata["counts"]["num_samples"],
+        "counts_per_class": {str(label): count for label, count in enumerate(metadata["counts"]["per_class"])},
+        "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
+        "ledger": block["ledger"],
+        "preview_path": os.path.relpath(release.resolve() / release_io.PREVIEW_FILE, output.resolve()),
+    }
+
+
+def _finite_or_none(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def evaluate_release(
+    release: str | os.PathLike,
+    output: str | os.PathLike,
+    metrics_paths: Sequence[str | os.PathLike] = (),
+    device: str = "auto",
+    data_root: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    teacher: str | os.PathLike | None = None,
+    max_synthetic: int = DEFAULT_MAX_SYNTHETIC,
+    max_private: int = DEFAULT_MAX_PRIVATE,
+    k_ssim: int = DEFAULT_K_SSIM,
+    gallery_pairs: int = DEFAULT_GALLERY_PAIRS,
+) -> dict:
+    """Evaluate one release; write ``release_card.{md,json}``, the gallery and per-image distances.
+
+    Every check that needs no private data (release checksums, its privacy block, the teacher's
+    sha256, the students' metrics) runs before any private image is read. Returns the card, the
+    written paths and the obfuscation verdict, for the pipeline's report.
+    """
+    release, output = Path(release), Path(output)
+    if min(max_synthetic, max_private, k_ssim, gallery_pairs) < 1:
+        raise DPImgSynError("max_synthetic, max_private, k_ssim and gallery_pairs must be positive")
+    if output.resolve() == release.resolve() or release.resolve() in output.resolve().parents:
+        raise DPImgSynError(f"--output {output} is inside the release {release}; the evaluation reads private "
+                            "data and must never write into a release: choose a folder outside it")
+    bundle = release_io.load(release, verify=True)
+    metadata = bundle.metadata
+    block = privacy.require_privacy_block(metadata, f"release {release}", allow_non_private=True)
+    dataset = dataset or metadata.get("dataset")
+    if not dataset:
+        raise DPImgSynError(f"{release} does not record its private dataset; pass --dataset")
+    if not metadata.get("public_set"):
+        raise DPImgSynError(f"{release / release_io.METADATA_FILE} records no public_set, so the public "
+                            "initialization cannot be regenerated; regenerate the release with synthesize.py")
+    teacher_path = verified_teacher_path(metadata, release, teacher)
+    students = student_results(metrics_paths, metadata)
+    compute = resolve_device(device)
+
+    print(announce(release, dataset), flush=True)
+    logger = setup_logging(output / LOG_FILE)
+    logger.info("evaluating %s against the private data of %s (teacher %s)", release, dataset, teacher_path)
+    started = time.time()
+    model, checkpoint = load_teacher(teacher_path, compute)
+    sets = load_image_sets(bundle, dataset, metadata["public_set"], data_root, max_synthetic, max_private)
+    obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), k_ssim, compute)
+    fidelity_section = fidelity(model, sets, compute)
+    gallery = write_diagnostics(output, sets, synthetic_nn, gallery_pairs)
+
+    internal = {
+        "teacher_test_acc": _finite_or_none(checkpoint.get("test_acc")),
+        "student_test_acc": students,
+        "obfuscation": obfuscation_section,
+        "fidelity": fidelity_section,
+        "gallery_path": gallery.name,
+        "sampling": sets.sampling(),
+        **({"sampling_note": note} if (note := sets.sampling_note()) else {}),
+        "teacher": {"path": str(teacher_path), "sha256": metadata["teacher_sha256"]},
+        "seconds": time.time() - started,
+    }
+    card = build_card(publishable_part(release, output, metadata, block, dataset), internal)
+    markdown_path, json_path = write_card(output, card)
+    verdict = obfuscation_section["verdict"]
+    summary = (f"release card: {markdown_path} ({'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
+               f"{verdict['reason']}); closest pairs: {gallery}")
+    print(summary)
+    logger.info(summary)
+    return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
+            "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}

@@ -1,0 +1,186 @@
+"""evaluate_release.py on the tiny pipeline: card contract, references, power of the check, safety."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate_release
+import registry
+from engine.release_eval import GALLERY_FILE, NEIGHBOURS_FILE, PUBLIC_INIT_REFERENCE, to_pixels
+from evaluation import NOT_FOR_PUBLICATION, NOT_MEASURED, card_fields
+from synthesizer.release import METADATA_FILE, RESERVED_METADATA_KEYS, ReleaseWriter
+
+PRIVATE = "mnist5k"
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) with its content hash."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _private_pixels(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset = registry.get_split(PRIVATE, split)
+    images, labels = dataset.tensors[:2]
+    spec = registry.dataset_info(PRIVATE)
+    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    return to_pixels(images, mean, std), labels
+
+
+@pytest.fixture(scope="module")
+def evaluated_k3(tiny_pipeline, tmp_path_factory):
+    """release_k3 evaluated once through the CLI, with a student's metrics and capped subsets."""
+    out, report = tiny_pipeline
+    release = out / "release_k3"
+    before = _snapshot(release)
+    eval_dir = tmp_path_factory.mktemp("eval_k3")
+    result = evaluate_release.run(["--release", str(release), "--output", str(eval_dir), "--device", "cpu",
+                                   "--metrics", str(out / "student_k3_seed1" / "metrics.json"),
+                                   "--max_synthetic", "300", "--max_private", "3000"])
+    return out, report, eval_dir, result, before, _snapshot(release)
+
+
+def test_card_has_every_field_and_the_release_is_untouched(evaluated_k3):
+    out, report, eval_dir, result, before, after = evaluated_k3
+    assert after == before, "evaluation must never write into the release"
+    card = json.loads((eval_dir / "release_card.json").read_text())
+    fields = card_fields()
+    assert set(card["publishable"]) == set(fields["publishable"])
+    assert set(fields["internal"]) <= set(card["internal"])
+    assert all(card["internal"][key] != NOT_MEASURED for key in fields["internal"]), "everything was measured"
+
+    public = card["publishable"]
+    assert public["epsilon"] == pytest.approx(report["epsilon"]) and public["delta"] == report["delta"]
+    assert [entry["name"] for entry in public["ledger"]] == ["dp_sgd", "dp_statistics"]
+    assert public["counts_per_class"] == {str(label): 40 for label in range(10)} and public["k"] == 3
+    assert (eval_dir / public["preview_path"]).resolve() == (out / "release_k3" / "preview.png").resolve()
+
+    internal = card["internal"]
+    metrics = json.loads((out / "student_k3_seed1" / "metrics.json").read_text())
+    assert [row["student_test_acc"] for row in internal["student_test_acc"]] == [metrics["student_test_acc"]]
+    assert internal["teacher_test_acc"] == pytest.approx(report["teacher_test_acc"])
+    assert internal["sampling"]["synthetic"] == {"used": 300, "total": 400}
+    assert internal["sampling"]["private_train"] == {"used": 3000, "total": 4000}
+    assert internal["sampling"]["private_test"] == {"used": 1000, "total": 1000}
+    assert "private_train" in internal["sampling_note"] and "upper bound" in internal["sampling_note"]
+    for name in ("synthetic", "private test (reference)", PUBLIC_INIT_REFERENCE):
+        assert internal["obfuscation"]["l2_to_nearest_private_train"][name]["n"] == (1000 if "test" in name else 300)
+    assert set(internal["fidelity"]["synthetic"]) >= {"frechet_distance", "precision", "recall"}
+    assert internal["fidelity"]["private train (reference)"]["frechet_distance"] < \
+        internal["fidelity"]["synthetic"]["frechet_distance"], "private train is the closest to private test"
+    # Public photos aligned for 3 steps are nothing like digits: obfuscated, and said so.
+    assert internal["obfuscation"]["verdict"]["obfuscated"] is True and result["obfuscated"] is True
+
+    markdown = (eval_dir / "release_card.md").read_text()
+    assert markdown.splitlines()[0] == NOT_FOR_PUBLICATION
+    internal_start = markdown.index("## Internal")
+    accuracy_text = f"{metrics['student_test_acc']:.4g}"
+    assert accuracy_text in markdown[internal_start:] and accuracy_text not in markdown[:internal_start]
+    assert internal["gallery_path"] == GALLERY_FILE and result["gallery"] == eval_dir / GALLERY_FILE
+    with Image.open(eval_dir / internal["gallery_path"]) as gallery:
+        assert gallery.size[0] > gallery.size[1] > 0  # 4 rows of 4 (synthetic, private) pairs
+    neighbours = np.load(eval_dir / NEIGHBOURS_FILE)
+    assert neighbours["l2"].shape == (300,) and neighbours["private_train_index"].max() < 4000
+
+
+def test_k0_distances_equal_the_public_init_reference_and_are_exact(tiny_pipeline, tmp_path, capsys):
+    out, _ = tiny_pipeline
+    result = evaluate_release.evaluate_release(out / "release_k0", tmp_path / "eval", device="cpu")
+    printed = capsys.readouterr().out.splitlines()
+    assert "PRIVATE" in printed[0] and "only read" in printed[0], "the tool says first that it reads private data"
+
+    obfuscation = result["card"]["internal"]["obfuscation"]
+    assert obfuscation["public_init_reproduced"] is True
+    for metric in ("l2_to_nearest_private_train", "ssim_to_most_similar_private_train"):
+        synthetic, reference = obfuscation[metric]["synthetic"], obfuscation[metric][PUBLIC_INIT_REFERENCE]
+        assert synthetic == pytest.approx(reference, rel=1e-6, abs=1e-9)
+    fidelity = result["card"]["internal"]["fidelity"]
+    assert fidelity["synthetic"] == pytest.approx(fidelity[PUBLIC_INIT_REFERENCE])
+    assert result["card"]["internal"]["student_test_acc"] == NOT_MEASURED
+
+    # Distances and private indices against an independent brute-force search over the whole train split.
+    train, _ = _private_pixels("train")
+    release_images = torch.from_numpy(np.load(out / "release_k0" / "images.npy"))
+    brute = torch.cdist(release_images.flatten(1).double(), train.flatten(1).double())
+    neighbours = np.load(result["neighbours"])
+    np.testing.assert_allclose(neighbours["l2"], brute.min(1).values.numpy(), rtol=1e-4)
+    np.testing.assert_array_equal(neighbours["private_train_index"], brute.argmin(1).numpy())
+
+
+def test_release_of_private_copies_is_flagged_not_obfuscated(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """The check has power: a 'release' of private training images must fail it."""
+    out, _ = tiny_pipeline
+    monkeypatch.chdir(tmp_path)  # the regenerated public sampling list goes here, not into the repository
+    train, labels = _private_pixels("train")
+    count = 200
+    release = tmp_path / "copies"
+    writer = ReleaseWriter(release, num_samples=count, shard_size=count, image_shape=(3, 32, 32), num_classes=10,
+                           settings={"copies_of_private_images": True})
+    writer.write_shard(0, images=train[:count], initial_images=train[:count],
+                       soft_labels=torch.nn.functional.one_hot(labels[:count], 10).float(),
+                       targets=labels[:count].long())
+    metadata = json.loads((out / "release_k0" / METADATA_FILE).read_text())
+    metadata = {key: value for key, value in metadata.items() if key not in RESERVED_METADATA_KEYS}
+    metadata.update(k=1, teacher_path=str(tmp_path / "moved_away.dppt"))
+    writer.finalize(metadata)
+
+    # Its recorded teacher path is gone (as after a move): --teacher names it, verified by sha256.
+    result = evaluate_release.run(["--release", str(release), "--output", str(tmp_path / "eval"),
+                                   "--device", "cpu", "--teacher", str(out / "statistics.dppt")])
+    verdict = result["card"]["internal"]["obfuscation"]["verdict"]
+    assert result["obfuscated"] is False and verdict["obfuscated"] is False
+    assert verdict["synthetic_median_l2"] <= 1e-4 <= verdict["reference_median_l2"]
+    assert verdict["close_fraction"] == 1.0
+    assert "NOT OBFUSCATED" in capsys.readouterr().out
+    neighbours = np.load(result["neighbours"])
+    np.testing.assert_array_equal(neighbours["private_train_index"], np.arange(count))
+
+
+def test_missing_or_mismatched_teacher_is_a_one_line_error(tiny_pipeline, tmp_path, capsys):
+    out, _ = tiny_pipeline
+    registry.reset_opened_splits()
+    stage1_teacher = out / "teacher.dppt"  # a real checkpoint, but not the one the release was made with
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_release.main(["--release", str(out / "release_k0"), "--output", str(tmp_path / "eval"),
+                               "--teacher", str(stage1_teacher)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --teacher") and "sha256" in err[0]
+
+    moved = tmp_path / "release_moved_teacher"
+    shutil.copytree(out / "release_k0", moved)
+    metadata = json.loads((moved / METADATA_FILE).read_text())
+    metadata["teacher_path"] = str(tmp_path / "nowhere.dppt")
+    (moved / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_release.main(["--release", str(moved), "--output", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a file" in err[0] and "pass --teacher" in err[0]
+    assert not (tmp_path / "eval").exists() and registry.OPENED_SPLITS == [], "refused before reading private data"
+
+
+@pytest.mark.parametrize("case", ["output_inside_release", "metrics_of_another_release"])
+def test_refusals_happen_before_any_private_data_is_read(tiny_pipeline, tmp_path, capsys, case):
+    out, _ = tiny_pipeline
+    release = out / "release_k3"
+    argv = {
+        "output_inside_release": ["--output", str(release / "eval")],
+        "metrics_of_another_release": ["--output", str(tmp_path / "eval"),
+                                       "--metrics", str(out / "student_k0_seed1" / "metrics.json")],
+    }[case]
+    expected = {"output_inside_release": "must never write into a release",
+                "metrics_of_another_release": "trained on another release"}[case]
+    registry.reset_opened_splits()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_release.main(["--release", str(release), *argv])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert registry.OPENED_SPLITS == [] and not (release / "eval").exists()
