@@ -54,7 +54,7 @@ def _check(section: dict, schema: dict, where: str) -> dict:
         raise DPImgSynError(f"config: {where or 'top level'} must be a mapping")
     unknown = sorted(set(section) - set(schema))
     if unknown:
-        raise DPImgSynError(f"config: unknown key {where}{unknown[0]!r}; valid keys: {', '.join(schema)}")
+        raise DPImgSynError(f"config: unknown key '{where}{unknown[0]}'; valid keys: {', '.join(schema)}")
     result: dict[str, Any] = {}
     for key, rule in schema.items():
         name = f"{where}{key}"

@@ -12,6 +12,7 @@ import privacy
 import registry
 from engine.artifacts import require_same_settings, with_suffix_once
 from engine.data import default_workers, stack_items
+from engine.fetch import resolve_checkpoint
 from engine.runtime import atomic_path, resolve_device, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
@@ -28,8 +29,8 @@ CONTENT_SETTINGS = ("teacher_sha256", "dataset", "epochs", "train_batch_size", "
 def load_teacher(path: str | Path, dataset: str | None, non_private: bool) -> tuple[dict, dict]:
     """A stage-1 checkpoint and its privacy block; refuses ledger-less or mismatching files."""
     checkpoint = privacy.load_dppt(path)
-    privacy.check_dppt(checkpoint, stage="teacher")
     block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
+    privacy.check_dppt(checkpoint, stage="teacher")
     if dataset is not None and dataset != checkpoint["dataset"]:
         raise DPImgSynError(f"{path} is a teacher for dataset {checkpoint['dataset']!r}, not {dataset!r}")
     return checkpoint, block
@@ -49,6 +50,7 @@ def build_model(checkpoint: dict, path: str | Path) -> torch.nn.Module:
 def capture_statistics(args: argparse.Namespace) -> Path:
     """Run (or resume) stage 2; return the path of the statistics `.dppt`."""
     device = resolve_device(args.device)
+    args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
     checkpoint, block = load_teacher(args.teacher, args.dataset, args.non_private)
     dataset = checkpoint["dataset"]
     output = with_suffix_once(args.output, ".dppt")

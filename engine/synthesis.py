@@ -19,6 +19,7 @@ from tqdm import tqdm
 import privacy
 import registry
 from engine.data import stack_items
+from engine.fetch import resolve_checkpoint
 from engine.runtime import resolve_device, setup_logging
 from errors import DPImgSynError
 from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
@@ -31,8 +32,8 @@ SAMPLING_SEED = 0  # which public images are used is fixed per (public set, coun
 def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torch.device):
     """The stage-2 teacher with its stat layers in synthesis mode, and its checkpoint dict."""
     checkpoint = privacy.load_dppt(path)
-    privacy.check_dppt(checkpoint)
     block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
+    privacy.check_dppt(checkpoint)
     if checkpoint.get("stage") != "statistics" or "dp_statistics" not in checkpoint:
         if not non_private:
             raise DPImgSynError(
@@ -60,6 +61,7 @@ def synthesize(args: argparse.Namespace) -> Path:
     """Run (or resume) stage 3 and return the release folder."""
     device = resolve_device(args.device)
     output = Path(args.output)
+    args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
     teacher, checkpoint, block = load_teacher_for_synthesis(args.teacher, args.non_private, device)
     private_name = checkpoint["dataset"]
     spec = registry.dataset_info(private_name)

@@ -10,8 +10,8 @@ import train_dp
 
 
 
-def flags(epochs: int = 3) -> list[str]:
-    return ["--dataset", "mnist5k", "--model", "small_cnn", "--epochs", str(epochs), "--train_batch_size", "500",
+def flags(epochs: int = 2) -> list[str]:
+    return ["--dataset", "mnist5k", "--model", "small_cnn", "--epochs", str(epochs), "--train_batch_size", "1000",
             "--lr", "1", "--noise_multiplier", "1.0", "--device", "cpu", "--no_progress", "--seed", "3"]
 
 
@@ -25,11 +25,11 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
     assert clean.name == "clean.dppt"
     payload = torch.load(clean, weights_only=True)
     ledger = payload["privacy"]["ledger"]
-    assert ledger[0]["steps"] == 3 * 8 and ledger[0]["sample_rate"] == pytest.approx(500 / 4000)
+    assert ledger[0]["steps"] == 2 * 4 and ledger[0]["sample_rate"] == pytest.approx(1000 / 4000)
     assert payload["privacy"]["epsilon"] == pytest.approx(
         privacy.compute_epsilon(privacy.ledger_mechanisms(ledger), 1e-5), rel=1e-6)
     assert not any(key.startswith("_module.") for key in payload["model"])
-    assert payload["test_acc"] > 0.3  # 3 noisy epochs; chance is 0.1
+    assert payload["test_acc"] > 0.3  # 8 noisy steps; chance is 0.1
 
     # Kill during the second epoch's evaluation: epoch 1 is checkpointed, epoch 2 is not.
     calls = {"n": 0}
@@ -66,6 +66,6 @@ def test_target_epsilon_calibrates_the_whole_pipeline(tmp_path):
                                                         "--stats_batch_size", "250", "--output", str(tmp_path / "c")])
     payload = privacy.load_dppt(path)
     sigma = payload["settings"]["noise_multiplier"]
-    planned = [(sigma, 500 / 4000, 8), (sigma, 250 / 4000, 16)]
+    planned = [(sigma, 1000 / 4000, 4), (sigma, 250 / 4000, 16)]
     assert privacy.compute_epsilon(planned, 1e-5) <= 4.0 + 1e-6
     assert privacy.compute_epsilon([(sigma * 0.99, q, s) for _, q, s in planned], 1e-5) > 4.0
