@@ -11,6 +11,7 @@ held.
 """
 from __future__ import annotations
 
+import argparse
 import operator
 import re
 import statistics
@@ -39,17 +40,23 @@ _HIGH_WATER = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- arguments and set-up
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the docstring's usage examples kept as written."""
+
+
 def benchmark_parser(doc: str, repeats: int = 5) -> ArgumentParser:
-    """The flags every benchmark has; the script adds its size flags."""
+    """The flags every benchmark has; the script adds its size flags. ``doc``: the script's docstring."""
     lines = doc.strip().splitlines()
-    parser = ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]) or None)
+    parser = ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]) or None,
+                            formatter_class=_HelpFormatter)
     parser.add_argument("--model", choices=list(registry.MODELS), default="small_cnn",
                         help="network under test (resnet18 for a GPU run)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--repeats", type=positive_int, default=repeats, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs of every side first")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=nonnegative_int, default=1,
+                        help="torch intra-op threads, 0 for torch's own choice; one by default because on a "
+                             "shared machine extra threads make ratios swing with other processes' load")
     parser.add_argument("--image_size", type=positive_int, default=32, help="side of the square input images")
     parser.add_argument("--num_classes", type=positive_int, default=10, help="classifier outputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, models and sampling")
@@ -58,7 +65,7 @@ def benchmark_parser(doc: str, repeats: int = 5) -> ArgumentParser:
 
 def set_up(args) -> torch.device:
     """Seed, threads and device from the common flags; prints the context line."""
-    if args.threads is not None:
+    if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = resolve_device(args.device)

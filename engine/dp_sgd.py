@@ -23,6 +23,7 @@ from engine.data import batches_by_index
 from privacy.sampling import poisson_batch, steps_per_epoch
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
 # The first layer's input never requires grad; Opacus's hooks are still correct, so the
 # warning torch emits for it is noise on every run.
@@ -70,7 +71,8 @@ class DPSGDTrainer:
                                      max_grad_norm=config.max_norm,
                                      expected_batch_size=config.batch_size,
                                      generator=self.noise_generator, secure_mode=config.secure_mode)
-        milestones = [int(0.6 * config.epochs), int(0.8 * config.epochs)]
+        # A milestone at epoch 0 would cut the learning rate before the first step (epochs == 1).
+        milestones = [m for m in (int(0.6 * config.epochs), int(0.8 * config.epochs)) if m > 0]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
         self.sample_generator = torch.Generator()
         self.sample_generator.manual_seed(seed)
@@ -83,9 +85,13 @@ class DPSGDTrainer:
             param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
         self.optimizer.step()
 
-    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Clip and accumulate every physical chunk, then one noisy step; returns (loss sum, correct).
+
+        The log-only sums stay on the device, so that no chunk waits for a device-to-host copy.
+        """
         chunk = self.config.max_physical_batch_size
-        total_loss, correct = 0.0, 0
+        sums = torch.zeros(2, device=self.device)
         starts = list(range(0, len(labels), chunk))
         for position, start in enumerate(starts):
             x = images[start:start + chunk].to(self.device, non_blocking=True)
@@ -97,35 +103,35 @@ class DPSGDTrainer:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-        return total_loss, correct
+            sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+        return sums
 
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
         """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
         self.wrapped.train()
         index_batches = [poisson_batch(self.num_examples, self.sample_rate, self.sample_generator)
                          for _ in range(self.steps_per_epoch)]
-        seen = correct = 0
-        loss_sum = 0.0
+        seen = 0
+        sums = torch.zeros(2, device=self.device)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
                    total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
-        for batch in bar:
+        for step, batch in enumerate(bar, start=1):
             self.optimizer.zero_grad(set_to_none=True)
             if batch is None:
                 self._noise_only_step()
             else:
-                batch_loss, batch_correct = self._logical_step(*batch)
-                loss_sum += batch_loss
-                correct += batch_correct
+                sums += self._logical_step(*batch)
                 seen += len(batch[1])
             self.steps_done += 1
             if on_step is not None:
                 on_step(self.steps_done)
-            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+            if progress and (step % POSTFIX_EVERY == 0 or step == self.steps_per_epoch):
+                loss_sum, correct = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
         self.scheduler.step()
         self.epoch += 1
+        loss_sum, correct = sums.tolist()
         return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
     def state_dict(self) -> dict:

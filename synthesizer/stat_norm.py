@@ -66,7 +66,8 @@ class StatNorm(nn.Module):
         return self.group_norm(x)
 
     def _matching_loss(self, x: Tensor) -> Tensor:
-        var, mean = torch.var_mean(_flat_spatial(x), dim=(0, 2), correction=0)
+        mean, second = _ChannelMoments.apply(x)
+        var = second - mean * mean
         return torch.linalg.vector_norm(mean - self.dp_mean) + torch.linalg.vector_norm(var - self.dp_var)
 
     def extra_repr(self) -> str:
@@ -82,6 +83,30 @@ def per_sample_moments(x: Tensor) -> Tensor:
     flat = _flat_spatial(x)
     squared_norm = torch.linalg.vector_norm(flat, dim=2).square()
     return torch.cat([flat.mean(dim=2), squared_norm / flat.shape[2]], dim=1)
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean of x and of x**2 over batch and space, with a one-``addcmul`` backward.
+
+    ``var_mean`` over (N, H, W) and its autograd backward took a quarter of a synthesis step
+    on CPU; these two reductions and a hand-written gradient cost a fraction of that.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = _flat_spatial(x)
+        count = flat.shape[0] * flat.shape[2]
+        ctx.save_for_backward(flat)
+        ctx.count, ctx.shape, ctx.dtype = count, x.shape, x.dtype
+        return (flat.sum(dim=2).sum(dim=0) / count,
+                torch.linalg.vector_norm(flat, dim=2).square().sum(dim=0) / count)
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_second: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        grad = torch.addcmul((grad_mean / ctx.count).view(1, -1, 1), flat,
+                             (2 * grad_second / ctx.count).view(1, -1, 1))
+        return grad.view(ctx.shape).to(ctx.dtype)
 
 
 def _flat_spatial(x: Tensor) -> Tensor:

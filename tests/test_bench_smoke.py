@@ -23,3 +23,90 @@ def test_bench_release_load_smoke(tmp_path: Path) -> None:
     assert match and float(match.group(1)) > 0, output
     assert re.search(r"peak memory \d+ MiB", output), output
     assert list(tmp_path.iterdir()) == []  # the temporary release and files are cleaned up
+
+
+TINY = ("--repeats", "1", "--warmup", "0", "--threads", "1")
+
+
+def figure(output: str, name: str, goal: str) -> float:
+    """The ratio of figure ``name``, which must be printed with ``goal`` and a peak-memory line."""
+    match = re.search(rf"^{name}: ratio (\d+\.\d\d) \(goal {re.escape(goal)}\)  spread \d+\.\d\d-\d+\.\d\d ",
+                      output, re.MULTILINE)
+    assert match and float(match.group(1)) > 0, output
+    assert re.search(rf"^{name}: peak memory \d+ MiB vs \d+ MiB$", output, re.MULTILINE), output
+    return float(match.group(1))
+
+
+def test_bench_dp_sgd_smoke() -> None:
+    output = run_benchmark("bench_dp_sgd.py", *TINY, "--image_size", "16", "--batch_size", "16",
+                           "--physical_batch_size", "8", "--steps", "2", "--check_size", "4",
+                           "--modes", "hooks", "ghost")
+    assert re.search(r"^# mode hooks: correct ", output, re.MULTILINE), output
+    assert re.search(r"^# mode ghost: correct ", output, re.MULTILINE), output
+    figure(output, "dp_sgd_step", "<= 1.5")
+    figure(output, "dp_sgd_mode_hooks", "measured")
+    figure(output, "dp_sgd_mode_ghost", "measured")
+    assert re.search(r"^dp_sgd_modes: fastest correct (hooks|ghost), default hooks", output, re.MULTILINE), output
+
+
+def test_bench_dp_stats_smoke() -> None:
+    output = run_benchmark("bench_dp_stats.py", *TINY, "--image_size", "16", "--num_images", "64",
+                           "--batch_size", "16")
+    figure(output, "dp_stats_pass", "<= 1.3")
+
+
+def test_bench_synthesis_smoke() -> None:
+    output = run_benchmark("bench_synthesis.py", *TINY, "--image_size", "16", "--batch_size", "8", "--steps", "2")
+    figure(output, "synthesis_step", "<= 1.3")
+
+
+def test_bench_student_smoke() -> None:
+    output = run_benchmark("bench_student.py", *TINY, "--image_size", "16", "--num_images", "64",
+                           "--batch_size", "16")
+    figure(output, "student_kd_epoch", "<= 1.1")
+    figure(output, "student_kd_original_style", "measured")
+
+
+def test_bench_data_path_smoke() -> None:
+    output = run_benchmark("bench_data_path.py", *TINY, "--batch_size", "16", "--batches", "2")
+    figure(output, "data_path_mnist5k", "<= 1.1")
+    figure(output, "data_path_photos", "<= 1.1")
+
+
+def test_every_benchmark_has_help_and_is_in_run_all() -> None:
+    scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
+    code = ("import sys, runpy\n"
+            "sys.path.insert(0, 'benchmarks')  # as when a script is run directly\n"
+            "for script in sys.argv[1:]:\n"
+            "    sys.argv = [script, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code in (0, None), (script, exit.code)\n")
+    result = subprocess.run([sys.executable, "-c", code, *(f"benchmarks/{name}" for name in scripts)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("usage: ") == len(scripts), result.stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    assert sorted(benchmark.script for benchmark in run_all.BENCHMARKS) == scripts
+
+
+def test_run_all_collects_figures_into_a_table() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    output = ("# context line\n"
+              "synthesis_step: ratio 1.42 (goal <= 1.3)  spread 1.20-1.54 over 5 round(s); 1 ms vs 0.7 ms\n"
+              "synthesis_step: peak memory 900 MiB vs 880 MiB\n"
+              "dp_sgd_mode_ew: ratio 1.90 (goal measured)  spread 1.74-2.05 over 3 round(s)\n"
+              "release_load: batch-wise ratio 40.00\n"
+              "release_load: ratio 55.10 (goal >= 20)\n")
+    figures = run_all.parse_figures(output)
+    assert [(f.name, f.ratio, f.goal, f.spread, f.met) for f in figures] == [
+        ("synthesis_step", 1.42, "<= 1.3", "1.20-1.54", "no"),
+        ("dp_sgd_mode_ew", 1.90, "measured", "1.74-2.05", "-"),
+        ("release_load", 55.10, ">= 20", "-", "yes"),
+    ]
+    assert run_all.table(figures).splitlines()[2] == "| synthesis_step | 1.42 | <= 1.3 | 1.20-1.54 | no |"

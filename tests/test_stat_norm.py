@@ -247,3 +247,21 @@ def test_registry_resnet18_wraps_every_norm_and_keeps_outputs():
     with torch.no_grad():
         assert torch.equal(model(x), reference_model(x))
     assert all(layer.per_sample.shape == (2, 2 * layer.num_channels) for layer in layers.values())
+
+
+def test_matching_loss_gradient_matches_autograd_of_the_definition():
+    """The hand-written backward of the synthesis loss equals autograd on var_mean."""
+    torch.manual_seed(0)
+    layer = StatNorm(torch.nn.GroupNorm(2, 4))
+    layer.dp_mean.copy_(torch.randn(4))
+    layer.dp_var.copy_(torch.rand(4) + 0.5)
+    layer.set_mode("synthesis")
+    x = (torch.randn(5, 4, 6, 6) * 2 + 0.3).requires_grad_(True)
+    layer(x)
+    (grad,) = torch.autograd.grad(layer.matching_loss, x)
+    reference_x = x.detach().clone().requires_grad_(True)
+    var, mean = torch.var_mean(reference_x.transpose(0, 1).flatten(1), dim=1, correction=0)
+    reference = torch.linalg.vector_norm(mean - layer.dp_mean) + torch.linalg.vector_norm(var - layer.dp_var)
+    (reference_grad,) = torch.autograd.grad(reference, reference_x)
+    assert torch.allclose(layer.matching_loss, reference, atol=1e-5)
+    assert torch.allclose(grad, reference_grad, atol=1e-6)
