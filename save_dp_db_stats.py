@@ -20,7 +20,9 @@ from engine.statistics import capture_statistics
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="stage-1 .dppt written by train_dp.py")
+    parser.add_argument("--teacher", required=True, help="stage-1 .dppt written by train_dp.py (or imported): "
+                        "a local path or an http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/")
+    parser.add_argument("--sha256", help="expected SHA-256 of --teacher (required for a URL without a known digest)")
     parser.add_argument("--dataset", help="private dataset (default: the teacher's; must match it)")
     parser.add_argument("--epochs", type=positive_float, default=2, help="eta_bn: passes over the data in expectation")
     parser.add_argument("--train_batch_size", type=positive_int, default=64, help="Omega_bn: expected Poisson batch size")

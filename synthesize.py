@@ -21,7 +21,9 @@ from engine.synthesis import synthesize
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="stage-2 .dppt (teacher with DP statistics)")
+    parser.add_argument("--teacher", required=True, help="stage-2 .dppt (teacher with DP statistics): a local "
+                        "path or an http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/")
+    parser.add_argument("--sha256", help="expected SHA-256 of --teacher (required for a URL without a known digest)")
     parser.add_argument("--public_set", required=True, help="public dataset from the registry (e.g. tinyimagenet, photos)")
     parser.add_argument("--num_samples", type=positive_int, default=60000, help="number of images to release")
     parser.add_argument("--g_steps", type=nonnegative_int, default=1, help="k: optimization steps per batch (0 = public images as they are)")

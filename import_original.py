@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Convert a checkpoint released by the original DP-ImgSyn authors into this project's `.dppt` format.
+
+The original files are pickles that also hold accountant objects; they are read with a
+restricted unpickler that builds only tensors and plain values, so none of their code runs.
+The result's privacy ledger is one entry marked "claimed by source" (their epsilon and delta,
+which this code cannot verify). Imported normalization statistics are NOT covered by this
+project's DP-statistics guarantee: the original mechanism never added its noise. For a real
+guarantee import the teacher alone (--as_teacher) and run save_dp_db_stats.py on it.
+
+Examples:
+  python import_original.py --source checkpoints/pretrained_DP_models/mnist_stats.dppt --dataset mnist \\
+      --output checkpoints/mnist_stats_imported.dppt
+  python import_original.py --source checkpoints/pretrained_DP_models/mnist_stats.dppt --dataset mnist \\
+      --as_teacher --output checkpoints/mnist_teacher_imported.dppt
+  python import_original.py --source https://example.org/mnist_teacher.dppt --sha256 <64 hex digits> \\
+      --dataset mnist --epsilon 1 --delta 1e-5 --output checkpoints/mnist_teacher_imported.dppt
+"""
+from __future__ import annotations
+
+import argparse
+
+from engine.cli import ArgumentParser, main_guard, nonnegative_float, probability
+from engine.fetch import resolve_checkpoint
+from privacy.accountant import ACCOUNTANTS
+from privacy.importer import import_original
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="original .dppt file: a local path or an http(s)/file URL "
+                        "(downloaded to checkpoints/pretrained_DP_models/)")
+    parser.add_argument("--sha256", help="expected SHA-256 of --source (required for a URL without a known digest)")
+    parser.add_argument("--dataset", required=True, help="private dataset the checkpoint was trained on "
+                        "(registry name, e.g. mnist, fmnist, cifar10)")
+    parser.add_argument("--model", default="resnet18", help="architecture of the checkpoint (registry name)")
+    parser.add_argument("--as_teacher", action="store_true",
+                        help="import only the teacher weights of a statistics file, to recompute DP statistics "
+                        "with save_dp_db_stats.py")
+    parser.add_argument("--epsilon", type=nonnegative_float,
+                        help="the source's published epsilon, for a teacher file that records no accountant history")
+    parser.add_argument("--delta", type=probability,
+                        help="the source's delta (default 1e-5) for --epsilon or for accounting a recorded history")
+    parser.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default="prv",
+                        help="accountant that turns a recorded teacher history into epsilon")
+    parser.add_argument("--output", required=True, help="our .dppt to write ('.dppt' appended when missing)")
+    parser.add_argument("--no_progress", action="store_true", help="no download progress bar")
+    return parser
+
+
+def run(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    source = resolve_checkpoint(args.source, args.sha256, progress=not args.no_progress)
+    return import_original(source, args.output, args.dataset, args.model, "teacher" if args.as_teacher else None,
+                           args.epsilon, args.delta, args.accountant)
+
+
+main = main_guard(run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
