@@ -71,8 +71,9 @@ class DPSGDTrainer:
                                      max_grad_norm=config.max_norm,
                                      expected_batch_size=config.batch_size,
                                      generator=self.noise_generator, secure_mode=config.secure_mode)
-        # A milestone at epoch 0 would cut the learning rate before the first step (epochs == 1).
-        milestones = [m for m in (int(0.6 * config.epochs), int(0.8 * config.epochs)) if m > 0]
+        # A milestone at epoch 0 would cut the learning rate before the first step (epochs == 1),
+        # and on short runs both milestones can fall on one epoch (a 100x cut): keep distinct ones.
+        milestones = sorted({m for m in (int(0.6 * config.epochs), int(0.8 * config.epochs)) if m > 0})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
         self.sample_generator = torch.Generator()
         self.sample_generator.manual_seed(seed)
