@@ -1,8 +1,9 @@
-"""CIFAR-style ResNet (3x3 stem, stride 1, no max-pool), the teacher and student of the paper.
+"""ResNet body shared by both stems, and the CIFAR-style ResNets of the paper.
 
-Written with BatchNorm like the original CIFAR ResNet and converted to GroupNorm by
-``make_private_ready``. Adaptive average pooling before the classifier lets the same
-network serve 32x32 inputs and the 64x64 CelebA crops.
+The CIFAR stem is one 3x3 convolution at stride 1 with no max-pool, so small images keep
+full resolution through the first stage. Written with BatchNorm like the original CIFAR
+ResNet and converted to GroupNorm by ``make_private_ready``. Adaptive average pooling
+before the classifier lets one network serve 32x32 inputs and the 64x64 CelebA crops.
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut.
+
+    The residual sum is out-of-place: an in-place ``+=`` on a normalization layer's output
+    breaks the backward hooks Opacus uses for per-sample gradients.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
@@ -39,13 +44,12 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """ResNet for small images: full resolution through the first stage."""
+class ResNet(nn.Module):
+    """A stem, four stages of basic blocks, global average pooling and a linear classifier."""
 
-    def __init__(self, blocks_per_stage: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, stem: nn.Module, blocks_per_stage: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        self.stem = stem
         stages = []
         in_channels = STAGE_WIDTHS[0]
         for width, stride, blocks in zip(STAGE_WIDTHS, STAGE_STRIDES, blocks_per_stage):
@@ -59,20 +63,29 @@ class CifarResNet(nn.Module):
         self.linear = nn.Linear(STAGE_WIDTHS[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
-def _cifar_resnet(depth: int, num_classes: int) -> nn.Module:
-    return make_private_ready(CifarResNet(BLOCKS_PER_STAGE[depth], num_classes))
+def build_resnet(stem: nn.Module, depth: int, num_classes: int) -> nn.Module:
+    """The GroupNorm ResNet of the given depth behind ``stem`` (which must output 64 channels)."""
+    return make_private_ready(ResNet(stem, BLOCKS_PER_STAGE[depth], num_classes))
+
+
+def cifar_stem() -> nn.Module:
+    """3x3 convolution at stride 1, no max-pool: a 32x32 input stays 32x32 in stage 1."""
+    return nn.Sequential(
+        nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(STAGE_WIDTHS[0]),
+        nn.ReLU(),
+    )
 
 
 def resnet18(num_classes: int) -> nn.Module:
     """CIFAR-style ResNet-18 with GroupNorm (the paper's teacher and student)."""
-    return _cifar_resnet(18, num_classes)
+    return build_resnet(cifar_stem(), 18, num_classes)
 
 
 def resnet34(num_classes: int) -> nn.Module:
     """CIFAR-style ResNet-34 with GroupNorm."""
-    return _cifar_resnet(34, num_classes)
+    return build_resnet(cifar_stem(), 34, num_classes)

@@ -1,4 +1,4 @@
-"""A small GroupNorm CNN sized for DP-SGD on a CPU (the demo's teacher and student).
+"""A small GroupNorm CNN sized for DP-SGD on a CPU (the offline demo's network).
 
 DP-SGD adds noise of the same size to every coordinate, so fewer parameters mean a better
 signal-to-noise ratio per step; tens of thousands of weights are enough for digits and
@@ -32,7 +32,7 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         in_widths = (3,) + CONV_WIDTHS[:-1]
-        pools = [nn.AvgPool2d(2)] * (len(CONV_WIDTHS) - 1) + [nn.AdaptiveAvgPool2d(POOLED_SIDE)]
+        pools = [nn.AvgPool2d(2) for _ in CONV_WIDTHS[:-1]] + [nn.AdaptiveAvgPool2d(POOLED_SIDE)]
         self.features = nn.Sequential(*(
             _conv_block(in_width, out_width, pool)
             for in_width, out_width, pool in zip(in_widths, CONV_WIDTHS, pools)
