@@ -50,3 +50,18 @@ def with_suffix_once(path: str | Path, suffix: str) -> Path:
     """``path`` with ``suffix`` appended unless it already ends with it."""
     path = Path(path)
     return path if path.name.endswith(suffix) else path.with_name(path.name + suffix)
+
+
+def completed_dppt(output: Path, settings_key: str, settings: dict[str, Any]) -> bool:
+    """True (and says so) when ``output`` is already this run's finished `.dppt`.
+
+    An existing file written with other settings is a user error; it is never overwritten.
+    """
+    if not output.exists():
+        return False
+    from privacy import load_dppt  # privacy.checkpoint imports this module
+
+    existing = load_dppt(output)
+    require_same_settings(output, existing.get(settings_key, {}), settings)
+    print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
+    return True

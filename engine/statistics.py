@@ -10,7 +10,7 @@ import torch
 
 import privacy
 import registry
-from engine.artifacts import require_same_settings, with_suffix_once
+from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
 from engine.data import default_workers, stack_items
 from engine.fetch import resolve_checkpoint
 from engine.runtime import atomic_path, resolve_device, setup_logging
@@ -58,10 +58,7 @@ def capture_statistics(args: argparse.Namespace) -> Path:
         key: getattr(args, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"}, "dataset": dataset}
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log"))
     logger.info("stage 2 (DP statistics) settings: %s", settings)
-    if output.exists():
-        existing = privacy.load_dppt(output)
-        require_same_settings(output, existing.get("statistics_settings", {}), settings)
-        print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
+    if completed_dppt(output, "statistics_settings", settings):
         return output
 
     model = build_model(checkpoint, args.teacher).to(device).eval()

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 import privacy
 import registry
-from engine.artifacts import require_same_settings, with_suffix_once
+from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
 from engine.data import default_workers
 from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.evaluation import evaluate
@@ -82,10 +82,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
     settings = {key: getattr(args, key) for key in CONTENT_SETTINGS}
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log"))
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
-    if output.exists():
-        existing = privacy.load_dppt(output)
-        require_same_settings(output, existing.get("settings", {}), settings)
-        print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
+    if completed_dppt(output, "settings", settings):
         return output
 
     seed = private_seed(args.seed)

@@ -25,6 +25,15 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine."""
+    from engine.data import single_threaded
+
+    with single_threaded():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> dict:
     return copy.deepcopy(TINY_CONFIG)

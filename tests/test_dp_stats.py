@@ -30,13 +30,7 @@ from synthesizer.stat_norm import attach_stat_layers, stat_layers
 from tests.test_stat_norm import ResidualBlock, group_norm_inputs, with_random_affine
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gn_cnn() -> nn.Module:
