@@ -63,6 +63,9 @@ def synthesize(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
     teacher, checkpoint, block = load_teacher_for_synthesis(args.teacher, args.non_private, device)
+    if args.g_steps > 0 and "dp_statistics" not in checkpoint:
+        raise DPImgSynError(f"--g_steps {args.g_steps} matches statistics, but {args.teacher} holds none; "
+                            "run save_dp_db_stats.py (or --g_steps 0)")
     private_name = checkpoint["dataset"]
     spec = registry.dataset_info(private_name)
     public = registry.aligned(args.public_set, private_name, args.data_root, args.download)
