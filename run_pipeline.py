@@ -7,12 +7,13 @@ same command after an interruption continues where it stopped.
 Examples:
   python run_pipeline.py --config configs/demo.yaml
   python run_pipeline.py --config configs/paper.yaml --row mnist_eps1_tinyimagenet
+  python run_pipeline.py --config configs/paper.yaml --row mnist_eps1_tinyimagenet --nproc 4
 """
 from __future__ import annotations
 
 import argparse
 
-from engine.cli import ArgumentParser, main_guard
+from engine.cli import ArgumentParser, main_guard, positive_int
 from engine.config import load_config
 from engine.pipeline import render_report, run_pipeline
 
@@ -23,13 +24,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", required=True, help="pipeline YAML (see configs/demo.yaml)")
     parser.add_argument("--row", help="row of a multi-row config (configs/paper.yaml: e.g. mnist_eps1_tinyimagenet)")
     parser.add_argument("--output", help="output folder (overrides the config's 'output')")
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="processes per stage (one per GPU), launched with torchrun on this machine; "
+                        "the privacy guarantee does not change")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 
 
 def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    report = run_pipeline(load_config(args.config, args.row), args.output, progress=not args.no_progress)
+    report = run_pipeline(load_config(args.config, args.row), args.output, progress=not args.no_progress,
+                          nproc=args.nproc)
     print()
     print(render_report(report))
     print("previews: " + ", ".join(f"{path}/preview.png" for path in report["releases"].values()))

@@ -8,6 +8,7 @@ with the teacher weights, the DP statistics and the extended ledger.
 Example:
   python save_dp_db_stats.py --teacher checkpoints/mnist_resnet18_nm_0.5__.dppt --epochs 2 \\
       --train_batch_size 64 --max_norm 1 --noise_multiplier 0.5 --output checkpoints/mnist_stats.dppt
+Several GPUs: torchrun --standalone --nproc_per_node 4 save_dp_db_stats.py ... (noise added once, same ledger).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ Example:
   python synthesize.py --teacher checkpoints/mnist_stats.dppt --public_set tinyimagenet \\
       --num_samples 60000 --g_steps 10 --output releases/mnist_tiny_k10
 Rerun the same command after an interruption: finished shards are kept, the rest is redone.
+Several GPUs: torchrun --standalone --nproc_per_node 4 synthesize.py ... (the same release, faster).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Examples:
   python train_dp.py --dataset mnist5k --model small_cnn --epochs 10 --train_batch_size 256 \\
       --lr 2 --max_norm 1 --target_epsilon 10
 Rerun the same command after an interruption: training resumes at the last finished epoch.
+Several GPUs: torchrun --standalone --nproc_per_node 4 train_dp.py ... (same ledger, same epsilon).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ private *test* split is used for the final-epoch accuracy only (never to choose 
 
 Example:
   python train_student.py --release releases/mnist_tiny_k10 --output runs/student_k10_s111 --seed 111
+Several GPUs: torchrun --standalone --nproc_per_node 4 train_student.py ... (--batch_size stays global).
 """
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from typing import Callable, NoReturn
 
+from engine import distributed
 from errors import DPImgSynError
 
 
@@ -26,8 +28,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with code 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Print ``error: message`` on stderr and exit with code 2 (under torchrun, naming ranks other than 0)."""
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
+    print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -43,6 +46,8 @@ def main_guard(main: Callable[[list[str] | None], object]) -> Callable[[list[str
         except KeyboardInterrupt:
             print("interrupted; rerun the same command to resume", file=sys.stderr)
             return 130
+        finally:
+            distributed.teardown()
         return 0
 
     return wrapped

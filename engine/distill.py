@@ -3,15 +3,25 @@
 Soft labels come from the bundle (the teacher's logits on the final images), so no teacher
 forward pass is needed per step and the student never needs the teacher or private
 training data.
+
+Under torchrun the student is wrapped in DistributedDataParallel and a DistributedSampler deals
+each rank its part of every epoch; ``batch_size`` stays the global batch (split over the ranks).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
+
+from engine.distributed import Distributed
+from errors import DPImgSynError
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
@@ -73,36 +83,59 @@ def _resident(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[
     return tuple(tensor.to(device) for tensor in tensors)
 
 
+def augmentation_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Crop/flip draws of one rank in one epoch: a resumed run redraws them without saved state."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 class StudentTrainer:
-    """SGD + MultiStepLR over in-memory (images, soft labels, targets) tensors; resumable per epoch."""
+    """SGD + MultiStepLR over in-memory (images, soft labels, targets) tensors; resumable per epoch.
+
+    ``model`` stays the bare network (weights, evaluation); ``network`` is what trains (DDP under torchrun).
+    """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor,
-                 targets: torch.Tensor, config: StudentConfig, device: torch.device, seed: int) -> None:
+                 targets: torch.Tensor, config: StudentConfig, device: torch.device, seed: int,
+                 dist: Distributed = Distributed()) -> None:
+        if config.batch_size % dist.world_size:
+            raise DPImgSynError(f"--batch_size {config.batch_size} must be a multiple of the "
+                                f"{dist.world_size} processes (it is the global batch)")
         self.model = model.to(device)
+        self.network = self.model
+        if dist.enabled:
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.images, self.soft_labels, self.targets = _resident((images, soft_labels, targets), device)
         self.config = config
         self.device = device
+        self.dist = dist
+        self.seed = seed
+        # The epoch's permutation is the sampler's (seed + epoch); rank r takes every world_size-th index.
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestones(), gamma=0.1)
-        self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
 
     def train_epoch(self, progress: bool = True) -> dict:
-        self.model.train()
-        order = torch.randperm(len(self.images), generator=self.generator)
-        batches = order.split(self.config.batch_size)
+        self.network.train()
+        self.sampler.set_epoch(self.epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        batches = order.split(self.config.batch_size // self.dist.world_size)
+        generator = augmentation_generator(self.seed, self.epoch, self.dist.rank)
         loss_sum = torch.zeros((), device=self.device)  # on the device: no step waits for a copy to the host
         seen = 0
         bar = tqdm(batches, desc=f"student epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not (progress and self.dist.is_main), leave=False, dynamic_ncols=True)
         for step, indices in enumerate(bar, start=1):
             x = self.images[indices].to(self.device, non_blocking=True)
             if self.config.augment:
-                x = random_crop_flip(x, self.generator)
+                x = random_crop_flip(x, generator)
             t = self.soft_labels[indices].to(self.device, non_blocking=True)
             y = self.targets[indices].to(self.device, non_blocking=True)
-            loss = kd_loss(self.model(x), t, y, self.config.temperature, self.config.alpha, self.config.beta)
+            loss = kd_loss(self.network(x), t, y, self.config.temperature, self.config.alpha, self.config.beta)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -112,16 +145,15 @@ class StudentTrainer:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
         self.scheduler.step()
         self.epoch += 1
-        return {"epoch": self.epoch, "loss": loss_sum.item() / max(seen, 1)}
+        totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=self.device)]))
+        return {"epoch": self.epoch, "loss": totals[0].item() / max(totals[1].item(), 1)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
         self.epoch = int(state["epoch"])

@@ -4,6 +4,10 @@ Opacus supplies per-sample gradients, clipping and noise (``DPOptimizer``); samp
 our own Poisson sampler at rate B/N so that the ledger records exactly the mechanism that
 ran. Large Poisson batches are split into physical chunks whose clipped gradients are
 accumulated before the single noisy step, as Opacus's BatchMemoryManager does.
+
+Under torchrun every rank draws the same Poisson batch (shared seed) and takes its share;
+Opacus's DPDDP keeps the replicas in sync and its DistributedDPOptimizer sums the ranks'
+clipped gradients before rank 0 adds the noise, once. The ledger is the single-process one.
 """
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.data import batches_by_index
+from engine.distributed import Distributed
 from privacy.sampling import poisson_batch, steps_per_epoch
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
@@ -50,8 +56,10 @@ class DPSGDTrainer:
     """Owns the model wrapper, optimizer, scheduler and both generators of a DP-SGD run."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, config: DPSGDConfig,
-                 device: torch.device, seed: int, num_workers: int = 0) -> None:
+                 device: torch.device, seed: int, num_workers: int = 0,
+                 dist: Distributed = Distributed()) -> None:
         self.model = model.to(device)
+        self.dist = dist
         self.train_set = train_set
         self.config = config
         self.device = device
@@ -59,7 +67,8 @@ class DPSGDTrainer:
         self.num_examples = len(train_set)
         self.sample_rate = config.batch_size / self.num_examples
         self.steps_per_epoch = steps_per_epoch(self.num_examples, config.batch_size)
-        self.wrapped = prepare_module(self.model, config.grad_sample_mode, batch_first=True,
+        replicated = DPDDP(self.model) if dist.enabled else self.model  # DPDDP copies rank 0's weights
+        self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
                                       loss_reduction="mean")
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
@@ -67,10 +76,12 @@ class DPSGDTrainer:
         if not config.secure_mode:
             self.noise_generator = torch.Generator(device=device)
             self.noise_generator.manual_seed(seed + 1)
-        self.optimizer = DPOptimizer(base, noise_multiplier=config.noise_multiplier,
-                                     max_grad_norm=config.max_norm,
-                                     expected_batch_size=config.batch_size,
-                                     generator=self.noise_generator, secure_mode=config.secure_mode)
+        # Each rank scales its share by B / world_size; the optimizer then averages over ranks.
+        optimizer_class = DistributedDPOptimizer if dist.enabled else DPOptimizer
+        self.optimizer = optimizer_class(base, noise_multiplier=config.noise_multiplier,
+                                         max_grad_norm=config.max_norm,
+                                         expected_batch_size=config.batch_size / dist.world_size,
+                                         generator=self.noise_generator, secure_mode=config.secure_mode)
         # A milestone at epoch 0 would cut the learning rate before the first step (epochs == 1),
         # and on short runs both milestones can fall on one epoch (a 100x cut): keep distinct ones.
         milestones = sorted({m for m in (int(0.6 * config.epochs), int(0.8 * config.epochs)) if m > 0})
@@ -110,13 +121,13 @@ class DPSGDTrainer:
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
         """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
         self.wrapped.train()
-        index_batches = [poisson_batch(self.num_examples, self.sample_rate, self.sample_generator)
+        index_batches = [self.dist.share(poisson_batch(self.num_examples, self.sample_rate, self.sample_generator))
                          for _ in range(self.steps_per_epoch)]
         seen = 0
         sums = torch.zeros(2, device=self.device)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
                    total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not (progress and self.dist.is_main), leave=False, dynamic_ncols=True)
         for step, batch in enumerate(bar, start=1):
             self.optimizer.zero_grad(set_to_none=True)
             if batch is None:
@@ -132,7 +143,8 @@ class DPSGDTrainer:
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
         self.scheduler.step()
         self.epoch += 1
-        loss_sum, correct = sums.tolist()
+        totals = self.dist.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)], device=self.device)]))
+        loss_sum, correct, seen = totals.tolist()
         return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
     def state_dict(self) -> dict:

@@ -1,14 +1,18 @@
 """The whole pipeline from one config: teacher -> DP statistics -> releases per k -> students.
 
-Each stage is the stage script's own ``run`` (same code path as the CLI); stages skip work
-whose artifacts already exist with the same settings, so a rerun after a crash continues.
+Each stage is the stage script's own ``run`` (same code path as the CLI), called in this process
+or, with ``nproc`` > 1, launched on that many processes through torchrun. Stages skip work whose
+artifacts already exist with the same settings, so a rerun after a crash continues.
 """
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import privacy
 import save_dp_db_stats
@@ -17,6 +21,7 @@ import train_dp
 import train_student
 from engine.release_eval import evaluate_release
 from engine.runtime import atomic_write_text
+from errors import DPImgSynError
 
 
 def _flags(**values) -> list[str]:
@@ -32,8 +37,22 @@ def _common(config: dict) -> dict:
     return {"device": config["device"], "data_root": config["data_root"]}
 
 
-def run_pipeline(config: dict, output: str | Path | None = None, progress: bool = True) -> dict:
-    """Run every stage of ``config``; write and return ``report.json``'s content."""
+def run_stage(stage: ModuleType, argv: list[str], nproc: int = 1) -> None:
+    """One stage script with ``argv``: in this process, or on ``nproc`` local processes via torchrun."""
+    if nproc == 1:
+        stage.run(argv)
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(stage.__file__).resolve()), *argv]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise DPImgSynError(f"{Path(stage.__file__).name} failed on {nproc} processes (its error is above); "
+                            "fix it and rerun the same command to continue")
+
+
+def run_pipeline(config: dict, output: str | Path | None = None, progress: bool = True, nproc: int = 1) -> dict:
+    """Run every stage of ``config`` (each on ``nproc`` processes); write and return ``report.json``'s content."""
+    if nproc < 1:
+        raise DPImgSynError(f"the number of processes must be at least 1, got {nproc}")
     out = Path(output or config["output"])
     out.mkdir(parents=True, exist_ok=True)
     quiet = not progress
@@ -41,46 +60,51 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
     t, s, syn, st = config["teacher"], config["statistics"], config["synthesis"], config["student"]
 
     started = time.time()
-    teacher_path = train_dp.run(_flags(
+    teacher_path = out / "teacher.dppt"
+    run_stage(train_dp, _flags(
         dataset=config["dataset"], model=config["model"], epochs=t["epochs"],
         train_batch_size=t["train_batch_size"], lr=t["lr"], max_norm=t["max_norm"], seed=t["seed"],
         noise_multiplier=config["noise_multiplier"], target_epsilon=config["target_epsilon"],
         stats_epochs=s["epochs"], stats_batch_size=s["train_batch_size"], delta=config["delta"],
         accountant=config["accountant"], max_physical_batch_size=t["max_physical_batch_size"],
-        output=out / "teacher.dppt", no_progress=quiet, **_common(config)))
+        output=teacher_path, no_progress=quiet, **_common(config)), nproc)
     seconds["teacher"] = time.time() - started
     teacher = privacy.load_dppt(teacher_path)
     sigma = teacher["settings"]["noise_multiplier"]
 
     started = time.time()
-    stats_path = save_dp_db_stats.run(_flags(
+    stats_path = out / "statistics.dppt"
+    run_stage(save_dp_db_stats, _flags(
         teacher=teacher_path, epochs=s["epochs"], train_batch_size=s["train_batch_size"],
         max_norm=s["max_norm"], noise_multiplier=sigma, public_set=s["public_set"],
         clip_quantile=s["clip_quantile"], seed=s["seed"],
-        output=out / "statistics.dppt", no_progress=quiet, **_common(config)))
+        output=stats_path, no_progress=quiet, **_common(config)), nproc)
     seconds["statistics"] = time.time() - started
     block = privacy.load_dppt(stats_path)["privacy"]
 
     releases: dict[int, Path] = {}
     for k in syn["g_steps"]:
         started = time.time()
-        releases[k] = synthesize.run(_flags(
+        releases[k] = out / f"release_k{k}"
+        run_stage(synthesize, _flags(
             teacher=stats_path, public_set=syn["public_set"], num_samples=syn["num_samples"], g_steps=k,
             batch_size=syn["batch_size"], batches_per_shard=syn["batches_per_shard"], lr_g=syn["lr_g"],
             bn=syn["bn"], oh=syn["oh"], tv=syn["tv"], l2=syn["l2"], targets=syn["targets"],
-            no_flip=not syn["flip"], seed=syn["seed"], output=out / f"release_k{k}", no_progress=quiet,
-            **_common(config)))
+            no_flip=not syn["flip"], seed=syn["seed"], output=releases[k], no_progress=quiet,
+            **_common(config)), nproc)
         seconds[f"synthesis_k{k}"] = time.time() - started
 
     results = []
     for k, release in releases.items():
         for seed in st["seeds"]:
             started = time.time()
-            metrics = train_student.run(_flags(
+            student_dir = out / f"student_k{k}_seed{seed}"
+            run_stage(train_student, _flags(
                 release=release, model=st["model"], epochs=st["epochs"], batch_size=st["batch_size"],
                 lr=st["lr"], momentum=st["momentum"], weight_decay=st["weight_decay"], T=st["T"],
                 alpha=st["alpha"], beta=st["beta"], augment=st["augment"], seed=seed,
-                output=out / f"student_k{k}_seed{seed}", no_progress=quiet, **_common(config)))
+                output=student_dir, no_progress=quiet, **_common(config)), nproc)
+            metrics = json.loads((student_dir / "metrics.json").read_text())
             seconds[f"student_k{k}_seed{seed}"] = time.time() - started
             results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
 

@@ -11,9 +11,10 @@ import torch
 import privacy
 import registry
 from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
+from engine import distributed
 from engine.data import default_workers, stack_items
 from engine.fetch import resolve_checkpoint
-from engine.runtime import atomic_path, resolve_device, setup_logging
+from engine.runtime import atomic_path, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
@@ -48,15 +49,16 @@ def build_model(checkpoint: dict, path: str | Path) -> torch.nn.Module:
 
 
 def capture_statistics(args: argparse.Namespace) -> Path:
-    """Run (or resume) stage 2; return the path of the statistics `.dppt`."""
-    device = resolve_device(args.device)
-    args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
+    """Run (or resume) stage 2; return the path of the statistics `.dppt` (written by rank 0 alone)."""
+    dist, device = distributed.setup(args.device)
+    with dist.main_first():  # a URL is downloaded once
+        args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
     checkpoint, block = load_teacher(args.teacher, args.dataset, args.non_private)
     dataset = checkpoint["dataset"]
     output = with_suffix_once(args.output, ".dppt")
     settings = {"teacher_sha256": privacy.file_sha256(args.teacher), **{
         key: getattr(args, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"}, "dataset": dataset}
-    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log"))
+    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 2 (DP statistics) settings: %s", settings)
     if completed_dppt(output, "statistics_settings", settings):
         return output
@@ -67,14 +69,17 @@ def capture_statistics(args: argparse.Namespace) -> Path:
     attach_stat_layers(model)
     scales, max_norm = None, args.max_norm
     if args.public_set:
-        public = registry.aligned(args.public_set, dataset, args.data_root, args.download)
+        with dist.main_first():
+            public = registry.aligned(args.public_set, dataset, args.data_root, args.download)
         chosen = registry.sampling_list(args.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public))
         public = stack_items(public, chosen)
         scales = public_scales(model, public, device=device)
         if args.clip_quantile is not None:
             max_norm = public_clip_norm(model, public, scales, quantile=args.clip_quantile, device=device)
-            print(f"clipping norm {max_norm:.4g} from the public set ({args.clip_quantile:g} quantile)")
-    _, train_set, _ = registry.get_dataset(dataset, args.data_root, args.download)
+            if dist.is_main:
+                print(f"clipping norm {max_norm:.4g} from the public set ({args.clip_quantile:g} quantile)")
+    with dist.main_first():
+        _, train_set, _ = registry.get_dataset(dataset, args.data_root, args.download)
 
     resume_path = with_suffix_once(output, ".resume")
     state = None
@@ -82,18 +87,23 @@ def capture_statistics(args: argparse.Namespace) -> Path:
         saved = torch.load(resume_path, map_location="cpu", weights_only=True)
         require_same_settings(resume_path, saved["settings"], settings)
         state = saved["state"]
-        print(f"resuming DP statistics at step {state['step']}")
+        if dist.is_main:
+            print(f"resuming DP statistics at step {state['step']}")
 
     def checkpoint_fn(loop_state: dict) -> None:
-        with atomic_path(resume_path) as tmp:
-            torch.save({"settings": settings, "state": loop_state}, tmp)
+        if dist.is_main:
+            with atomic_path(resume_path) as tmp:
+                torch.save({"settings": settings, "state": loop_state}, tmp)
 
     started = time.time()
     result = compute_dp_statistics(
         model, train_set, epochs=args.epochs, batch_size=args.train_batch_size, max_norm=max_norm,
-        noise_multiplier=args.noise_multiplier, seed=private_seed(args.seed), device=device, scales=scales,
-        non_private=args.non_private, progress=not args.no_progress, state=state,
-        checkpoint_fn=checkpoint_fn, num_workers=default_workers(device))
+        noise_multiplier=args.noise_multiplier, seed=dist.broadcast_int(private_seed(args.seed)), device=device,
+        scales=scales, non_private=args.non_private, progress=not args.no_progress, state=state,
+        checkpoint_fn=checkpoint_fn, num_workers=default_workers(device), dist=dist)
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the statistics
+        return output
     mechanism = dict(result.mechanism)
     entry = (privacy.non_private_entry(mechanism.pop("name"), stage="statistics") if mechanism.get("non_private")
              else privacy.mechanism_entry(mechanism.pop("name"), mechanism.pop("noise_multiplier"),
@@ -113,6 +123,7 @@ def capture_statistics(args: argparse.Namespace) -> Path:
     logger.info(summary)
     if args.report_bias:
         report_bias(model, train_set, result.stats, device, logger, not args.no_progress)
+    dist.barrier()
     return output
 
 

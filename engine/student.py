@@ -9,17 +9,21 @@ from pathlib import Path
 import torch
 
 import registry
+from engine import distributed
 from engine.artifacts import require_same_settings
 from engine.distill import StudentConfig, StudentTrainer
 from engine.evaluation import evaluate
-from engine.runtime import atomic_path, atomic_write_text, resolve_device, seed_everything, setup_logging
+from engine.runtime import atomic_path, atomic_write_text, seed_everything, setup_logging
 from errors import DPImgSynError
 from synthesizer import release as release_io
 
 
 def train_student(args: argparse.Namespace) -> dict:
-    """Run (or resume) stage 4; returns the metrics written to ``<output>/metrics.json``."""
-    device = resolve_device(args.device)
+    """Run (or resume) stage 4; returns the metrics rank 0 writes to ``<output>/metrics.json``.
+
+    Under torchrun the other ranks train their share and return ``{}``.
+    """
+    dist, device = distributed.setup(args.device)
     bundle = release_io.load(args.release)
     dataset = args.dataset or bundle.metadata.get("dataset")
     if not dataset:
@@ -34,11 +38,13 @@ def train_student(args: argparse.Namespace) -> dict:
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         require_same_settings(metrics_path, metrics.get("settings", {}), settings)
-        print(f"{metrics_path} already complete (student test accuracy {metrics['student_test_acc']:.4f})")
+        if dist.is_main:
+            print(f"{metrics_path} already complete (student test accuracy {metrics['student_test_acc']:.4f})")
         return metrics
-    logger = setup_logging(output / "train_student.log")
+    logger = setup_logging(output / "train_student.log" if dist.is_main else None)
     logger.info("stage 4 (student) settings: %s", settings)
-    test_set = registry.get_split(dataset, "test", args.data_root, args.download)
+    with dist.main_first():  # only rank 0 evaluates; it alone may download the test split
+        test_set = registry.get_split(dataset, "test", args.data_root, args.download) if dist.is_main else None
 
     seed_everything(args.seed)
     images, soft_labels, targets = bundle.tensors()
@@ -46,7 +52,7 @@ def train_student(args: argparse.Namespace) -> dict:
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(args.model, soft_labels.shape[1])
-    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, args.seed)
+    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, args.seed, dist)
     resume_path = output / "student.resume"
     history: list[dict] = []
     if resume_path.exists():
@@ -54,16 +60,22 @@ def train_student(args: argparse.Namespace) -> dict:
         require_same_settings(resume_path, state["settings"], settings)
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
-        print(f"resuming student after epoch {trainer.epoch}")
+        if dist.is_main:
+            print(f"resuming student after epoch {trainer.epoch}")
     started = time.time()
     while trainer.epoch < config.epochs:
         stats = trainer.train_epoch(progress=not args.no_progress)
+        if not dist.is_main:
+            continue
         if args.eval_every and (trainer.epoch % args.eval_every == 0 or trainer.epoch == config.epochs):
             stats["test_acc"] = evaluate(trainer.model, test_set, device)
         history.append(stats)
         logger.info("epoch %s", stats)
         with atomic_path(resume_path) as tmp:
             torch.save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, tmp)
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the student
+        return {}
     final_acc = evaluate(trainer.model, test_set, device)
     with atomic_path(output / "student.pt") as tmp:
         torch.save({"model": trainer.model.state_dict(), "architecture": args.model,
@@ -76,4 +88,5 @@ def train_student(args: argparse.Namespace) -> dict:
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     resume_path.unlink(missing_ok=True)
     print(f"student test accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
+    dist.barrier()
     return metrics

@@ -2,6 +2,10 @@
 
 Reads no private data: the private set is known only through `registry.dataset_info`
 (its public shape and normalization constants) and through the DP artifacts.
+
+Under torchrun, rank r synthesizes the shards whose index is r modulo the number of ranks; every
+shard draws from its own seeded generator, so the merged release equals a single-process one.
+Rank 0 assembles it once every rank has written its shards.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from tqdm import tqdm
 
 import privacy
 import registry
+from engine import distributed
 from engine.data import stack_items
 from engine.fetch import resolve_checkpoint
-from engine.runtime import resolve_device, setup_logging
+from engine.runtime import setup_logging
 from errors import DPImgSynError
 from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
 from synthesizer.release import ReleaseWriter
@@ -59,16 +64,18 @@ def shard_generator(seed: int, shard: int) -> torch.Generator:
 
 def synthesize(args: argparse.Namespace) -> Path:
     """Run (or resume) stage 3 and return the release folder."""
-    device = resolve_device(args.device)
+    dist, device = distributed.setup(args.device)
     output = Path(args.output)
-    args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
+    with dist.main_first():  # a URL is downloaded once
+        args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
     teacher, checkpoint, block = load_teacher_for_synthesis(args.teacher, args.non_private, device)
     if args.g_steps > 0 and "dp_statistics" not in checkpoint:
         raise DPImgSynError(f"--g_steps {args.g_steps} matches statistics, but {args.teacher} holds none; "
                             "run save_dp_db_stats.py (or --g_steps 0)")
     private_name = checkpoint["dataset"]
     spec = registry.dataset_info(private_name)
-    public = registry.aligned(args.public_set, private_name, args.data_root, args.download)
+    with dist.main_first():
+        public = registry.aligned(args.public_set, private_name, args.data_root, args.download)
     indices = registry.sampling_list(args.public_set, args.num_samples, SAMPLING_SEED, available=len(public))
     weights = SynthesisWeights(bn=args.bn, oh=args.oh, tv=args.tv, l2=args.l2, adv=0.0, lr=args.lr_g,
                                flip=not args.no_flip)
@@ -82,15 +89,16 @@ def synthesize(args: argparse.Namespace) -> Path:
         "targets": args.targets, "flip": not args.no_flip, "seed": args.seed, "non_private": args.non_private,
     }
     shard_size = args.batch_size * args.batches_per_shard
-    writer = ReleaseWriter(output, num_samples=args.num_samples, shard_size=shard_size,
-                           image_shape=(spec.channels, spec.image_size, spec.image_size),
-                           num_classes=checkpoint["num_classes"], settings=settings)
-    logger = setup_logging(output.parent / f"{output.name}.log")
+    with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
+        writer = ReleaseWriter(output, num_samples=args.num_samples, shard_size=shard_size,
+                               image_shape=(spec.channels, spec.image_size, spec.image_size),
+                               num_classes=checkpoint["num_classes"], settings=settings)
+    logger = setup_logging(output.parent / f"{output.name}.log" if dist.is_main else None)
     logger.info("stage 3 (synthesis) settings: %s", settings)
-    pending = writer.pending_shards()
+    pending = [shard for shard in writer.pending_shards() if dist.owns(shard)]
     started = time.time()
     bar = tqdm(total=len(pending) * shard_size, unit="img", desc=f"synthesis k={args.g_steps}",
-               disable=args.no_progress, dynamic_ncols=True)
+               disable=args.no_progress or not dist.is_main, dynamic_ncols=True)
     for shard in pending:
         start, stop = writer.shard_range(shard)
         generator = shard_generator(args.seed, shard)
@@ -116,6 +124,10 @@ def synthesize(args: argparse.Namespace) -> Path:
                            targets=torch.cat(parts["targets"]).numpy().astype(np.int64),
                            initial_images=torch.cat(parts["initial"]).numpy())
     bar.close()
+    dist.barrier()  # every rank's shards are on disk
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has assembled the release
+        return output
     metadata = {
         "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
         "public_set": args.public_set, "k": args.g_steps, "settings": settings,
@@ -129,4 +141,5 @@ def synthesize(args: argparse.Namespace) -> Path:
     print(f"release written to {output} ({args.num_samples} images, k={args.g_steps}, "
           f"epsilon {block['epsilon']:.3f}); preview: {output / 'preview.png'}")
     logger.info("synthesis finished in %.1fs", elapsed)
+    dist.barrier()
     return output

@@ -13,10 +13,11 @@ from torch.utils.data import Subset
 import privacy
 import registry
 from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
+from engine import distributed
 from engine.data import default_workers
 from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.evaluation import evaluate
-from engine.runtime import atomic_path, resolve_device, rng_state, seed_everything, set_rng_state, setup_logging
+from engine.runtime import atomic_path, rng_state, seed_everything, set_rng_state, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
 
@@ -60,32 +61,34 @@ def _teacher_entry(args: argparse.Namespace, sample_rate: float, steps: int) -> 
 
 
 def train_teacher(args: argparse.Namespace) -> Path:
-    """Run (or resume) stage 1 and return the path of the final `.dppt`."""
-    device = resolve_device(args.device)
+    """Run (or resume) stage 1 and return the path of the final `.dppt` (written by rank 0 alone)."""
+    dist, device = distributed.setup(args.device)
     if args.val_split < 0 or args.val_split >= 1:
         raise DPImgSynError(f"--val_split must be in [0, 1), got {args.val_split}")
-    num_classes, train_set, test_set = registry.get_dataset(args.dataset, args.data_root, args.download)
+    with dist.main_first():  # one download (--download), shared by all ranks
+        num_classes, train_set, test_set = registry.get_dataset(args.dataset, args.data_root, args.download)
     train_set, val_set = split_validation(train_set, args.val_split, VALIDATION_SPLIT_SEED)
     num_examples = len(train_set)
     if args.train_batch_size > num_examples:
         raise DPImgSynError(f"--train_batch_size {args.train_batch_size} exceeds the {num_examples} training examples")
-    if args.delta >= 1 / num_examples:
+    if args.delta >= 1 / num_examples and dist.is_main:
         logging.getLogger("dpimgsyn").warning("delta %.3g >= 1/N = %.3g: a weak guarantee", args.delta, 1 / num_examples)
 
     if args.target_epsilon is not None:
         args.noise_multiplier = privacy.calibrate_noise_multiplier(
             args.target_epsilon, args.delta, pipeline_plan(num_examples, args), args.accountant)
-        print(f"calibrated noise multiplier {args.noise_multiplier:.4f} for total epsilon "
-              f"{args.target_epsilon} over DP-SGD + DP statistics")
+        if dist.is_main:
+            print(f"calibrated noise multiplier {args.noise_multiplier:.4f} for total epsilon "
+                  f"{args.target_epsilon} over DP-SGD + DP statistics")
 
     output = with_suffix_once(args.output or default_output(args), ".dppt")
     settings = {key: getattr(args, key) for key in CONTENT_SETTINGS}
-    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log"))
+    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
     if completed_dppt(output, "settings", settings):
         return output
 
-    seed = private_seed(args.seed)
+    seed = dist.broadcast_int(private_seed(args.seed))  # one sampling/noise stream for all ranks
     seed_everything(seed)
     model = registry.get_model(args.model, num_classes)
     config = DPSGDConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
@@ -93,7 +96,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
                          max_physical_batch_size=args.max_physical_batch_size,
                          grad_sample_mode=args.grad_sample_mode, secure_mode=args.secure_mode)
     workers = default_workers(device)
-    trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers)
+    trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers, dist=dist)
     resume_path = with_suffix_once(output, ".resume")
     history: list[dict] = []
     if resume_path.exists():
@@ -102,11 +105,14 @@ def train_teacher(args: argparse.Namespace) -> Path:
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
         history = list(state["history"])
-        print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
+        if dist.is_main:
+            print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
 
     started = time.time()
     while trainer.epoch < args.epochs:
         stats = trainer.train_epoch(progress=not args.no_progress)
+        if not dist.is_main:
+            continue  # the other ranks wait for rank 0 at the next step's all-reduce
         stats["test_acc"] = evaluate(trainer.model, test_set, device, num_workers=workers)
         if val_set is not None:
             stats["val_acc"] = evaluate(trainer.model, val_set, device, num_workers=workers)
@@ -122,6 +128,9 @@ def train_teacher(args: argparse.Namespace) -> Path:
             torch.save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
                         "history": history}, tmp)
 
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the teacher
+        return output
     ledger = [_teacher_entry(args, trainer.sample_rate, trainer.steps_done)]
     block = privacy.privacy_block(ledger, args.delta, args.accountant)
     final_acc = history[-1]["test_acc"] if history else float("nan")
@@ -135,6 +144,7 @@ def train_teacher(args: argparse.Namespace) -> Path:
                f"epsilon {block['epsilon']:.3f} at delta {args.delta:g} ({args.accountant})")
     print(summary)
     logger.info(summary)
+    dist.barrier()
     return output
 
 

@@ -18,6 +18,11 @@ Step convention: ``steps = ceil(epochs * ceil(N / batch_size))`` -- for integer 
 ``epochs * ceil(N / batch_size)``, the count the accountant tests use -- at sample rate
 ``batch_size / N``.
 
+Under torchrun every rank holds the same generator (shared seed), so all draw the same Poisson
+batch; each clips its share, the partial clipped sums are all-reduced, and only then is the noise
+added -- the same draw on every rank, so the release carries one noise sample, never one per rank
+and never a noise-free partial sum.
+
 The seed drives both the sampling and the noise: anyone who knows it (and the rest of the data)
 can regenerate the noise. Keep it secret for a release, or pass ``seed=None`` to draw it from
 the operating system's entropy pool.
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from engine.distributed import Distributed
 from errors import DPImgSynError
 from privacy.sampling import poisson_batch
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
@@ -73,10 +79,21 @@ def add_gaussian_noise(total: Tensor, max_norm: float, noise_multiplier: float,
     return total.to(torch.float64) + noise.to(total.device)
 
 
+def noisy_global_sum(partial: Tensor, max_norm: float, noise_multiplier: float,
+                     generator: torch.Generator | None, dist: Distributed = Distributed()) -> Tensor:
+    """Every rank's clipped partial sum added up, then N(0, (sigma * C)^2 I) added once.
+
+    Each rank draws the same noise (``generator`` in the same state everywhere) and adds it to the
+    same total, so all ranks hold the one release; adding noise before the all-reduce would add
+    ``world_size`` draws, and reducing after it would expose noise-free partial sums.
+    """
+    return add_gaussian_noise(dist.all_reduce_sum(partial), max_norm, noise_multiplier, generator)
+
+
 def noisy_clipped_sum(per_sample: Tensor, max_norm: float, noise_multiplier: float,
-                      generator: torch.Generator | None) -> Tensor:
-    """The Gaussian mechanism on one batch: sum of clipped rows + N(0, (sigma * C)^2 I)."""
-    return add_gaussian_noise(clipped_sum(per_sample, max_norm), max_norm, noise_multiplier, generator)
+                      generator: torch.Generator | None, dist: Distributed = Distributed()) -> Tensor:
+    """The Gaussian mechanism on one batch: sum of clipped rows (this rank's) + N(0, (sigma * C)^2 I)."""
+    return noisy_global_sum(clipped_sum(per_sample, max_norm), max_norm, noise_multiplier, generator, dist)
 
 
 # --------------------------------------------------------------------------- per-sample statistics
@@ -197,7 +214,7 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
                           scales: Tensor | None = None, non_private: bool = False, progress: bool = True,
                           state: dict | None = None, checkpoint_fn: Callable[[dict], None] | None = None,
                           checkpoint_every: int = 100, max_physical_batch_size: int = 256,
-                          num_workers: int = 0) -> StatsResult:
+                          num_workers: int = 0, dist: Distributed = Distributed()) -> StatsResult:
     """Per-layer DP mean/variance of every normalization layer's input over ``train_set``.
 
     ``model`` is the frozen teacher (its GroupNorms are wrapped in place if not yet). ``scales``
@@ -205,6 +222,7 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     computes the exact statistics in one pass (no clipping, no noise: epsilon = inf).
     Resumable: ``checkpoint_fn(state)`` is called every ``checkpoint_every`` steps; passing that
     ``state`` back continues the run so that the result equals an uninterrupted one.
+    Under torchrun (``dist``), every rank must pass the same ``seed`` and ``state``; all return the result.
     """
     device = torch.device(device)
     attach_stat_layers(model)
@@ -215,7 +233,7 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     source = _ExampleSource(train_set, max_physical_batch_size, num_workers)
     dimension = statistic_dimension(model)
     if non_private:
-        moments = _exact_moments(model, source, num_examples, dimension, device, progress)
+        moments = _exact_moments(model, source, num_examples, dimension, device, progress, dist)
         mechanism = {"name": MECHANISM_NAME, "non_private": True, "sample_rate": 1.0, "steps": 1}
         return StatsResult(_split_moments(model, moments), mechanism, moments.float())
 
@@ -236,13 +254,14 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     generator = torch.Generator().set_state(state["generator"])
     moment_sum = state["moment_sum"].clone()
 
-    with tqdm(total=steps, initial=state["step"], desc="DP statistics", unit="step", disable=not progress) as bar:
+    with tqdm(total=steps, initial=state["step"], desc="DP statistics", unit="step",
+              disable=not (progress and dist.is_main)) as bar:
         for step in range(state["step"], steps):
             indices = poisson_batch(num_examples, sample_rate, generator)
             total = torch.zeros(dimension, dtype=torch.float64, device=device)
-            for images in source.batches(indices):
+            for images in source.batches(dist.share(indices)):
                 total += clipped_statistics_sum(model, images.to(device, non_blocking=True), max_norm, scales)
-            noisy = add_gaussian_noise(total.cpu(), max_norm, noise_multiplier, generator)
+            noisy = noisy_global_sum(total, max_norm, noise_multiplier, generator, dist).cpu()
             moment_sum += noisy / batch_size  # the expected batch size q * N, whatever was sampled
             bar.update(1)
             bar.set_postfix(batch=len(indices))
@@ -303,13 +322,14 @@ class _ExampleSource:
 
 
 def _exact_moments(model: nn.Module, source: _ExampleSource, num_examples: int, dimension: int,
-                   device: torch.device, progress: bool) -> Tensor:
+                   device: torch.device, progress: bool, dist: Distributed) -> Tensor:
     total = torch.zeros(dimension, dtype=torch.float64, device=device)
-    batches = source.batches(torch.arange(num_examples))
-    for images in tqdm(batches, desc="exact statistics", unit="batch", disable=not progress,
-                       total=math.ceil(num_examples / source.physical_batch_size)):
+    mine = dist.share(torch.arange(num_examples))
+    batches = source.batches(mine)
+    for images in tqdm(batches, desc="exact statistics", unit="batch", disable=not (progress and dist.is_main),
+                       total=math.ceil(len(mine) / source.physical_batch_size)):
         total += per_sample_statistics(model, images.to(device)).to(torch.float64).sum(dim=0)
-    return total.cpu() / num_examples
+    return dist.all_reduce_sum(total).cpu() / num_examples
 
 
 def _blocks(model: nn.Module) -> list[slice]:
