@@ -16,6 +16,7 @@ import argparse
 
 from engine.cli import (ArgumentParser, main_guard, nonnegative_float, nonnegative_int, positive_float,
                         positive_int)
+from engine.precision import PRECISION_HELP, PRECISIONS
 from engine.synthesis import synthesize
 
 
@@ -42,6 +43,7 @@ def build_parser() -> ArgumentParser:
                         help="ablation only: accept a teacher without DP statistics or ledger (epsilon = inf)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the jitter/flip draws (per shard)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--data_root", help="dataset folder (default: $DPIMGSYN_DATA, else ./data)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the public set if missing")
     parser.add_argument("--output", required=True, help="release folder to create (or resume)")

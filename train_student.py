@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from engine.cli import ArgumentParser, main_guard, nonnegative_float, nonnegative_int, positive_float, positive_int
+from engine.precision import PRECISION_HELP, PRECISIONS
 from engine.student import train_student
 
 
@@ -35,6 +36,7 @@ def build_parser() -> ArgumentParser:
                         help="log test accuracy every N epochs (information only; 0 = final epoch only)")
     parser.add_argument("--seed", type=int, default=111, help="seed of init and batch order")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--data_root", help="dataset folder (default: $DPIMGSYN_DATA, else ./data)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the test set if missing")
     parser.add_argument("--output", required=True, help="folder for metrics.json and student.pt")

@@ -20,6 +20,7 @@ from common import (Goal, benchmark_parser, make_model, random_images, random_la
                     time_sides, training_step)
 from engine.cli import main_guard, positive_float, positive_int
 from engine.distill import StudentConfig, StudentTrainer, kd_loss
+from engine.precision import use_bf16
 
 GOAL = Goal("<=", 1.1)
 
@@ -72,11 +73,22 @@ def main(argv: list[str] | None = None) -> None:
         ours.train_epoch(progress=False)
         return args.num_images
 
-    timings = time_sides({"ours": distillation, "supervised": supervised, "original": original},
-                         args.repeats, args.warmup, device)
+    sides = {"ours": distillation, "supervised": supervised, "original": original}
+    if use_bf16("auto", device):  # the default precision there: bf16 autocast + channels-last
+        ours_bf16 = StudentTrainer(make_model(args, device), images, soft_labels, targets, config, device,
+                                   args.seed, bf16=True)
+
+        def distillation_bf16() -> int:
+            ours_bf16.train_epoch(progress=False)
+            return args.num_images
+
+        sides["ours_bf16"] = distillation_bf16
+    timings = time_sides(sides, args.repeats, args.warmup, device)
     print(f"# {args.num_images} images, batch {args.batch_size}, one epoch per side")
     report("student_kd_epoch", timings["ours"], timings["supervised"], GOAL, unit="image")
     report("student_kd_original_style", timings["original"], timings["ours"], Goal(), unit="image")
+    if "ours_bf16" in timings:
+        report("student_kd_epoch_bf16_vs_fp32", timings["ours_bf16"], timings["ours"], Goal(), unit="image")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from common import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up,
                     time_sides, training_step)
 from engine.cli import main_guard, positive_int
+from engine.precision import use_bf16
 from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
@@ -77,15 +78,26 @@ def main(argv: list[str] | None = None) -> None:
                        grayscale=not args.color)
         return args.steps * args.batch_size
 
+    def synthesis_bf16() -> int:
+        optimize_batch(teacher, start, targets, args.steps, SynthesisWeights(), low, high, jitter_generator,
+                       grayscale=not args.color, bf16=True)
+        return args.steps * args.batch_size
+
     def training() -> int:
         for _ in range(args.steps):
             training_step(model, optimizer, train_images, labels)
         return args.steps * args.batch_size
 
-    timings = time_sides({"synthesis": synthesis, "training": training}, args.repeats, args.warmup, device)
+    sides = {"synthesis": synthesis, "training": training}
+    if use_bf16("auto", device):  # the default precision there
+        sides["synthesis_bf16"] = synthesis_bf16
+    timings = time_sides(sides, args.repeats, args.warmup, device)
     domain = "colour" if args.color else "gray"
     print(f"# batch {args.batch_size}, {args.steps} steps per call, {domain} domain")
     report("synthesis_step", timings["synthesis"], timings["training"], GOAL, unit="image-step")
+    if "synthesis_bf16" in timings:
+        report("synthesis_step_bf16_vs_fp32", timings["synthesis_bf16"], timings["synthesis"], Goal(),
+               unit="image-step")
     if args.profile:
         profile_side("synthesis", synthesis)
         profile_side("training", training)

@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from engine.distributed import Distributed
+from engine.precision import autocast, channels_last
 from errors import DPImgSynError
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
@@ -97,11 +98,12 @@ class StudentTrainer:
 
     def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor,
                  targets: torch.Tensor, config: StudentConfig, device: torch.device, seed: int,
-                 dist: Distributed = Distributed()) -> None:
+                 dist: Distributed = Distributed(), bf16: bool = False) -> None:
         if config.batch_size % dist.world_size:
             raise DPImgSynError(f"--batch_size {config.batch_size} must be a multiple of the "
                                 f"{dist.world_size} processes (it is the global batch)")
-        self.model = model.to(device)
+        self.model = channels_last(model.to(device), device, bf16)
+        self.bf16 = bf16
         self.network = self.model
         if dist.enabled:
             self.network = DistributedDataParallel(
@@ -135,7 +137,9 @@ class StudentTrainer:
                 x = random_crop_flip(x, generator)
             t = self.soft_labels[indices].to(self.device, non_blocking=True)
             y = self.targets[indices].to(self.device, non_blocking=True)
-            loss = kd_loss(self.network(x), t, y, self.config.temperature, self.config.alpha, self.config.beta)
+            with autocast(self.device, self.bf16):
+                logits = self.network(channels_last(x, self.device, self.bf16))
+            loss = kd_loss(logits.float(), t, y, self.config.temperature, self.config.alpha, self.config.beta)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

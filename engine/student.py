@@ -13,6 +13,7 @@ from engine import distributed
 from engine.artifacts import require_same_settings
 from engine.distill import StudentConfig, StudentTrainer
 from engine.evaluation import evaluate
+from engine.precision import use_bf16
 from engine.runtime import atomic_path, atomic_write_text, seed_everything, setup_logging
 from errors import DPImgSynError
 from synthesizer import release as release_io
@@ -32,8 +33,9 @@ def train_student(args: argparse.Namespace) -> dict:
     config = StudentConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            momentum=args.momentum, weight_decay=args.weight_decay,
                            temperature=args.T, alpha=args.alpha, beta=args.beta, augment=args.augment)
+    bf16 = use_bf16(args.precision, device)
     settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": dataset, "model": args.model,
-                "seed": args.seed, **vars(config)}
+                "seed": args.seed, "bf16": bf16, **vars(config)}
     metrics_path = output / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
@@ -52,7 +54,7 @@ def train_student(args: argparse.Namespace) -> dict:
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(args.model, soft_labels.shape[1])
-    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, args.seed, dist)
+    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, args.seed, dist, bf16)
     resume_path = output / "student.resume"
     history: list[dict] = []
     if resume_path.exists():

@@ -25,6 +25,7 @@ import registry
 from engine import distributed
 from engine.data import stack_items
 from engine.fetch import resolve_checkpoint
+from engine.precision import use_bf16
 from engine.runtime import setup_logging
 from errors import DPImgSynError
 from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
@@ -87,6 +88,7 @@ def synthesize(args: argparse.Namespace) -> Path:
         "num_samples": args.num_samples, "g_steps": args.g_steps, "batch_size": args.batch_size,
         "bn": args.bn, "oh": args.oh, "tv": args.tv, "l2": args.l2, "lr_g": args.lr_g,
         "targets": args.targets, "flip": not args.no_flip, "seed": args.seed, "non_private": args.non_private,
+        "bf16": use_bf16(args.precision, device),
     }
     shard_size = args.batch_size * args.batches_per_shard
     with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
@@ -112,7 +114,7 @@ def synthesize(args: argparse.Namespace) -> Path:
             else:
                 targets = cyclic_targets(batch_start, batch_stop, checkpoint["num_classes"]).to(device)
             result = optimize_batch(teacher, x0, targets, args.g_steps, weights, low, high, generator,
-                                    grayscale=spec.grayscale)
+                                    grayscale=spec.grayscale, bf16=settings["bf16"])
             parts["images"].append((result.images * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
             parts["initial"].append((x0 * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
             parts["logits"].append(result.logits.float().cpu())

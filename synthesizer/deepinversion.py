@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.precision import autocast
 from synthesizer.stat_norm import matching_loss, stat_layers
 
 
@@ -67,13 +68,15 @@ class BatchResult:
 def optimize_batch(teacher: nn.Module, start: torch.Tensor, targets: torch.Tensor, steps: int,
                    weights: SynthesisWeights, low: torch.Tensor, high: torch.Tensor,
                    generator: torch.Generator, grayscale: bool = False,
-                   student: nn.Module | None = None) -> BatchResult:
+                   student: nn.Module | None = None, bf16: bool = False) -> BatchResult:
     """Run ``steps`` Adam steps on a batch of public images (``steps == 0`` returns them unchanged).
 
     ``low``/``high`` are the per-channel valid range in normalized space (pixel 0 and 1).
     For gray private data a single channel is optimized and repeated, so images stay gray;
     jitter, flip, TV and L2 then work on that one channel, and TV and L2 are scaled by
     sqrt(channels): the norms over identical repeated channels, at a third of the cost.
+    ``bf16`` runs the networks under bf16 autocast; the statistics loss (the stat layers compute
+    moments in float32), the other loss terms, the pixels and the released logits stay float32.
     """
     low, high = low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
     channels = start.shape[1]
@@ -89,7 +92,8 @@ def optimize_batch(teacher: nn.Module, start: torch.Tensor, targets: torch.Tenso
     for step in range(steps):
         moved = _jitter_and_flip(param, weights, generator)
         jittered = expand(moved)
-        logits = teacher(jittered)
+        with autocast(param.device, bf16):
+            logits = teacher(jittered).float()
         terms = {
             "bn": matching_loss(teacher),
             "oh": F.cross_entropy(logits, targets),
@@ -99,7 +103,9 @@ def optimize_batch(teacher: nn.Module, start: torch.Tensor, targets: torch.Tenso
         total = (weights.bn * terms["bn"] + weights.oh * terms["oh"] + weights.tv * terms["tv"]
                  + weights.l2 * terms["l2"])
         if student is not None and weights.adv > 0:
-            terms["adv"] = -jensen_shannon(student(jittered), logits)
+            with autocast(param.device, bf16):
+                student_logits = student(jittered).float()
+            terms["adv"] = -jensen_shannon(student_logits, logits)
             total = total + weights.adv * terms["adv"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
