@@ -68,8 +68,11 @@ class DPSGDTrainer:
         self.sample_rate = config.batch_size / self.num_examples
         self.steps_per_epoch = steps_per_epoch(self.num_examples, config.batch_size)
         replicated = DPDDP(self.model) if dist.enabled else self.model  # DPDDP copies rank 0's weights
+        # Per-sample gradients of a summed loss are the gradients of each example's own loss: no
+        # rescaling of every layer's backprops, as a mean loss would need. The optimizer still
+        # divides the noisy sum of clipped gradients by the expected batch size.
         self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
-                                      loss_reduction="mean")
+                                      loss_reduction="sum")
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
         self.noise_generator = None
@@ -109,13 +112,13 @@ class DPSGDTrainer:
             x = images[start:start + chunk].to(self.device, non_blocking=True)
             y = labels[start:start + chunk].to(self.device, non_blocking=True)
             logits = self.wrapped(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, reduction="sum")
             loss.backward()
             if position < len(starts) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+            sums += torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float()])
         return sums
 
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:

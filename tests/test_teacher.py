@@ -69,3 +69,36 @@ def test_target_epsilon_calibrates_the_whole_pipeline(tmp_path):
     planned = [(sigma, 1000 / 4000, 4), (sigma, 250 / 4000, 16)]
     assert privacy.compute_epsilon(planned, 1e-5) <= 4.0 + 1e-6
     assert privacy.compute_epsilon([(sigma * 0.99, q, s) for _, q, s in planned], 1e-5) > 4.0
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # every example clipped; none (catches a wrong scale)
+@pytest.mark.parametrize("physical_batch", [24, 7])  # one chunk, and four accumulated chunks
+def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch, max_norm, single_thread):
+    """With sample rate 1 and negligible noise, one step moves the weights by -lr * mean(clip_C(g_i)).
+
+    This pins the sensitivity bound the accountant assumes: each example enters the update only
+    through its own gradient clipped to C, whatever the chunking of the batch.
+    """
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    import registry
+    from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
+
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(24, 3, 32, 32, generator=generator), torch.randint(0, 10, (24,), generator=generator)
+    torch.manual_seed(1)
+    model = registry.get_model("small_cnn", 10)
+    reference = [param.detach().clone() for param in model.parameters()]
+    expected = [torch.zeros_like(param) for param in reference]
+    for image, label in zip(images, labels):
+        grads = torch.autograd.grad(F.cross_entropy(model(image[None]), label[None]), list(model.parameters()))
+        norm = torch.sqrt(sum(grad.square().sum() for grad in grads))
+        assert (norm > max_norm) == (max_norm < 1)
+        for total, grad in zip(expected, grads):
+            total += grad * min(1.0, max_norm / float(norm))
+    config = DPSGDConfig(epochs=1, batch_size=24, lr=1.0, max_norm=max_norm, noise_multiplier=1e-9,
+                         momentum=0.0, weight_decay=0.0, max_physical_batch_size=physical_batch)
+    DPSGDTrainer(model, TensorDataset(images, labels), config, torch.device("cpu"), seed=0).train_epoch(progress=False)
+    for before, after, total in zip(reference, model.parameters(), expected):
+        torch.testing.assert_close(after.detach() - before, -total / 24, rtol=1e-4, atol=1e-6)
