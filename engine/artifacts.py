@@ -11,6 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+import registry
 from errors import DPImgSynError
 
 
@@ -65,3 +68,15 @@ def completed_dppt(output: Path, settings_key: str, settings: dict[str, Any]) ->
     require_same_settings(output, existing.get(settings_key, {}), settings)
     print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
     return True
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
+    """The checkpoint's architecture with its weights; weights that do not fit are a user error."""
+    model = registry.get_model(checkpoint["architecture"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise DPImgSynError(f"{path}: weights do not fit architecture {checkpoint['architecture']!r} ({first}); "
+                            "the checkpoint is damaged or was edited") from None
+    return model

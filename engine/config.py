@@ -5,6 +5,7 @@ a default. Unknown keys are errors, so a typo never silently falls back to a def
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,13 @@ from errors import DPImgSynError
 
 REQUIRED = object()
 NUMBER = (int, float)
+# Numbers the stage CLIs require to be > 0; every other number except seeds must be >= 0. Checked
+# here, before any stage runs, so that a bad student.lr fails at once and names its key.
+POSITIVE = {"delta", "target_epsilon", "noise_multiplier", "teacher.epochs", "teacher.train_batch_size",
+            "teacher.lr", "teacher.max_norm", "teacher.max_physical_batch_size", "statistics.epochs",
+            "statistics.train_batch_size", "statistics.max_norm", "statistics.clip_quantile",
+            "synthesis.num_samples", "synthesis.batch_size", "synthesis.batches_per_shard", "synthesis.lr_g",
+            "student.epochs", "student.batch_size", "student.lr", "student.T"}
 
 SCHEMA: dict[str, Any] = {
     "output": (str, REQUIRED),
@@ -73,6 +81,10 @@ def _check(section: dict, schema: dict, where: str) -> dict:
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else "number"
             raise DPImgSynError(f"config: key {name!r} must be a {expected}, got {value!r}")
+        if isinstance(value, NUMBER) and not isinstance(value, bool) and not key.endswith("seed"):
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in POSITIVE):
+                raise DPImgSynError(f"config: key {name!r} must be a finite "
+                                    f"{'positive' if name in POSITIVE else 'non-negative'} number, got {value!r}")
         result[key] = value
     return result
 
@@ -93,7 +105,7 @@ def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from disk, with one-line errors for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise DPImgSynError(f"config file {path} not found")
+        raise DPImgSynError(f"config file {path} not found; check the --config path (examples in configs/)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

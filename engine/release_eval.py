@@ -22,6 +22,7 @@ from torch import Tensor
 
 import privacy
 import registry
+from engine.artifacts import model_from_checkpoint
 from engine.data import stack_items
 from engine.runtime import atomic_path, resolve_device, setup_logging
 from engine.synthesis import SAMPLING_SEED
@@ -75,9 +76,7 @@ def load_teacher(path: Path, device: torch.device) -> tuple[torch.nn.Module, dic
     """The teacher model in eval mode (weights only) and its checkpoint dict."""
     checkpoint = privacy.load_dppt(path)
     privacy.check_dppt(checkpoint)
-    model = registry.get_model(checkpoint["architecture"], checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
+    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint
 
 
 def student_results(paths: Sequence[str | os.PathLike], metadata: dict) -> list[dict] | None:

@@ -99,6 +99,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically, through a file handle.
+
+    Given a path, torch names the archive inside the file after it -- here the random temp name --
+    so equal content would give different bytes; through a handle the name is fixed.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

@@ -10,11 +10,11 @@ import torch
 
 import privacy
 import registry
-from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
 from engine import distributed
+from engine.artifacts import completed_dppt, model_from_checkpoint, require_same_settings, with_suffix_once
 from engine.data import default_workers, stack_items
 from engine.fetch import resolve_checkpoint
-from engine.runtime import atomic_path, setup_logging
+from engine.runtime import atomic_torch_save, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
@@ -33,19 +33,9 @@ def load_teacher(path: str | Path, dataset: str | None, non_private: bool) -> tu
     block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
     privacy.check_dppt(checkpoint, stage="teacher")
     if dataset is not None and dataset != checkpoint["dataset"]:
-        raise DPImgSynError(f"{path} is a teacher for dataset {checkpoint['dataset']!r}, not {dataset!r}")
+        raise DPImgSynError(f"{path} is a teacher for dataset {checkpoint['dataset']!r}, not {dataset!r}; "
+                            f"drop --dataset, or pass a teacher trained on {dataset!r}")
     return checkpoint, block
-
-
-def build_model(checkpoint: dict, path: str | Path) -> torch.nn.Module:
-    """The teacher's architecture with its weights; a wrong architecture is a user error."""
-    model = registry.get_model(checkpoint["architecture"], checkpoint["num_classes"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise DPImgSynError(f"{path}: weights do not fit architecture {checkpoint['architecture']!r} ({first})") from None
-    return model
 
 
 def capture_statistics(args: argparse.Namespace) -> Path:
@@ -63,7 +53,7 @@ def capture_statistics(args: argparse.Namespace) -> Path:
     if completed_dppt(output, "statistics_settings", settings):
         return output
 
-    model = build_model(checkpoint, args.teacher).to(device).eval()
+    model = model_from_checkpoint(checkpoint, args.teacher).to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
     attach_stat_layers(model)
@@ -92,8 +82,7 @@ def capture_statistics(args: argparse.Namespace) -> Path:
 
     def checkpoint_fn(loop_state: dict) -> None:
         if dist.is_main:
-            with atomic_path(resume_path) as tmp:
-                torch.save({"settings": settings, "state": loop_state}, tmp)
+            atomic_torch_save({"settings": settings, "state": loop_state}, resume_path)
 
     started = time.time()
     result = compute_dp_statistics(

@@ -14,7 +14,7 @@ from engine.artifacts import require_same_settings
 from engine.distill import StudentConfig, StudentTrainer
 from engine.evaluation import evaluate
 from engine.precision import use_bf16
-from engine.runtime import atomic_path, atomic_write_text, seed_everything, setup_logging
+from engine.runtime import atomic_torch_save, atomic_write_text, seed_everything, setup_logging
 from errors import DPImgSynError
 from synthesizer import release as release_io
 
@@ -25,7 +25,7 @@ def train_student(args: argparse.Namespace) -> dict:
     Under torchrun the other ranks train their share and return ``{}``.
     """
     dist, device = distributed.setup(args.device)
-    bundle = release_io.load(args.release)
+    bundle = release_io.load(args.release, verify=True)  # a swapped or damaged array is refused
     dataset = args.dataset or bundle.metadata.get("dataset")
     if not dataset:
         raise DPImgSynError(f"{args.release} does not record its private dataset; pass --dataset")
@@ -73,15 +73,13 @@ def train_student(args: argparse.Namespace) -> dict:
             stats["test_acc"] = evaluate(trainer.model, test_set, device)
         history.append(stats)
         logger.info("epoch %s", stats)
-        with atomic_path(resume_path) as tmp:
-            torch.save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, tmp)
+        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path)
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the student
         return {}
     final_acc = evaluate(trainer.model, test_set, device)
-    with atomic_path(output / "student.pt") as tmp:
-        torch.save({"model": trainer.model.state_dict(), "architecture": args.model,
-                    "num_classes": soft_labels.shape[1], "dataset": dataset}, tmp)
+    atomic_torch_save({"model": trainer.model.state_dict(), "architecture": args.model,
+                       "num_classes": soft_labels.shape[1], "dataset": dataset}, output / "student.pt")
     metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
                "release": str(Path(args.release)), "k": bundle.metadata.get("k"),
                "public_set": bundle.metadata.get("public_set"), "seed": args.seed,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 import privacy
 import registry
 from engine import distributed
+from engine.artifacts import model_from_checkpoint
 from engine.data import stack_items
 from engine.fetch import resolve_checkpoint
 from engine.precision import use_bf16
@@ -45,8 +46,7 @@ def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torc
             raise DPImgSynError(
                 f"{path} is a stage-{checkpoint.get('stage', '?')} checkpoint without DP statistics; "
                 "run save_dp_db_stats.py on it first")
-    model = registry.get_model(checkpoint["architecture"], checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
+    model = model_from_checkpoint(checkpoint, path)
     attach_stat_layers(model)
     if "dp_statistics" in checkpoint:
         load_dp_statistics(model, checkpoint["dp_statistics"])

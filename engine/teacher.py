@@ -17,7 +17,7 @@ from engine import distributed
 from engine.data import default_workers
 from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.evaluation import evaluate
-from engine.runtime import atomic_path, rng_state, seed_everything, set_rng_state, setup_logging
+from engine.runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
 
@@ -124,9 +124,8 @@ def train_teacher(args: argparse.Namespace) -> Path:
                 f"  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}")
         print(line, flush=True)
         logger.info(line)
-        with atomic_path(resume_path) as tmp:
-            torch.save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
-                        "history": history}, tmp)
+        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
+                           "history": history}, resume_path)
 
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the teacher

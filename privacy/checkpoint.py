@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.artifacts import with_suffix_once
-from engine.runtime import atomic_path
+from engine.runtime import atomic_torch_save
 from errors import DPImgSynError
 
 CHECKPOINT_FORMAT = "dpimgsyn.dppt"
@@ -91,8 +91,7 @@ def save_dppt(path: str | Path, payload: dict) -> Path:
     final = with_suffix_once(path, CHECKPOINT_SUFFIX)
     if final.is_dir():
         raise DPImgSynError(f"{final} is a directory; give a checkpoint file path")
-    with atomic_path(final) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, final)
     return final
 
 

@@ -6,7 +6,6 @@ Rows that have not finished are listed as missing; accuracies are mean ± std ov
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
