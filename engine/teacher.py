@@ -12,8 +12,8 @@ from torch.utils.data import Subset
 
 import privacy
 import registry
-from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
 from engine import distributed
+from engine.artifacts import completed_dppt, require_same_settings, with_suffix_once
 from engine.data import default_workers
 from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.evaluation import evaluate
