@@ -6,6 +6,7 @@ The original code had one hand-written transform pipeline per (public, private) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +60,16 @@ def to_view(images: torch.Tensor, view: View) -> torch.Tensor:
     """
     images = images.float()
     images = to_gray(images) if view.grayscale else images.expand(-1, 3, -1, -1)
-    images = resize_square(images, view.image_size)
+    images = normalize(resize_square(images, view.image_size), view)
+    return images.expand(-1, view.channels, -1, -1)
+
+
+def normalize(images: torch.Tensor, view: View) -> torch.Tensor:
+    """(N, content channels, H, W) in [0, 1] → the view's normalization (the last step of :func:`to_view`)."""
     content = view.content_channels
     mean = torch.tensor(view.mean[:content]).view(1, content, 1, 1)
     std = torch.tensor(view.std[:content]).view(1, content, 1, 1)
-    images = (images - mean) / std
-    return images.expand(-1, view.channels, -1, -1)
+    return (images - mean) / std
 
 
 class InMemoryImages(Dataset):
@@ -109,6 +114,17 @@ class RawSource(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.raw(index, None)
 
+    def viewed(self, indices: Sequence[int], view: View) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, view.channels, S, S) and labels of ``indices``; sources that can batch override it."""
+        images, labels = [], []
+        for index in indices:
+            image, label = self.raw(int(index), view.image_size)
+            images.append(to_view(image.unsqueeze(0), view)[0])
+            labels.append(int(label))
+        if not images:
+            return torch.empty(0, view.channels, view.image_size, view.image_size), torch.empty(0, dtype=torch.long)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
 
 class ViewedItems(Dataset):
     """A per-item source seen through a view; ``label`` replaces every label when given."""
@@ -120,9 +136,12 @@ class ViewedItems(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source.raw(index, self.view.image_size)
-        converted = to_view(image.unsqueeze(0), self.view)[0].contiguous()
-        return converted, label if self.label is None else self.label
+        images, labels = self.source.viewed([index], self.view)
+        return images[0], int(labels[0]) if self.label is None else self.label
+
+    def stack_items(self, indices: Sequence[int]) -> torch.Tensor:
+        """The images of ``indices`` in one call, so that a source can convert them as a batch."""
+        return self.source.viewed(indices, self.view)[0]
 
 
 def view_of(source: RawTensors | RawSource, view: View, label: int | None = None) -> Dataset:

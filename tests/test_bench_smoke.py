@@ -71,6 +71,8 @@ def test_bench_data_path_smoke() -> None:
     output = run_benchmark("bench_data_path.py", *TINY, "--batch_size", "16", "--batches", "2")
     figure(output, "data_path_mnist5k", "<= 1.1")
     figure(output, "data_path_photos", "<= 1.1")
+    figure(output, "data_path_photos_reread", "<= 1.1")
+    assert "# photos: first read and re-read equal the per-item conversion" in output, output
 
 
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:

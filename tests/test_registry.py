@@ -1,6 +1,7 @@
 """The registry's table, errors, embedded sets, alignment guarantees and sampling lists."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import replace
 
@@ -11,7 +12,8 @@ import torch
 import make_sampling_list
 import registry
 from datasets import embedded
-from datasets.convert import View, resize_square, to_view
+from datasets.convert import RawSource, View, resize_square, to_view
+from engine.data import stack_items
 from errors import DPImgSynError
 
 # DESIGN.md section 5: fixed public constants (mean, std) of the first channel / all channels.
@@ -160,6 +162,66 @@ def test_photos_are_varied(photos):
         assert not torch.allclose(images[a], images[b], atol=1e-3)
     assert images.mean(dim=(1, 2, 3)).std() > 0.1  # brightness differs across crops
     assert images.std(dim=(1, 2, 3)).mean() > 0.1  # crops have structure, not flat colour
+
+
+PHOTOS_INDEX_LISTS = {
+    "first64": list(range(64)),
+    "mixed": [99999, 5, 77777, 12345, 0, 5, -1],  # a repeat and a negative index
+    "random300": np.random.default_rng(7).choice(100_000, 300, replace=False).tolist(),
+}
+# sha256 (first 16 hex digits) of the stacked float32 items, recorded from the per-item conversion
+# before items were converted as batches and kept. Torch's resize kernels may round differently on
+# another torch version or CPU kernel set, so the digests are checked where they were recorded only.
+PHOTOS_DIGEST_ENVIRONMENT = ("2.14.1", "AVX512")
+PHOTOS_DIGESTS = {
+    "photos": {"first64": "946564f070e2020a", "mixed": "94cde6e5cce9888d", "random300": "d8044e2a9267bc8a"},
+    "mnist5k": {"first64": "510b91ec88fa9d78", "mixed": "64ebbc1cc3d27858", "random300": "f6f158f7b4437d78"},
+    "cifar10": {"first64": "8fbfb1edac6a5de7", "mixed": "e37dcb636eb1808e", "random300": "6c793df0c9ef78d4"},
+}
+PHOTOS_RAW_DIGESTS = {"first64": "6e12df0e1141281a", "mixed": "345791c109a36128", "random300": "7c445faacff1694f"}
+
+
+def _digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _photos_view(name: str):
+    return registry.get_split("photos", "train") if name == "photos" else registry.aligned("photos", name)
+
+
+@pytest.mark.parametrize("view_of", list(PHOTOS_DIGESTS))
+def test_photos_batches_and_kept_items_equal_the_per_item_conversion(view_of, monkeypatch):
+    dataset = _photos_view(view_of)
+    recorded = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
+    embedded.forget_converted()
+    for budget in (embedded.CONVERTED_BYTES, 40 * 32 * 32 * 4):  # all kept; only some kept
+        monkeypatch.setattr(embedded, "CONVERTED_BYTES", budget)
+        for name, indices in PHOTOS_INDEX_LISTS.items():
+            per_item = RawSource.viewed(dataset.source, indices, dataset.view)[0]
+            for read in ("first", "again"):
+                images = stack_items(dataset, indices)
+                assert torch.equal(images, per_item), (view_of, name, read)
+                if recorded == PHOTOS_DIGEST_ENVIRONMENT:
+                    assert _digest(images) == PHOTOS_DIGESTS[view_of][name], (view_of, name, read)
+                images.zero_()  # the caller's copy: kept items must not change with it
+        embedded.forget_converted()
+    image, label = dataset[-1]
+    assert torch.equal(image, stack_items(dataset, [len(dataset) - 1])[0])
+    assert label == (embedded.Photos().raw(-1, None)[1] if view_of == "photos" else registry.PUBLIC_LABEL)
+    with pytest.raises(IndexError, match="out of range"):
+        stack_items(dataset, [0, len(dataset)])
+
+
+def test_photos_raw_crops_are_unchanged():
+    source = embedded.Photos()
+    for name, indices in PHOTOS_INDEX_LISTS.items():
+        digest = hashlib.sha256()
+        for index in indices:
+            image, label = source.raw(index, None)
+            digest.update(image.numpy().tobytes())
+            digest.update(str(label).encode())
+            digest.update(str(tuple(image.shape)).encode())
+        assert digest.hexdigest()[:16] == PHOTOS_RAW_DIGESTS[name], name
 
 
 def test_aligned_photos_look_like_mnist5k_without_opening_it(monkeypatch):
