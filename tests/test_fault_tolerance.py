@@ -322,7 +322,7 @@ weights = torch.empty(1_000_000)
 (folder / "ready.json").write_text("{}")
 for iteration in range(10**9):
     privacy.save_dppt(folder / "model.dppt", {"iteration": iteration, "weights": weights.fill_(iteration)})
-    atomic_write_text(folder / "metadata.json", json.dumps({"iteration": iteration, "pad": [iteration] * 10_000}))
+    atomic_write_text(folder / "metadata.json", json.dumps({"iteration": iteration, "pad": [iteration] * 100_000}))
     value = (iteration % 100) / 100
     images = np.full((16, 1, 64, 64), value, dtype=np.float32)
     writer.write_shard(iteration % 4, images=images, initial_images=images,
@@ -372,7 +372,7 @@ def test_kills_during_writes_never_leave_a_torn_file_under_a_final_name(tmp_path
         model = privacy.load_dppt(folder / "model.dppt")
         assert torch.all(model["weights"] == model["iteration"])
         metadata = _load_json(folder / "metadata.json")
-        assert metadata["pad"] == [metadata["iteration"]] * 10_000
+        assert metadata["pad"] == [metadata["iteration"]] * 100_000
         writer = release_io.ReleaseWriter(folder / "release", num_samples=64, shard_size=16,
                                           image_shape=(1, 64, 64), num_classes=4,
                                           settings={"purpose": "torn-write test"})
