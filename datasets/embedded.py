@@ -162,6 +162,12 @@ class Photos(RawSource):
         top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
         return which, top, left, side, bool(rng.random() < 0.5)
 
+    @staticmethod
+    def _cut(image: torch.Tensor, top: int, left: int, side: int, mirrored: bool) -> torch.Tensor:
+        """The crop's square of ``image`` (a source photo or its [0, 1] plane), mirrored when drawn so."""
+        square = image[:, top:top + side, left:left + side]
+        return square.flip(-1) if mirrored else square
+
     def _checked(self, indices: torch.Tensor) -> torch.Tensor:
         bad = (indices < -self.length) | (indices >= self.length)
         if bool(bad.any()):
@@ -170,11 +176,8 @@ class Photos(RawSource):
 
     def raw(self, index: int, min_side: int | None) -> tuple[torch.Tensor, int]:
         index = int(self._checked(torch.tensor([int(index)]))[0])
-        which, top, left, side, mirrored = self._crop(index)
-        crop = source_photos()[which][:, top:top + side, left:left + side]
-        if mirrored:
-            crop = crop.flip(-1)
-        return crop.float().div_(255), which
+        which, *square = self._crop(index)
+        return self._cut(source_photos()[which], *square).float().div_(255), which
 
     def viewed(self, indices: Sequence[int], view: View) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`RawSource.viewed`, bit for bit, from kept items or converted as a batch."""
@@ -204,11 +207,7 @@ class Photos(RawSource):
             by_side.setdefault(crop[3], []).append(position)
         resized, order = [], []
         for side, positions in by_side.items():
-            pieces = []
-            for position in positions:
-                which, top, left, _, mirrored = crops[position]
-                piece = planes[which][:, top:top + side, left:left + side]
-                pieces.append(piece.flip(-1) if mirrored else piece)
+            pieces = [self._cut(planes[crops[position][0]], *crops[position][1:]) for position in positions]
             batch = torch.stack(pieces) if len(pieces) > 1 else pieces[0][None]
             resized.append(resize_square(batch, view.image_size))
             order += positions
