@@ -14,7 +14,7 @@ import argparse
 
 import privacy
 from engine.cli import ArgumentParser, main_guard, nonnegative_float, positive_float, positive_int, probability
-from engine.dp_sgd import GRAD_SAMPLE_MODES
+from engine.dp_sgd import GRAD_SAMPLE_MODES, DPSGDConfig
 from engine.teacher import check_finite, train_teacher
 from errors import DPImgSynError
 
@@ -55,8 +55,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", help="teacher .dppt path (default checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt)")
     parser.add_argument("--max_physical_batch_size", type=positive_int, default=256,
                         help="largest chunk processed at once; bigger Poisson batches are accumulated")
-    parser.add_argument("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default="hooks",
-                        help="how Opacus computes per-sample gradients")
+    parser.add_argument("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default=DPSGDConfig.grad_sample_mode,
+                        help="per-example clipping: 'fused' computes norms and the clipped sum in one backward "
+                        "pass (default, fastest); 'hooks', 'functorch', 'ew' store Opacus's per-sample gradients "
+                        "(same guarantee, for layers 'fused' does not support)")
     parser.add_argument("--secure_mode", action="store_true",
                         help="draw noise from a cryptographically secure generator (not seedable)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -1,5 +1,6 @@
-"""DP-SGD logical step (stage 1) per Opacus per-sample mode versus a non-private step.
+"""DP-SGD logical step (stage 1) in each per-example clipping mode versus a non-private step.
 
+The modes are our one-backward engine (``fused``, the default) and Opacus's per-sample modes.
 Every side trains on the same Poisson batches (rate B/N, drawn from identically seeded
 generators) of the same in-memory data from the same initial weights. The modes the trainer
 offers (``engine.dp_sgd.GRAD_SAMPLE_MODES``) run through ``DPSGDTrainer`` itself; ghost

@@ -1,8 +1,9 @@
 """DP-SGD training of the teacher (stage 1), resumable at epoch boundaries.
 
-Opacus supplies per-sample gradients, clipping and noise (``DPOptimizer``); sampling is
-our own Poisson sampler at rate B/N so that the ledger records exactly the mechanism that
-ran. Large Poisson batches are split into physical chunks whose clipped gradients are
+Per-example clipping is our one-backward engine (:mod:`privacy.clipping`, mode ``fused``, the
+default) or Opacus's per-sample gradients and ``DPOptimizer`` (modes ``hooks``, ``functorch``,
+``ew``); Opacus adds the noise in every mode. Sampling is our own Poisson sampler at rate B/N so
+that the ledger records exactly the mechanism that ran. Large Poisson batches are split into physical chunks whose clipped gradients are
 accumulated before the single noisy step, as Opacus's BatchMemoryManager does.
 
 Under torchrun every rank draws the same Poisson batch (shared seed) and takes its share;
@@ -19,16 +20,19 @@ import torch
 import torch.nn.functional as F
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
+                               DPOptimizerFastGradientClipping)
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.data import batches_by_index
 from engine.distributed import Distributed
+from privacy.clipping import PerExampleClipper
 from privacy.sampling import poisson_batch, steps_per_epoch
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+FUSED = "fused"
+GRAD_SAMPLE_MODES = (FUSED, "hooks", "functorch", "ew")
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
 # The first layer's input never requires grad; Opacus's hooks are still correct, so the
@@ -48,7 +52,7 @@ class DPSGDConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     max_physical_batch_size: int = 256
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = FUSED
     secure_mode: bool = False
 
 
@@ -71,8 +75,16 @@ class DPSGDTrainer:
         # Per-sample gradients of a summed loss are the gradients of each example's own loss: no
         # rescaling of every layer's backprops, as a mean loss would need. The optimizer still
         # divides the noisy sum of clipped gradients by the expected batch size.
-        self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
-                                      loss_reduction="sum")
+        self.clipper = None
+        if config.grad_sample_mode == FUSED:
+            # The clipper leaves the clipped sum in param.grad; the optimizer only adds the noise.
+            self.clipper = PerExampleClipper(self.model, config.max_norm)
+            self.wrapped = replicated
+            optimizer_class = DistributedDPOptimizerFastGradientClipping if dist.enabled else DPOptimizerFastGradientClipping
+        else:
+            self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
+                                          loss_reduction="sum")
+            optimizer_class = DistributedDPOptimizer if dist.enabled else DPOptimizer
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
         self.noise_generator = None
@@ -80,7 +92,6 @@ class DPSGDTrainer:
             self.noise_generator = torch.Generator(device=device)
             self.noise_generator.manual_seed(seed + 1)
         # Each rank scales its share by B / world_size; the optimizer then averages over ranks.
-        optimizer_class = DistributedDPOptimizer if dist.enabled else DPOptimizer
         self.optimizer = optimizer_class(base, noise_multiplier=config.noise_multiplier,
                                          max_grad_norm=config.max_norm,
                                          expected_batch_size=config.batch_size / dist.world_size,
@@ -97,7 +108,10 @@ class DPSGDTrainer:
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still costs a step and still gets its noise."""
         for param in self.optimizer.params:
-            param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
+            if self.clipper is None:
+                param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
+            else:
+                param.grad = torch.zeros_like(param)
         self.optimizer.step()
 
     def _logical_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,9 +125,15 @@ class DPSGDTrainer:
         for position, start in enumerate(starts):
             x = images[start:start + chunk].to(self.device, non_blocking=True)
             y = labels[start:start + chunk].to(self.device, non_blocking=True)
-            logits = self.wrapped(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            loss.backward()
+            if self.clipper is None:
+                logits = self.wrapped(x)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                loss.backward()
+            else:
+                with self.clipper.recording():
+                    logits = self.wrapped(x)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                self.clipper.clipped_backward(loss)
             if position < len(starts) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()

@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 
 import synthesizer.dp_stats as dp_stats
+from privacy import clipping
 from audit.bounds import (audit_bound, choose_test, clopper_pearson, epsilon_from_rates, evaluate_test,
                           max_certifiable_epsilon, split_halves)
 from audit.canary import AuditConfig, run_audit
@@ -141,6 +142,20 @@ def test_statistics_audit_catches_a_clipping_bug_in_the_code(monkeypatch):
     result = _audit("dp_statistics")
     assert result.epsilon_lower_bound > result.accountant_epsilon + 1.0
     assert not result.passed  # the sound configuration, caught above the accountant: a privacy violation
+
+
+def test_dp_sgd_audit_catches_a_clipping_bug_in_the_code(monkeypatch):
+    """The same for DP-SGD's engine: norms under-reported by 100x let each example in 100x larger."""
+    real = clipping.LinearRule.squared_norms
+
+    def under_reported(self, *args):
+        squares, kept = real(self, *args)
+        return squares / 1e4, kept
+
+    monkeypatch.setattr(clipping.LinearRule, "squared_norms", under_reported)
+    result = _audit("dp_sgd")
+    assert result.epsilon_lower_bound > result.accountant_epsilon + 1.0
+    assert not result.passed
 
 
 def test_subsampled_statistics_mechanism_stays_below_the_accountant():

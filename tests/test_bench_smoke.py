@@ -41,12 +41,11 @@ def test_bench_dp_sgd_smoke() -> None:
     output = run_benchmark("bench_dp_sgd.py", *TINY, "--image_size", "16", "--batch_size", "16",
                            "--physical_batch_size", "8", "--steps", "2", "--check_size", "4",
                            "--modes", "hooks", "ghost")
-    assert re.search(r"^# mode hooks: correct ", output, re.MULTILINE), output
-    assert re.search(r"^# mode ghost: correct ", output, re.MULTILINE), output
+    for mode in ("fused", "hooks", "ghost"):  # the default is always checked and timed
+        assert re.search(rf"^# mode {mode}: correct ", output, re.MULTILINE), output
+        figure(output, f"dp_sgd_mode_{mode}", "measured")
     figure(output, "dp_sgd_step", "<= 1.5")
-    figure(output, "dp_sgd_mode_hooks", "measured")
-    figure(output, "dp_sgd_mode_ghost", "measured")
-    assert re.search(r"^dp_sgd_modes: fastest correct (hooks|ghost), default hooks", output, re.MULTILINE), output
+    assert re.search(r"^dp_sgd_modes: fastest correct (fused|hooks|ghost), default fused", output, re.MULTILINE), output
 
 
 def test_bench_dp_stats_smoke() -> None:

@@ -71,9 +71,10 @@ def test_target_epsilon_calibrates_the_whole_pipeline(tmp_path):
     assert privacy.compute_epsilon([(sigma * 0.99, q, s) for _, q, s in planned], 1e-5) > 4.0
 
 
+@pytest.mark.parametrize("mode", ["fused", "hooks"])  # our engine (the default), and Opacus's
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])  # every example clipped; none (catches a wrong scale)
 @pytest.mark.parametrize("physical_batch", [24, 7])  # one chunk, and four accumulated chunks
-def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch, max_norm, single_thread):
+def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch, max_norm, mode, single_thread):
     """With sample rate 1 and negligible noise, one step moves the weights by -lr * mean(clip_C(g_i)).
 
     This pins the sensitivity bound the accountant assumes: each example enters the update only
@@ -98,7 +99,46 @@ def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch
         for total, grad in zip(expected, grads):
             total += grad * min(1.0, max_norm / float(norm))
     config = DPSGDConfig(epochs=1, batch_size=24, lr=1.0, max_norm=max_norm, noise_multiplier=1e-9,
-                         momentum=0.0, weight_decay=0.0, max_physical_batch_size=physical_batch)
+                         momentum=0.0, weight_decay=0.0, max_physical_batch_size=physical_batch,
+                         grad_sample_mode=mode)
     DPSGDTrainer(model, TensorDataset(images, labels), config, torch.device("cpu"), seed=0).train_epoch(progress=False)
     for before, after, total in zip(reference, model.parameters(), expected):
         torch.testing.assert_close(after.detach() - before, -total / 24, rtol=1e-4, atol=1e-6)
+
+
+def weights_moved_by_one_epoch(images: torch.Tensor, labels: torch.Tensor, **settings) -> torch.Tensor:
+    """All of small_cnn's weights, flattened: after one DP-SGD epoch (lr 1, no momentum or decay) minus before."""
+    from torch.utils.data import TensorDataset
+
+    import registry
+    from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
+
+    torch.manual_seed(1)
+    model = registry.get_model("small_cnn", 10)
+    before = torch.cat([param.detach().flatten() for param in model.parameters()])
+    config = DPSGDConfig(epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0, **settings)
+    DPSGDTrainer(model, TensorDataset(images, labels), config, torch.device("cpu"), seed=0).train_epoch(progress=False)
+    return torch.cat([param.detach().flatten() for param in model.parameters()]) - before
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks"])
+def test_dp_sgd_noise_is_sigma_c_over_the_expected_batch_once_per_step(mode, single_thread):
+    """Noise dominating a step: the weights move by N(0, (sigma*C/B)^2) per coordinate, once for the
+    four accumulated chunks (noise per chunk would be twice as large)."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(24, 3, 16, 16, generator=generator), torch.randint(0, 10, (24,), generator=generator)
+    moved = weights_moved_by_one_epoch(images, labels, batch_size=24, max_norm=0.5, noise_multiplier=1e4,
+                                       max_physical_batch_size=6, grad_sample_mode=mode)
+    assert float(moved.std()) == pytest.approx(1e4 * 0.5 / 24, rel=0.03)
+    assert abs(float(moved.mean())) < 0.03 * 1e4 * 0.5 / 24
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks"])
+def test_an_empty_poisson_batch_is_still_a_noisy_step(mode, monkeypatch, single_thread):
+    """Each of the epoch's four steps draws an empty batch and still adds N(0, (sigma*C/B)^2)."""
+    import engine.dp_sgd
+
+    monkeypatch.setattr(engine.dp_sgd, "poisson_batch", lambda *args: torch.empty(0, dtype=torch.long))
+    moved = weights_moved_by_one_epoch(torch.randn(40, 3, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=10,
+                                       max_norm=2.0, noise_multiplier=1.0, grad_sample_mode=mode)
+    assert float(moved.std()) == pytest.approx(2.0 / 10 * 4 ** 0.5, rel=0.03)  # four steps' noise
