@@ -53,8 +53,10 @@ class LayerRule(Protocol):
         """Why this instance is not supported, or None."""
 
     def squared_norms(self, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor,
-                      block: int) -> tuple[torch.Tensor, object]:
-        """(B,) squared norms of the examples' gradients, and whatever the clipped sum reuses."""
+                      block_bytes: int) -> tuple[torch.Tensor, object]:
+        """(B,) squared norms of the examples' gradients, and whatever the clipped sum reuses.
+
+        ``block_bytes`` bounds the per-example buffers formed at once."""
 
     def clipped_sums(self, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor, kept: object,
                      factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
@@ -63,6 +65,11 @@ class LayerRule(Protocol):
 
 def _trainable(param: nn.Parameter | None) -> bool:
     return param is not None and param.requires_grad
+
+
+def _row_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each example's slice: one pass, no temporary (unlike ``square().sum()``)."""
+    return torch.linalg.vector_norm(rows.flatten(1), dim=1).square()
 
 
 def _blocks(batch: int, block: int) -> Iterator[slice]:
@@ -75,19 +82,19 @@ class LinearRule:
     def check(self, module: nn.Linear) -> str | None:
         return None
 
-    def squared_norms(self, module, inputs, grads, block):
+    def squared_norms(self, module, inputs, grads, block_bytes):
         if inputs.dim() == 2:  # the per-example weight gradient g a^T has rank one
-            grad_squares = grads.square().sum(1)
+            grad_squares = _row_squares(grads)
             squares = torch.zeros_like(grad_squares)
             if _trainable(module.weight):
-                squares = squares + grad_squares * inputs.square().sum(1)
+                squares = squares + grad_squares * _row_squares(inputs)
             if _trainable(module.bias):
                 squares = squares + grad_squares
             return squares, None
         grads, inputs = grads.flatten(1, -2), inputs.flatten(1, -2)
         weight = torch.bmm(grads.transpose(1, 2), inputs) if _trainable(module.weight) else None
         bias = grads.sum(1) if _trainable(module.bias) else None
-        squares = sum(part.flatten(1).square().sum(1) for part in (weight, bias) if part is not None)
+        squares = sum(_row_squares(part) for part in (weight, bias) if part is not None)
         return squares, (weight, bias)
 
     def clipped_sums(self, module, inputs, grads, kept, factors):
@@ -133,18 +140,18 @@ class Conv2dRule:
             return f"padding {module.padding!r} ({module.padding_mode})"
         return None
 
-    def squared_norms(self, module, inputs, grads, block):
+    def squared_norms(self, module, inputs, grads, block_bytes):
         batch = len(inputs)
         grads = grads.flatten(2)  # (B, C, T)
         channels, positions = grads.shape[1:]
         depth = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         bias = grads.sum(2) if _trainable(module.bias) else None
-        squares = bias.square().sum(1) if bias is not None else grads.new_zeros(batch)
+        squares = _row_squares(bias) if bias is not None else grads.new_zeros(batch)
         if not _trainable(module.weight):
             return squares, (None, bias)
         ghost = positions * positions * (channels + depth) < GHOST_RATIO * channels * depth
         per_example_bytes = inputs.element_size() * depth * positions
-        block = max(1, min(batch, block // per_example_bytes))
+        block = max(1, min(batch, block_bytes // per_example_bytes))
         padded = pad(inputs, module)
         weights = None if ghost else grads.new_empty(batch, depth, channels)
         for rows in _blocks(batch, block):
@@ -154,7 +161,7 @@ class Conv2dRule:
                                   * torch.bmm(grads[rows].transpose(1, 2), grads[rows])).sum((1, 2))
             else:
                 torch.bmm(columns, grads[rows].transpose(1, 2), out=weights[rows])  # (b, D, C)
-                squares[rows] += weights[rows].flatten(1).square().sum(1)
+                squares[rows] += _row_squares(weights[rows])
         return squares, (weights, bias)
 
     def clipped_sums(self, module, inputs, grads, kept, factors):
@@ -180,7 +187,7 @@ class GroupNormRule:
     def check(self, module: nn.GroupNorm) -> str | None:
         return None
 
-    def squared_norms(self, module, inputs, grads, block):
+    def squared_norms(self, module, inputs, grads, block_bytes):
         batch, channels = inputs.shape[:2]
         grads = grads.reshape(batch, channels, -1)
         weight = bias = None
@@ -190,7 +197,7 @@ class GroupNormRule:
             weight = normalized.view_as(grads).mul_(grads).sum(2)  # in place: no second temporary
         if _trainable(module.bias):
             bias = grads.sum(2)
-        squares = sum(part.square().sum(1) for part in (weight, bias) if part is not None)
+        squares = sum(_row_squares(part) for part in (weight, bias) if part is not None)
         return squares, (weight, bias)
 
     def clipped_sums(self, module, inputs, grads, kept, factors):
@@ -237,7 +244,7 @@ class PerExampleClipper:
         if problems:
             raise DPImgSynError("per-example clipping (grad_sample_mode 'fused') does not support "
                                 + "; ".join(problems) + "; use --grad_sample_mode hooks")
-        self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._recording = False
         self._handles = [module.register_forward_hook(self._record) for module in self.layers]
 
@@ -247,7 +254,9 @@ class PerExampleClipper:
         if module in self._records:
             raise DPImgSynError(f"{type(module).__name__} ran twice in one forward pass; per-example "
                                 "clipping needs each layer once (use --grad_sample_mode hooks)")
-        self._records[module] = (inputs[0].detach(), output)
+        # The output's version tells whether something changed it in place afterwards: autograd
+        # would then give the gradient of the changed tensor, not of this layer's output.
+        self._records[module] = (inputs[0].detach(), output, output._version)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -266,17 +275,22 @@ class PerExampleClipper:
             raise DPImgSynError("clipped_backward needs a forward pass run inside recording()")
         modules = list(records)
         batch = len(records[modules[0]][0])
-        if any(len(inputs) != batch for inputs, _ in records.values()):
+        if any(len(inputs) != batch for inputs, _, _ in records.values()):
             raise DPImgSynError("per-example clipping needs batch-first inputs of one batch size in every layer")
-        outputs = [output for _, output in records.values()]
+        changed = [type(module).__name__ for module, (_, output, version) in records.items() if output._version != version]
+        if changed:
+            raise DPImgSynError(f"the output of {changed[0]} was changed in place after the layer (an in-place "
+                                "activation or addition?); per-example clipping needs it unchanged: use "
+                                "out-of-place operations, or --grad_sample_mode hooks")
+        outputs = [output for _, output, _ in records.values()]
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-        block = self.block_bytes or BLOCK_BYTES.get(loss.device.type, DEFAULT_BLOCK_BYTES)
+        block_bytes = self.block_bytes or BLOCK_BYTES.get(loss.device.type, DEFAULT_BLOCK_BYTES)
         squares = torch.zeros(batch, device=loss.device, dtype=loss.dtype)
         kept = []
         for module, grad in zip(modules, grads):
-            inputs, output = records[module]
+            inputs, output, _ = records[module]
             grad = torch.zeros_like(output) if grad is None else grad
-            layer_squares, layer_kept = self.layers[module].squared_norms(module, inputs, grad, block)
+            layer_squares, layer_kept = self.layers[module].squared_norms(module, inputs, grad, block_bytes)
             squares = squares + layer_squares
             kept.append((grad, layer_kept))
         norms = squares.sqrt()

@@ -181,6 +181,16 @@ def test_a_layer_run_twice_is_refused():
             layer(layer(torch.randn(2, 3)))
 
 
+def test_an_output_changed_in_place_is_refused():
+    """Autograd would return the gradient of the changed tensor, not of the layer's output."""
+    layer = nn.Linear(3, 3)
+    clipper = PerExampleClipper(layer, 1.0)
+    with clipper.recording():
+        outputs = layer(torch.randn(2, 3)).relu_()
+    with pytest.raises(DPImgSynError, match="Linear was changed in place"):
+        clipper.clipped_backward(outputs.sum())
+
+
 def test_backward_needs_a_recorded_forward_and_a_positive_norm():
     layer = nn.Linear(3, 3)
     with pytest.raises(DPImgSynError, match="positive"):
