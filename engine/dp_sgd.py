@@ -1,10 +1,11 @@
 """DP-SGD training of the teacher (stage 1), resumable at epoch boundaries.
 
 Per-example clipping is our one-backward engine (:mod:`privacy.clipping`, mode ``fused``, the
-default) or Opacus's per-sample gradients and ``DPOptimizer`` (modes ``hooks``, ``functorch``,
-``ew``); Opacus adds the noise in every mode. Sampling is our own Poisson sampler at rate B/N so
-that the ledger records exactly the mechanism that ran. Large Poisson batches are split into physical chunks whose clipped gradients are
-accumulated before the single noisy step, as Opacus's BatchMemoryManager does.
+default) or Opacus's per-sample gradients clipped by its ``DPOptimizer`` (modes ``hooks``,
+``functorch``, ``ew``); Opacus's optimizer adds the noise in every mode. Sampling is our own
+Poisson sampler at rate B/N so that the ledger records exactly the mechanism that ran. Large
+Poisson batches are split into physical chunks whose clipped gradients are accumulated before
+the single noisy step, as Opacus's BatchMemoryManager does.
 
 Under torchrun every rank draws the same Poisson batch (shared seed) and takes its share;
 Opacus's DPDDP keeps the replicas in sync and its DistributedDPOptimizer sums the ranks'
@@ -13,6 +14,7 @@ clipped gradients before rank 0 adds the noise, once. The ledger is the single-p
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -75,7 +77,7 @@ class DPSGDTrainer:
         # Per-sample gradients of a summed loss are the gradients of each example's own loss: no
         # rescaling of every layer's backprops, as a mean loss would need. The optimizer still
         # divides the noisy sum of clipped gradients by the expected batch size.
-        self.clipper = None
+        self.clipper: PerExampleClipper | None = None
         if config.grad_sample_mode == FUSED:
             # The clipper leaves the clipped sum in param.grad; the optimizer only adds the noise.
             self.clipper = PerExampleClipper(self.model, config.max_norm)
@@ -125,15 +127,13 @@ class DPSGDTrainer:
         for position, start in enumerate(starts):
             x = images[start:start + chunk].to(self.device, non_blocking=True)
             y = labels[start:start + chunk].to(self.device, non_blocking=True)
-            if self.clipper is None:
+            with self.clipper.recording() if self.clipper else nullcontext():
                 logits = self.wrapped(x)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                loss.backward()
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            if self.clipper is None:
+                loss.backward()  # Opacus's hooks store per-sample gradients; its optimizer clips them
             else:
-                with self.clipper.recording():
-                    logits = self.wrapped(x)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                self.clipper.clipped_backward(loss)
+                self.clipper.clipped_backward(loss)  # leaves the clipped sum in param.grad
             if position < len(starts) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
