@@ -37,6 +37,7 @@ SCHEMA: dict[str, Any] = {
     "teacher": {
         "epochs": (int, REQUIRED), "train_batch_size": (int, REQUIRED), "lr": (NUMBER, REQUIRED),
         "max_norm": (NUMBER, REQUIRED), "seed": (int, None), "max_physical_batch_size": (int, 256),
+        "grad_sample_mode": (str, None),
     },
     "statistics": {
         "epochs": (int, REQUIRED), "train_batch_size": (int, REQUIRED), "max_norm": (NUMBER, REQUIRED),

@@ -67,7 +67,7 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
         noise_multiplier=config["noise_multiplier"], target_epsilon=config["target_epsilon"],
         stats_epochs=s["epochs"], stats_batch_size=s["train_batch_size"], delta=config["delta"],
         accountant=config["accountant"], max_physical_batch_size=t["max_physical_batch_size"],
-        output=teacher_path, no_progress=quiet, **_common(config)), nproc)
+        grad_sample_mode=t["grad_sample_mode"], output=teacher_path, no_progress=quiet, **_common(config)), nproc)
     seconds["teacher"] = time.time() - started
     teacher = privacy.load_dppt(teacher_path)
     sigma = teacher["settings"]["noise_multiplier"]

@@ -44,6 +44,8 @@ GHOST_RATIO = 32
 # in a CPU's cache, large enough on a GPU to keep the device busy.
 BLOCK_BYTES = {"cpu": 4 << 20}
 DEFAULT_BLOCK_BYTES = 1 << 30
+# Opacus's per-sample gradients handle what this engine refuses, under the same guarantee.
+OTHER_MODE = "--grad_sample_mode hooks (teacher.grad_sample_mode: hooks in a pipeline config)"
 
 
 class LayerRule(Protocol):
@@ -243,7 +245,7 @@ class PerExampleClipper:
                 self.layers[module] = rule
         if problems:
             raise DPImgSynError("per-example clipping (grad_sample_mode 'fused') does not support "
-                                + "; ".join(problems) + "; use --grad_sample_mode hooks")
+                                + "; ".join(problems) + f"; use {OTHER_MODE}")
         self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._recording = False
         self._handles = [module.register_forward_hook(self._record) for module in self.layers]
@@ -253,7 +255,7 @@ class PerExampleClipper:
             return
         if module in self._records:
             raise DPImgSynError(f"{type(module).__name__} ran twice in one forward pass; per-example "
-                                "clipping needs each layer once (use --grad_sample_mode hooks)")
+                                f"clipping needs each layer once; use {OTHER_MODE}")
         # The output's version tells whether something changed it in place afterwards: autograd
         # would then give the gradient of the changed tensor, not of this layer's output.
         self._records[module] = (inputs[0].detach(), output, output._version)
@@ -281,7 +283,7 @@ class PerExampleClipper:
         if changed:
             raise DPImgSynError(f"the output of {changed[0]} was changed in place after the layer (an in-place "
                                 "activation or addition?); per-example clipping needs it unchanged: use "
-                                "out-of-place operations, or --grad_sample_mode hooks")
+                                f"out-of-place operations, or {OTHER_MODE}")
         outputs = [output for _, output, _ in records.values()]
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         block_bytes = self.block_bytes or BLOCK_BYTES.get(loss.device.type, DEFAULT_BLOCK_BYTES)

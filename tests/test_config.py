@@ -92,3 +92,27 @@ def test_config_file_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
     assert load_config(path)["synthesis"]["g_steps"] == [0, 2]
+
+
+@pytest.mark.parametrize("mode", [None, "hooks"])
+def test_teacher_grad_sample_mode_reaches_train_dp(mode, tmp_path, monkeypatch):
+    """Unset, train_dp's own default (fused) applies; set, the pipeline passes it on."""
+    import engine.pipeline
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def first_stage_only(stage, argv, nproc=1):
+        calls.append(argv)
+        raise Stop
+
+    monkeypatch.setattr(engine.pipeline, "run_stage", first_stage_only)
+    config = copy.deepcopy(MINIMAL)
+    if mode:
+        config["teacher"]["grad_sample_mode"] = mode
+    with pytest.raises(Stop):
+        engine.pipeline.run_pipeline(validate_config(config), output=tmp_path)
+    argv = calls[0]
+    assert (argv[argv.index("--grad_sample_mode") + 1] if "--grad_sample_mode" in argv else None) == mode
