@@ -259,3 +259,51 @@ def test_matching_loss_gradient_matches_autograd_of_the_definition():
     (reference_grad,) = torch.autograd.grad(reference, reference_x)
     assert torch.allclose(layer.matching_loss, reference, atol=1e-5)
     assert torch.allclose(grad, reference_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("terms", ["both", "output", "loss"])
+def test_synthesis_mode_gradients_equal_group_norm_and_the_loss_definition(terms):
+    """GroupNorm's output and the matching loss share one backward node: every gradient, to the input
+    and to GroupNorm's weight and bias, equals autograd on F.group_norm and var_mean."""
+    torch.manual_seed(1)
+    norm = torch.nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4))
+        norm.bias.copy_(torch.randn(4))
+    layer = StatNorm(norm)
+    layer.dp_mean.copy_(torch.randn(4))
+    layer.dp_var.copy_(torch.rand(4) + 0.5)
+    layer.set_mode("synthesis")
+    x = (torch.randn(3, 4, 5, 5) * 2 + 0.3).requires_grad_(True)
+    weights = torch.randn(3, 4, 5, 5)
+
+    def total(output, loss):
+        return {"both": (output * weights).sum() + loss, "output": (output * weights).sum(), "loss": loss}[terms]
+
+    inputs = [x, norm.weight, norm.bias]
+    output = layer(x)
+    grads = torch.autograd.grad(total(output, layer.matching_loss), inputs, allow_unused=True)
+    reference_output = torch.nn.functional.group_norm(x, 2, norm.weight, norm.bias, norm.eps)
+    var, mean = torch.var_mean(x.transpose(0, 1).flatten(1), dim=1, correction=0)
+    reference_loss = torch.linalg.vector_norm(mean - layer.dp_mean) + torch.linalg.vector_norm(var - layer.dp_var)
+    reference = torch.autograd.grad(total(reference_output, reference_loss), inputs, allow_unused=True)
+    assert torch.equal(output, reference_output)
+    for name, got, want in zip(("input", "weight", "bias"), grads, reference):
+        if want is None:
+            assert got is None or not got.any(), name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_synthesis_mode_output_has_group_norms_dtype(dtype):
+    """float64 stays float64; a bfloat16 input (autocast) gives float32, as GroupNorm does under autocast."""
+    layer = StatNorm(torch.nn.GroupNorm(2, 4).to(torch.float64 if dtype == torch.float64 else torch.float32))
+    layer.dp_mean.zero_()
+    layer.dp_var.fill_(1.0)
+    layer.set_mode("synthesis")
+    x = torch.randn(2, 4, 3, 3).to(dtype).requires_grad_(True)
+    output = layer(x)
+    assert output.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (grad,) = torch.autograd.grad(output.sum() + layer.matching_loss, x)
+    assert grad.dtype == dtype
