@@ -14,14 +14,17 @@ of two methods per layer:
   im2col buffer of a convolution stays small; the clipped sum is then their weighted sum.
 * ghost norm, for convolutions with few output positions T: with A_i the unfolded input (T x D)
   and G_i the output gradient (T x C), ``||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>``, which costs
-  T^2 (C + D) instead of a C x D gradient per example; the clipped sum is then one
-  weight-gradient convolution of the factor-scaled output gradients.
+  T^2 (C + D) instead of a C x D gradient per example; the clipped sum is then one matrix product
+  of the factor-scaled output gradients with the unfolded inputs per block of examples.
 
 Privacy: the sensitivity bound holds when each example enters the sum through the very vector
 whose norm was clipped. Materialized layers use the same tensor for both; ghost layers compute the
 norm and the sum by two exact formulas that agree up to floating-point rounding (Opacus's ghost
-clipping makes the same trade). Only layer types with a rule are accepted: a trainable parameter
-anywhere else would enter the sum unclipped, so :class:`PerExampleClipper` refuses such a model.
+clipping makes the same trade). Both are matrix products at torch's matmul precision (full float32
+by default), never cuDNN convolutions, whose TF32 default on recent GPUs would make them disagree
+by ~1e-3. Only layer types with a rule are
+accepted: a trainable parameter anywhere else would enter the sum unclipped, so
+:class:`PerExampleClipper` refuses such a model.
 """
 from __future__ import annotations
 
@@ -150,10 +153,9 @@ class Conv2dRule:
         bias = grads.sum(2) if _trainable(module.bias) else None
         squares = _row_squares(bias) if bias is not None else grads.new_zeros(batch)
         if not _trainable(module.weight):
-            return squares, (None, bias)
+            return squares, (None, bias, None)
         ghost = positions * positions * (channels + depth) < GHOST_RATIO * channels * depth
-        per_example_bytes = inputs.element_size() * depth * positions
-        block = max(1, min(batch, block_bytes // per_example_bytes))
+        block = max(1, min(batch, block_bytes // (inputs.element_size() * depth * positions)))
         padded = pad(inputs, module)
         weights = None if ghost else grads.new_empty(batch, depth, channels)
         for rows in _blocks(batch, block):
@@ -164,19 +166,24 @@ class Conv2dRule:
             else:
                 torch.bmm(columns, grads[rows].transpose(1, 2), out=weights[rows])  # (b, D, C)
                 squares[rows] += _row_squares(weights[rows])
-        return squares, (weights, bias)
+        return squares, (weights, bias, block)
 
     def clipped_sums(self, module, inputs, grads, kept, factors):
-        weights, bias = kept
+        weights, bias, block = kept
         sums = {}
         if _trainable(module.weight):
-            if weights is None:  # ghost: one weight-gradient convolution of the scaled output gradients
-                sums[module.weight] = torch.nn.grad.conv2d_weight(
-                    inputs, module.weight.shape, grads * factors.view(-1, 1, 1, 1),
-                    module.stride, module.padding, module.dilation, module.groups)
+            channels = module.out_channels
+            if weights is None:  # ghost: sum_i f_i G_i^T A_i as one product per block of examples
+                grads = grads.flatten(2) * factors.view(-1, 1, 1)
+                padded = pad(inputs, module)
+                summed = grads.new_zeros(channels, module.weight[0].numel())
+                for rows in _blocks(len(inputs), block):
+                    columns = unfold(padded[rows], module).transpose(1, 2)  # (b, T, D)
+                    summed.addmm_(grads[rows].transpose(0, 1).reshape(channels, -1),
+                                  columns.reshape(-1, columns.shape[2]))
+                sums[module.weight] = summed.view(module.weight.shape)
             else:
-                depth, channels = weights.shape[1:]
-                summed = (factors @ weights.flatten(1)).view(depth, channels)
+                summed = (factors @ weights.flatten(1)).view(-1, channels)
                 sums[module.weight] = summed.t().reshape(module.weight.shape)
         if bias is not None:
             sums[module.bias] = factors @ bias

@@ -117,8 +117,10 @@ def test_frozen_parameters_are_left_out_of_norms_and_sums():
     assert model.conv1.bias.grad is None and model.conv3.weight.grad is None
 
 
-def test_each_examples_contribution_is_at_most_the_clipping_norm():
+@pytest.mark.parametrize("ghost_ratio", [clipping.GHOST_RATIO, 10**9])  # as shipped; ghost norms everywhere
+def test_each_examples_contribution_is_at_most_the_clipping_norm(monkeypatch, ghost_ratio):
     """The sensitivity bound itself: a batch of one gives back one clipped gradient, of norm <= C."""
+    monkeypatch.setattr(clipping, "GHOST_RATIO", ghost_ratio)
     torch.manual_seed(4)
     model = registry.get_model("small_cnn", 10)
     inputs, labels = torch.randn(8, 3, 32, 32) * 50, torch.randint(0, 10, (8,))
