@@ -15,11 +15,11 @@ import torch
 from scipy import stats
 
 import synthesizer.dp_stats as dp_stats
-from privacy import clipping
 from audit.bounds import (audit_bound, choose_test, clopper_pearson, epsilon_from_rates, evaluate_test,
                           max_certifiable_epsilon, split_halves)
 from audit.canary import AuditConfig, run_audit
 from errors import DPImgSynError
+from privacy import clipping
 
 TRIALS = 2000  # per world: 1000 evaluation trials certify at most ~5.6, the accountant says ~2.0
 SIGMA = 2.0
