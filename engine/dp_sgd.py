@@ -82,7 +82,8 @@ class DPSGDTrainer:
             # The clipper leaves the clipped sum in param.grad; the optimizer only adds the noise.
             self.clipper = PerExampleClipper(self.model, config.max_norm)
             self.wrapped = replicated
-            optimizer_class = DistributedDPOptimizerFastGradientClipping if dist.enabled else DPOptimizerFastGradientClipping
+            optimizer_class = (DistributedDPOptimizerFastGradientClipping if dist.enabled
+                               else DPOptimizerFastGradientClipping)
         else:
             self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
                                           loss_reduction="sum")

@@ -286,7 +286,8 @@ class PerExampleClipper:
         batch = len(records[modules[0]][0])
         if any(len(inputs) != batch for inputs, _, _ in records.values()):
             raise DPImgSynError("per-example clipping needs batch-first inputs of one batch size in every layer")
-        changed = [type(module).__name__ for module, (_, output, version) in records.items() if output._version != version]
+        changed = [type(module).__name__ for module, (_, output, version) in records.items()
+                   if output._version != version]
         if changed:
             raise DPImgSynError(f"the output of {changed[0]} was changed in place after the layer (an in-place "
                                 "activation or addition?); per-example clipping needs it unchanged: use "
@@ -313,7 +314,8 @@ class PerExampleClipper:
                     contribution = summed.get(param)
                     if contribution is None:  # the layer did not run: every example's gradient is zero there
                         contribution = torch.zeros_like(param)
-                    param.grad = contribution.view_as(param) if param.grad is None else param.grad + contribution.view_as(param)
+                    contribution = contribution.view_as(param)
+                    param.grad = contribution if param.grad is None else param.grad + contribution
         return norms
 
     def remove(self) -> None:

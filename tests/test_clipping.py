@@ -208,7 +208,8 @@ def test_backward_needs_a_recorded_forward_and_a_positive_norm():
 
 def test_unfold_matches_torch():
     torch.manual_seed(6)
-    for conv in (nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(0, 1))):
+    for conv in (nn.Conv2d(3, 2, 3, padding=1),
+                 nn.Conv2d(3, 2, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(0, 1))):
         inputs = torch.randn(2, 3, 9, 8)
         expected = F.unfold(inputs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
         assert torch.equal(clipping.unfold(clipping.pad(inputs, conv), conv), expected)
