@@ -13,24 +13,9 @@ from torch import nn
 
 import registry
 from errors import DPImgSynError
+from per_example import clipped_sum
 from privacy import clipping
 from privacy.clipping import PerExampleClipper
-
-
-def reference(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-              max_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Norms and clipped sum by definition: one backward pass per example."""
-    params = [param for param in model.parameters() if param.requires_grad]
-    norms, total = [], [torch.zeros_like(param) for param in params]
-    for example, label in zip(inputs, labels):
-        grads = torch.autograd.grad(F.cross_entropy(model(example[None]), label[None], reduction="sum"), params,
-                                    allow_unused=True)
-        grads = [torch.zeros_like(param) if grad is None else grad for param, grad in zip(params, grads)]
-        norm = torch.sqrt(sum(grad.square().sum() for grad in grads))
-        norms.append(norm)
-        for accumulated, grad in zip(total, grads):
-            accumulated += grad * min(1.0, max_norm / (float(norm) + clipping.NORM_EPSILON))
-    return torch.stack(norms), total
 
 
 def fused(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_norm: float,
@@ -46,7 +31,7 @@ def fused(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_norm
 
 
 def assert_matches_reference(model, inputs, labels, max_norm, rtol, atol, **options) -> torch.Tensor:
-    expected_norms, expected = reference(model, inputs, labels, max_norm)
+    expected_norms, expected = clipped_sum(model, inputs, labels, max_norm)
     norms, sums = fused(model, inputs, labels, max_norm, **options)
     torch.testing.assert_close(norms, expected_norms, rtol=rtol, atol=atol)
     assert len(sums) == len(expected)

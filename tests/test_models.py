@@ -17,6 +17,7 @@ from torch import nn
 
 import models
 from errors import DPImgSynError
+from per_example import per_example_gradients
 
 NUM_CLASSES = 7  # not 10, so a hard-coded CIFAR head would show
 
@@ -34,15 +35,6 @@ def built(name: str) -> nn.Module:
 def fresh(name: str) -> nn.Module:
     """A private copy for checks that attach hooks or change the dtype."""
     return copy.deepcopy(built(name))
-
-
-def per_example_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Gradients of each example's loss, computed one example at a time (the reference)."""
-    return [
-        list(torch.autograd.grad(F.cross_entropy(model(images[i:i + 1]), labels[i:i + 1]),
-                                 list(model.parameters())))
-        for i in range(len(images))
-    ]
 
 
 def assert_per_sample_gradients_exact(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
