@@ -6,8 +6,11 @@ and for all into 400 training and 100 test images per class.
 ``photos``: a TinyImageNet stand-in. Item i is a random square crop (12%–60% of the short side,
 random horizontal flip) of one of the natural photographs bundled with scikit-image and
 scikit-learn; the crop depends only on (seed, i), so any index is reproducible and any count
-can be drawn without storing images. Items already converted for a view are kept (up to
-CONVERTED_BYTES per process), since a process re-reads its sampling list (one synthesis per k).
+can be drawn without storing images. Crops are drawn CROP_BLOCK items at a time from one
+generator (cheap), and a view cuts each crop from the photo's 2x2-averaged pyramid level that
+still has the view's resolution (as JPEG decoders do with draft mode), so a large crop costs no
+more than a small one. Items already converted for a view are kept (up to CONVERTED_BYTES per
+process), since a process re-reads its sampling list (one synthesis per k).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ PHOTOS_SEED = 2024
 PHOTOS_LENGTH = 100_000
 CROP_FRACTION = (0.12, 0.60)
 MIN_CROP_SIDE = 8
+CROP_BLOCK = 1024  # items whose crops are drawn together from one generator
 MAX_SOURCE_SIDE = 512  # larger photos are downscaled once, so a crop never costs more than this
 CONVERTED_BYTES = 256 * 2**20  # converted photos kept per process; items beyond it are converted again
 # Photographs bundled inside scikit-image (they load without a network); stereo_motorcycle is a
@@ -94,17 +98,61 @@ def source_photos() -> tuple[torch.Tensor, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _photo_shapes() -> tuple[tuple[int, int], ...]:
-    return tuple((photo.shape[1], photo.shape[2]) for photo in source_photos())
+def _photo_shapes() -> np.ndarray:
+    """(photos, 2) heights and widths of the bundled photographs."""
+    return np.array([photo.shape[1:] for photo in source_photos()], dtype=np.int64)
+
+
+def _halved(plane: torch.Tensor) -> torch.Tensor:
+    """The next level of a pyramid: each 2x2 block averaged (an odd last row or column is dropped)."""
+    return F.avg_pool2d(plane[None], 2)[0]
 
 
 @functools.lru_cache(maxsize=2)
-def _planes(grayscale: bool) -> tuple[torch.Tensor, ...]:
-    """Each photo in [0, 1], gray when asked: the per-pixel part of every conversion, done once per photo."""
-    photos = source_photos()
+def _pyramids(grayscale: bool) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Per photo, its [0, 1] plane at full size, 1/2, 1/4, ... down to a short side of 1.
+
+    A crop is resized from the smallest level that still has the output's resolution, so its
+    cost does not grow with its size. Gray levels are the luma of the colour levels, exactly as
+    :func:`datasets.convert.to_view` computes it from a colour crop.
+    """
     if grayscale:
-        return tuple(to_gray(photo[None].float().div_(255))[0] for photo in photos)
-    return tuple(photo.float().div_(255) for photo in photos)
+        return tuple(tuple(to_gray(level[None])[0] for level in levels) for levels in _pyramids(False))
+    pyramids = []
+    for photo in source_photos():
+        levels = [photo.float().div_(255)]
+        while min(levels[-1].shape[1:]) >= 2:
+            levels.append(_halved(levels[-1]))
+        pyramids.append(tuple(levels))
+    return tuple(pyramids)
+
+
+@functools.lru_cache(maxsize=128)  # the whole default set is 98 blocks, ~40 KiB each
+def _crop_block(seed: int, block: int) -> np.ndarray:
+    """Crops of items ``block * CROP_BLOCK`` onwards, drawn together: rows (photo, top, left, side, mirrored)."""
+    rng = np.random.default_rng((seed, block))
+    shapes = _photo_shapes()
+    which = rng.integers(len(shapes), size=CROP_BLOCK)
+    height, width = shapes[which, 0], shapes[which, 1]
+    fraction = rng.uniform(*CROP_FRACTION, size=CROP_BLOCK)
+    side = np.maximum(MIN_CROP_SIDE, np.rint(np.minimum(height, width) * fraction).astype(np.int64))
+    top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
+    mirrored = rng.random(CROP_BLOCK) < 0.5
+    crops = np.stack([which, top, left, side, mirrored.astype(np.int64)], axis=1)
+    crops.flags.writeable = False
+    return crops
+
+
+def _level(side: np.ndarray, min_side: int | None) -> np.ndarray:
+    """Per crop, the pyramid level to cut it from: the coarsest whose crop side is still >= ``min_side``.
+
+    Level 0 (full size) when ``min_side`` is None or the crop is already smaller than it.
+    """
+    level = np.zeros_like(side)
+    if min_side is not None and len(side):
+        for halvings in range(1, int(side.max()).bit_length()):
+            level += (side >> halvings) >= min_side
+    return level
 
 
 class _Converted:
@@ -139,8 +187,9 @@ _CONVERTED: dict[tuple[int, int, View], _Converted] = {}
 
 
 def forget_converted() -> None:
-    """Drop every kept converted item (a benchmark's first read, or memory back)."""
+    """Drop every kept converted item and drawn crop (a benchmark's first read, or memory back)."""
     _CONVERTED.clear()
+    _crop_block.cache_clear()
 
 
 class Photos(RawSource):
@@ -152,20 +201,20 @@ class Photos(RawSource):
     def __len__(self) -> int:
         return self.length
 
-    def _crop(self, index: int) -> tuple[int, int, int, int, bool]:
-        """(photo, top, left, side, mirrored) of item ``index``: a function of (seed, index) only."""
-        rng = np.random.default_rng((self.seed, index))
-        shapes = _photo_shapes()
-        which = int(rng.integers(len(shapes)))
-        height, width = shapes[which]
-        side = max(MIN_CROP_SIDE, round(min(height, width) * rng.uniform(*CROP_FRACTION)))
-        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
-        return which, top, left, side, bool(rng.random() < 0.5)
+    def _crops(self, indices: torch.Tensor) -> np.ndarray:
+        """(N, 5) rows (photo, top, left, side, mirrored) of ``indices``: a function of (seed, index) only."""
+        indices = indices.numpy()
+        crops = np.empty((len(indices), 5), dtype=np.int64)
+        blocks = indices // CROP_BLOCK
+        for block in np.unique(blocks):
+            chosen = blocks == block
+            crops[chosen] = _crop_block(self.seed, int(block))[indices[chosen] % CROP_BLOCK]
+        return crops
 
     @staticmethod
-    def _cut(image: torch.Tensor, top: int, left: int, side: int, mirrored: bool) -> torch.Tensor:
-        """The crop's square of ``image`` (a source photo or its [0, 1] plane), mirrored when drawn so."""
-        square = image[:, top:top + side, left:left + side]
+    def _cut(plane: torch.Tensor, top: int, left: int, side: int, mirrored: int) -> torch.Tensor:
+        """The crop's square of ``plane`` (a pyramid level, in that level's pixels), mirrored when drawn so."""
+        square = plane[:, top:top + side, left:left + side]
         return square.flip(-1) if mirrored else square
 
     def _checked(self, indices: torch.Tensor) -> torch.Tensor:
@@ -174,10 +223,20 @@ class Photos(RawSource):
             raise IndexError(f"photos index {int(indices[bad][0])} out of range [0, {self.length})")
         return torch.where(indices < 0, indices + self.length, indices)
 
+    def _squares(self, indices: torch.Tensor, min_side: int | None, grayscale: bool
+                 ) -> tuple[np.ndarray, list[tuple[torch.Tensor, int, int, int, int]]]:
+        """Labels, and per item its (level plane, top, left, side, mirrored) scaled to its pyramid level."""
+        crops = self._crops(indices)
+        which, level = crops[:, 0], _level(crops[:, 3], min_side)
+        pyramids = _pyramids(grayscale)
+        squares = [(pyramids[w][lv], t >> lv, x >> lv, s >> lv, m)
+                   for w, t, x, s, m, lv in zip(*(column.tolist() for column in (*crops.T, level)))]
+        return which, squares
+
     def raw(self, index: int, min_side: int | None) -> tuple[torch.Tensor, int]:
-        index = int(self._checked(torch.tensor([int(index)]))[0])
-        which, *square = self._crop(index)
-        return self._cut(source_photos()[which], *square).float().div_(255), which
+        """The crop, cut from the coarsest pyramid level where it still has ``min_side`` pixels a side."""
+        which, squares = self._squares(self._checked(torch.tensor([int(index)])), min_side, grayscale=False)
+        return self._cut(*squares[0]).clone(), int(which[0])
 
     def viewed(self, indices: Sequence[int], view: View) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`RawSource.viewed`, bit for bit, from kept items or converted as a batch."""
@@ -190,7 +249,7 @@ class Photos(RawSource):
             images, labels = store.images[rows], store.labels[rows]
         else:
             missing = torch.unique(index[~kept])
-            fresh_images, fresh_labels = self._convert(missing.tolist(), view)
+            fresh_images, fresh_labels = self._convert(missing, view)
             store.add(missing, fresh_images, fresh_labels)
             where = torch.searchsorted(missing, index[~kept])
             images, labels = torch.empty(len(index), *item_shape), torch.empty(len(index), dtype=torch.long)
@@ -198,23 +257,21 @@ class Photos(RawSource):
             images[~kept], labels[~kept] = fresh_images[where], fresh_labels[where]
         return images.expand(-1, view.channels, -1, -1).contiguous(), labels
 
-    def _convert(self, indices: list[int], view: View) -> tuple[torch.Tensor, torch.Tensor]:
-        """Content channels of ``indices`` through ``view``; crops of one side are resized in one call."""
-        planes = _planes(view.grayscale)
-        crops = [self._crop(index) for index in indices]
+    def _convert(self, indices: torch.Tensor, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+        """Content channels of ``indices`` through ``view``; squares of one side are resized in one call."""
+        which, squares = self._squares(indices, view.image_size, view.grayscale)
         by_side: dict[int, list[int]] = {}
-        for position, crop in enumerate(crops):
-            by_side.setdefault(crop[3], []).append(position)
+        for position, square in enumerate(squares):
+            by_side.setdefault(square[3], []).append(position)
         resized, order = [], []
-        for side, positions in by_side.items():
-            pieces = [self._cut(planes[crops[position][0]], *crops[position][1:]) for position in positions]
-            batch = torch.stack(pieces) if len(pieces) > 1 else pieces[0][None]
+        for positions in by_side.values():
+            batch = torch.stack([self._cut(*squares[position]) for position in positions])
             resized.append(resize_square(batch, view.image_size))
             order += positions
-        images = torch.empty(len(crops), view.content_channels, view.image_size, view.image_size)
-        if crops:
+        images = torch.empty(len(squares), view.content_channels, view.image_size, view.image_size)
+        if squares:
             images[torch.tensor(order)] = torch.cat(resized)
-        return normalize(images, view), torch.tensor([crop[0] for crop in crops], dtype=torch.long)
+        return normalize(images, view), torch.from_numpy(which.copy())
 
 
 def photos(root: Path, split: str, download: bool) -> Photos:

@@ -188,11 +188,11 @@ def test_matching_loss_is_zero_on_a_batch_with_exactly_the_dp_statistics():
     standardized = (z - mean) / var.sqrt()
     x = (standardized * dp_var.double().sqrt().view(1, 4, 1, 1) + dp_mean.double().view(1, 4, 1, 1)).float()
     model(x)
-    assert float(matching_loss(model)) < 1e-5
+    assert matching_loss(model).item() < 1e-5
 
     shifted = x + torch.tensor([0.0, 0.0, 0.3, 0.0]).view(1, 4, 1, 1)
     model(shifted)
-    assert float(matching_loss(model)) == pytest.approx(0.3, rel=1e-4)
+    assert matching_loss(model).item() == pytest.approx(0.3, rel=1e-4)
 
 
 def test_modes_and_loading_refuse_bad_use():
