@@ -116,14 +116,12 @@ def _pyramids(grayscale: bool) -> tuple[tuple[torch.Tensor, ...], ...]:
     cost does not grow with its size. Gray levels are the luma of the colour levels, exactly as
     :func:`datasets.convert.to_view` computes it from a colour crop.
     """
-    if grayscale:
-        return tuple(tuple(to_gray(level[None])[0] for level in levels) for levels in _pyramids(False))
     pyramids = []
     for photo in source_photos():
         levels = [photo.float().div_(255)]
         while min(levels[-1].shape[1:]) >= 2:
             levels.append(_halved(levels[-1]))
-        pyramids.append(tuple(levels))
+        pyramids.append(tuple(to_gray(level[None])[0] for level in levels) if grayscale else tuple(levels))
     return tuple(pyramids)
 
 
