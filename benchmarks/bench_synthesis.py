@@ -12,6 +12,7 @@ same batch. Defaults are the demo's: small CNN, batch 200, gray private domain (
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 
@@ -49,16 +50,19 @@ def profile_side(name: str, run) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = benchmark_parser(__doc__)
+def add_size_flags(parser) -> None:
+    """The flags that size a synthesis batch (shared with bench_allocator.py)."""
     parser.add_argument("--batch_size", type=positive_int, default=200, help="images per synthesis batch")
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="optimization steps per timed call (the final logits pass is shared by them)")
     parser.add_argument("--color", action="store_true", help="colour private domain (otherwise gray, as MNIST)")
-    parser.add_argument("--profile", action="store_true", help="also print the top operators of each side")
-    args = parser.parse_args(argv)
-    device = set_up(args)
 
+
+def make_sides(args, device: torch.device) -> dict[str, Callable[[], int]]:
+    """``synthesis`` (``synthesis_bf16`` too where bf16 is the default) and its ``training`` reference.
+
+    Each side runs ``args.steps`` steps on one batch and returns the image-steps it did.
+    """
     generator = torch.Generator().manual_seed(args.seed)
     channels = 3 if args.color else 1
     start = random_images(args.batch_size, args, generator, channels).expand(-1, 3, -1, -1).to(device)
@@ -73,14 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     train_images = start.contiguous()
     labels = random_labels(args.batch_size, args, generator).to(device)
 
-    def synthesis() -> int:
+    def synthesis(bf16: bool = False) -> int:
         optimize_batch(teacher, start, targets, args.steps, SynthesisWeights(), low, high, jitter_generator,
-                       grayscale=not args.color)
-        return args.steps * args.batch_size
-
-    def synthesis_bf16() -> int:
-        optimize_batch(teacher, start, targets, args.steps, SynthesisWeights(), low, high, jitter_generator,
-                       grayscale=not args.color, bf16=True)
+                       grayscale=not args.color, bf16=bf16)
         return args.steps * args.batch_size
 
     def training() -> int:
@@ -90,7 +89,18 @@ def main(argv: list[str] | None = None) -> None:
 
     sides = {"synthesis": synthesis, "training": training}
     if use_bf16("auto", device):  # the default precision there
-        sides["synthesis_bf16"] = synthesis_bf16
+        sides["synthesis_bf16"] = lambda: synthesis(bf16=True)
+    return sides
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__)
+    add_size_flags(parser)
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of each side")
+    args = parser.parse_args(argv)
+    device = set_up(args)
+
+    sides = make_sides(args, device)
     timings = time_sides(sides, args.repeats, args.warmup, device)
     domain = "colour" if args.color else "gray"
     print(f"# batch {args.batch_size}, {args.steps} steps per call, {domain} domain")
@@ -99,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         report("synthesis_step_bf16_vs_fp32", timings["synthesis_bf16"], timings["synthesis"], Goal(),
                unit="image-step")
     if args.profile:
-        profile_side("synthesis", synthesis)
-        profile_side("training", training)
+        profile_side("synthesis", sides["synthesis"])
+        profile_side("training", sides["training"])
 
 
 if __name__ == "__main__":

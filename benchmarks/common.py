@@ -122,7 +122,8 @@ def _reset_peak(device: torch.device) -> None:
         pass
 
 
-def _peak_mib(device: torch.device) -> float:
+def peak_mib(device: torch.device) -> float:
+    """The process's resident-set high-water mark (on CUDA, the allocator's peak), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -160,7 +161,7 @@ def time_sides(sides: Mapping[str, Callable[[], int]], repeats: int, warmup: int
             _synchronize(device)
             elapsed = time.perf_counter() - start
             timings[name].seconds.append(elapsed / max(items, 1))
-            timings[name].peak_mib = max(timings[name].peak_mib, _peak_mib(device))
+            timings[name].peak_mib = max(timings[name].peak_mib, peak_mib(device))
     return timings
 
 

@@ -44,6 +44,7 @@ BENCHMARKS = (
                                                    "--temperature", "100")),
     Benchmark("bench_data_path.py"),
     Benchmark("bench_release_load.py", ("--num_original", "10000"), common_flags=False),
+    Benchmark("bench_allocator.py"),
 )
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn
 
 from engine import distributed
+from engine.runtime import keep_freed_memory
 from errors import DPImgSynError
 
 
@@ -35,10 +36,14 @@ def fail(message: str) -> NoReturn:
 
 
 def main_guard(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], int]:
-    """Wrap a CLI ``main`` so that a :class:`DPImgSynError` becomes a one-line error, exit 2."""
+    """Wrap a CLI ``main`` so that a :class:`DPImgSynError` becomes a one-line error, exit 2.
+
+    The process first lets malloc keep freed memory (:func:`engine.runtime.keep_freed_memory`).
+    """
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
+        keep_freed_memory()
         try:
             main(argv)
         except DPImgSynError as exc:

@@ -1,6 +1,7 @@
-"""Device choice, seeding, logging and atomic writes shared by all stages."""
+"""Device choice, seeding, memory, logging and atomic writes shared by all stages."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -27,6 +28,37 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DPImgSynError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+KEEP_FREED_MEMORY_ENV = "DPIMGSYN_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc as it is
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from <malloc.h>
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit systems
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True when it now does.
+
+    By default glibc hands freed blocks of more than a few MiB back to the kernel, so every
+    training or synthesis step on the CPU builds its activations and gradients on fresh pages and
+    pays a page fault per 4 KiB: ~10,000 a step for the demo's synthesis batch, ~15% of its time
+    (``benchmarks/bench_allocator.py``). With blocks up to 32 MiB served from a heap that is never
+    trimmed, a process keeps its peak memory until it exits, as PyTorch's CUDA allocator does.
+    Every stage CLI calls this; ``DPIMGSYN_KEEP_FREED_MEMORY=0`` opts out, and it does nothing
+    where malloc is not glibc's.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not _glibc():
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    # Both or neither: a fixed trim threshold alone also freezes glibc's adaptive mmap threshold at
+    # 128 KiB, and every tensor would then be mapped afresh.
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a GNU system
+        return False
 
 
 def seed_everything(seed: int) -> None:

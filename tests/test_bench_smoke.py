@@ -74,6 +74,13 @@ def test_bench_data_path_smoke() -> None:
     assert "# photos: first read and re-read equal the per-item conversion" in output, output
 
 
+def test_bench_allocator_smoke() -> None:
+    output = run_benchmark("bench_allocator.py", *TINY, "--image_size", "16", "--batch_size", "8", "--steps", "2")
+    for side in ("synthesis", "training"):
+        assert re.search(rf"^# {side}: minor page faults per step, default \d+, kept \d+$", output, re.MULTILINE), output
+        figure(output, f"allocator_{side}_kept_vs_default", "measured")
+
+
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:
     scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
     code = ("import sys, runpy\n"
