@@ -41,10 +41,10 @@ def keep_freed_memory() -> bool:
     By default glibc hands freed blocks of more than a few MiB back to the kernel, so every
     training or synthesis step on the CPU builds its activations and gradients on fresh pages and
     pays a page fault per 4 KiB: ~10,000 a step for the demo's synthesis batch, 6-26% of its time
-    in our runs (``benchmarks/bench_allocator.py``). With blocks up to 32 MiB served from a heap that is never
-    trimmed, a process keeps its peak memory until it exits, as PyTorch's CUDA allocator does.
-    Every stage CLI calls this; ``DPIMGSYN_KEEP_FREED_MEMORY=0`` opts out, and it does nothing
-    where malloc is not glibc's.
+    in our runs (``benchmarks/bench_allocator.py``). With blocks up to 32 MiB served from a heap
+    that is never trimmed, a process keeps its peak memory until it exits, as PyTorch's CUDA
+    allocator does. Every stage CLI calls this; ``DPIMGSYN_KEEP_FREED_MEMORY=0`` opts out, and it
+    does nothing where malloc is not glibc's.
     """
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0" or not _glibc():
         return False
