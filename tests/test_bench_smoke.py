@@ -77,7 +77,8 @@ def test_bench_data_path_smoke() -> None:
 def test_bench_allocator_smoke() -> None:
     output = run_benchmark("bench_allocator.py", *TINY, "--image_size", "16", "--batch_size", "8", "--steps", "2")
     for side in ("synthesis", "training"):
-        assert re.search(rf"^# {side}: minor page faults per step, default \d+, kept \d+$", output, re.MULTILINE), output
+        faults = rf"^# {side}: minor page faults per step, default \d+, kept \d+$"
+        assert re.search(faults, output, re.MULTILINE), output
         figure(output, f"allocator_{side}_kept_vs_default", "measured")
 
 
