@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 faults[mode, side].append(measured[side]["faults"])
     print(f"# batch {args.batch_size}, {args.steps} steps per child and side, {args.repeats} pair(s) of children")
     for side in SIDES:
-        median_faults = {mode: sorted(faults[mode, side])[len(faults[mode, side]) // 2] for mode in MODES}
+        median_faults = {mode: statistics.median(faults[mode, side]) for mode in MODES}
         print(f"# {side}: minor page faults per step, default {median_faults['default']:.0f}, "
               f"kept {median_faults['kept']:.0f}")
         report(f"allocator_{side}_kept_vs_default", timings["kept", side], timings["default", side], Goal(),
