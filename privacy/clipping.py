@@ -153,7 +153,7 @@ class Conv2dRule:
         bias = grads.sum(2) if _trainable(module.bias) else None
         squares = _row_squares(bias) if bias is not None else grads.new_zeros(batch)
         if not _trainable(module.weight):
-            return squares, (None, bias, None)
+            return squares, (None, bias, None, None)
         ghost = positions * positions * (channels + depth) < GHOST_RATIO * channels * depth
         block = max(1, min(batch, block_bytes // (inputs.element_size() * depth * positions)))
         padded = pad(inputs, module)
@@ -166,16 +166,15 @@ class Conv2dRule:
             else:
                 torch.bmm(columns, grads[rows].transpose(1, 2), out=weights[rows])  # (b, D, C)
                 squares[rows] += _row_squares(weights[rows])
-        return squares, (weights, bias, block)
+        return squares, (weights, bias, block, padded if ghost else None)  # ghost sums unfold it again
 
     def clipped_sums(self, module, inputs, grads, kept, factors):
-        weights, bias, block = kept
+        weights, bias, block, padded = kept
         sums = {}
         if _trainable(module.weight):
             channels = module.out_channels
             if weights is None:  # ghost: sum_i f_i G_i^T A_i as one product per block of examples
                 grads = grads.flatten(2) * factors.view(-1, 1, 1)
-                padded = pad(inputs, module)
                 summed = grads.new_zeros(channels, module.weight[0].numel())
                 for rows in _blocks(len(inputs), block):
                     columns = unfold(padded[rows], module).transpose(1, 2)  # (b, T, D)
