@@ -10,9 +10,10 @@ preview); its "Internal" part (accuracies, obfuscation, fidelity, gallery) is no
 Example:
   python evaluate_release.py --release releases/mnist_tiny_k10 --output eval/mnist_tiny_k10 \\
       --metrics runs/student_k10_s111/metrics.json
-The teacher is the checkpoint recorded in the release (verified by its sha256); pass --teacher
-if it has moved. Fidelity uses the DP teacher's penultimate features, not Inception: the figures
-are comparable only between releases evaluated with the same teacher.
+The teacher is the checkpoint the release names (found beside the release or in checkpoints/,
+verified by its sha256); pass --teacher if it is elsewhere. Fidelity uses the DP teacher's
+penultimate features, not Inception: the figures are comparable only between releases evaluated
+with the same teacher.
 """
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", required=True, help="release folder written by synthesize.py (only read)")
-    parser.add_argument("--dataset", help="private dataset to compare with (default: the release's)")
-    parser.add_argument("--teacher", help="teacher .dppt if it moved (default: the release's teacher_path); "
-                                          "must match the sha256 recorded in the release")
+    parser.add_argument("--dataset", help="private dataset to compare with (default: the release's; required for "
+                                          "a folder: set, which releases record by its folder name only)")
+    parser.add_argument("--public_set", help="the release's public set (default: the one it records; required for "
+                                             "a folder: set)")
+    parser.add_argument("--teacher", help="teacher .dppt (default: the file the release names, looked for beside "
+                                          "the release and in checkpoints/); must match the sha256 recorded in "
+                                          "the release")
     parser.add_argument("--metrics", nargs="+", default=[], metavar="METRICS_JSON",
                         help="metrics.json files of students trained on this release (default: not measured)")
     parser.add_argument("--max_synthetic", type=positive_int, default=DEFAULT_MAX_SYNTHETIC,
@@ -52,6 +57,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     return evaluate_release(args.release, args.output, metrics_paths=args.metrics, device=args.device,
                             data_root=args.data_root, dataset=args.dataset, teacher=args.teacher,
+                            public_set=args.public_set,
                             max_synthetic=args.max_synthetic, max_private=args.max_private, k_ssim=args.k_ssim,
                             gallery_pairs=args.gallery_pairs)
 

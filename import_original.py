@@ -3,10 +3,12 @@
 
 The original files are pickles that also hold accountant objects; they are read with a
 restricted unpickler that builds only tensors and plain values, so none of their code runs.
-The result's privacy ledger is one entry marked "claimed by source" (their epsilon and delta,
-which this code cannot verify). Imported normalization statistics are NOT covered by this
-project's DP-statistics guarantee: the original mechanism never added its noise. For a real
-guarantee import the teacher alone (--as_teacher) and run save_dp_db_stats.py on it.
+An imported teacher's privacy ledger is one entry marked "claimed by source" (the epsilon of
+its recorded accountant history, or the one its source published). Imported normalization
+statistics are recorded as NON-PRIVATE (epsilon = inf), whatever epsilon the file states: the
+original mechanism never added its noise, so synthesis uses them only with --non_private (to
+reproduce the paper's numbers). For a real guarantee import the teacher alone (--as_teacher) and
+run save_dp_db_stats.py on it.
 
 Examples:
   python import_original.py --source checkpoints/pretrained_DP_models/mnist_stats.dppt --dataset mnist \\

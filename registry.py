@@ -176,8 +176,9 @@ def _folder_loader(path: Path) -> Loader:
     return load
 
 
-def _folder_spec(name: str, folder_opts: dict) -> DatasetSpec:
-    """A user's ImageFolder tree; its class count is the number of class folders in ``train/``."""
+def _folder_spec(name: str, folder_opts: dict, num_classes: int | None = None) -> DatasetSpec:
+    """A user's ImageFolder tree; its class count is the number of class folders in ``train/``
+    unless ``num_classes`` is known already (an artifact's record, read without the files)."""
     options = dict(FOLDER_OPTIONS, **folder_opts)
     image_size, channels = options["image_size"], options["channels"]
     if not isinstance(image_size, int) or image_size < 1:
@@ -187,8 +188,10 @@ def _folder_spec(name: str, folder_opts: dict) -> DatasetSpec:
     if not name[len(FOLDER_PREFIX):]:
         raise DPImgSynError(f"{FOLDER_PREFIX} needs a path, e.g. {FOLDER_PREFIX}/data/my_images")
     path = Path(name[len(FOLDER_PREFIX):]).expanduser().absolute()
+    if num_classes is None:
+        num_classes = len(class_folders(path / "train"))
     return DatasetSpec(
-        name, len(class_folders(path / "train")), image_size, channels, channels == 1,
+        name, num_classes, image_size, channels, channels == 1,
         HALF_NORM[0][:channels], HALF_NORM[1][:channels], "both", _folder_loader(path),
         folders=(str(path / "train"),),
         hint="A folder dataset needs <path>/train/<class>/* and <path>/test/<class>/* image files.",
@@ -210,6 +213,38 @@ def dataset_info(name: str, **folder_opts) -> DatasetSpec:
     if name not in DATASETS:
         raise DPImgSynError(f"unknown dataset {name!r}; valid names: {_valid_names()}")
     return DATASETS[name]
+
+
+def artifact_name(name: str) -> str:
+    """How artifacts name a dataset: a ``folder:`` set by its folder's name, never by a local path."""
+    if not name.startswith(FOLDER_PREFIX):
+        return name
+    return FOLDER_PREFIX + Path(name[len(FOLDER_PREFIX):]).expanduser().absolute().name
+
+
+def recorded_spec(recorded: str, num_classes: int) -> DatasetSpec:
+    """The spec of the private set an artifact names, without opening its files (synthesis reads none).
+
+    A ``folder:`` set is recorded by its folder name only, so its class count comes from the artifact.
+    """
+    if recorded.startswith(FOLDER_PREFIX):
+        return _folder_spec(recorded, {}, num_classes)
+    return dataset_info(recorded)
+
+
+def local_dataset(recorded: str, given: str | None, what: str) -> str:
+    """The dataset to open for an artifact that records ``recorded``: ``given`` (``--dataset``) if it
+    is the same set, else ``recorded``. A ``folder:`` set must be given, since artifacts name it by
+    its folder name only."""
+    if given is not None:
+        if artifact_name(given) != recorded:
+            raise DPImgSynError(f"{what} was made for dataset {recorded!r}, not {artifact_name(given)!r}; "
+                                f"drop --dataset, or pass the dataset it was made for")
+        return given
+    if recorded.startswith(FOLDER_PREFIX):
+        raise DPImgSynError(f"{what} was made for the folder dataset {recorded!r}, recorded by its folder name "
+                            f"only; pass --dataset {FOLDER_PREFIX}PATH with the path of that folder on this machine")
+    return recorded
 
 
 def _open_source(spec: DatasetSpec, split: str, data_root, download: bool) -> RawTensors | RawSource:
@@ -252,7 +287,7 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes)
 
 
-def aligned(public_name: str, private_name: str, data_root=None, download: bool = False,
+def aligned(public_name: str, private_name: str | DatasetSpec, data_root=None, download: bool = False,
             **folder_opts) -> Dataset:
     """The public set's training images seen through the private set's eyes; labels are -1.
 
@@ -261,7 +296,8 @@ def aligned(public_name: str, private_name: str, data_root=None, download: bool 
     ``folder_opts`` describe the private set when it is a ``folder:`` set.
     """
     public = dataset_info(public_name)
-    private = dataset_info(private_name, **folder_opts)
+    private = private_name if isinstance(private_name, DatasetSpec) else dataset_info(private_name, **folder_opts)
+    private_name = private.name
     if public.role == "private":
         raise DPImgSynError(f"{public_name!r} is a private dataset; public sets: "
                             f"{', '.join(name for name, spec in DATASETS.items() if spec.role != 'private')}")

@@ -3,7 +3,9 @@
 
 A subsampled Gaussian mechanism (per-sample statistics clipped to --max_norm, Poisson
 sampling, noise sigma*C), composed with the teacher's DP-SGD in one ledger. Writes a `.dppt`
-with the teacher weights, the DP statistics and the extended ledger.
+with the teacher weights, the DP statistics and the extended ledger. Sigma, epochs and batch size
+default to the plan train_dp.py stored in the teacher, so the total epsilon is the one it
+calibrated for; a run that deviates prints the resulting total next to the planned one.
 
 Example:
   python save_dp_db_stats.py --teacher checkpoints/mnist_resnet18_nm_0.5__.dppt --epochs 2 \\
@@ -24,11 +26,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--teacher", required=True, help="stage-1 .dppt written by train_dp.py (or imported): "
                         "a local path or an http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/")
     parser.add_argument("--sha256", help="expected SHA-256 of --teacher (required for a URL without a known digest)")
-    parser.add_argument("--dataset", help="private dataset (default: the teacher's; must match it)")
-    parser.add_argument("--epochs", type=positive_float, default=2, help="eta_bn: passes over the data in expectation")
-    parser.add_argument("--train_batch_size", type=positive_int, default=64, help="Omega_bn: expected Poisson batch size")
+    parser.add_argument("--dataset", help="private dataset (default: the teacher's; must match it; required for a "
+                        "folder: set, which checkpoints record by its folder name only)")
+    parser.add_argument("--epochs", type=positive_float, help="eta_bn: passes over the data in expectation "
+                        "(default: the teacher's plan, else 2)")
+    parser.add_argument("--train_batch_size", type=positive_int, help="Omega_bn: expected Poisson batch size "
+                        "(default: the teacher's plan, else 64)")
     parser.add_argument("--max_norm", type=positive_float, default=1.0, help="C: L2 clipping norm of each per-sample statistics vector")
-    parser.add_argument("--noise_multiplier", type=positive_float, default=0.5, help="sigma: noise std / C")
+    parser.add_argument("--noise_multiplier", type=positive_float, help="sigma: noise std / C "
+                        "(default: the teacher's plan, i.e. the sigma train_dp.py calibrated for both stages, else 0.5)")
     parser.add_argument("--public_set", help="public set whose statistics pre-scale the coordinates before clipping "
                         "(cuts clipping bias at no privacy cost)")
     parser.add_argument("--clip_quantile", type=probability,
@@ -39,6 +45,9 @@ def build_parser() -> ArgumentParser:
                         help="diagnostic: re-read the private data to print the DP statistics' error (not private; local only)")
     parser.add_argument("--seed", type=int, help="seed of sampling and noise (default: fresh OS entropy). "
                         "Anyone who knows it can regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
+    parser.add_argument("--secure_mode", action="store_true",
+                        help="draw the Poisson sampling and the noise from the operating system's randomness "
+                        "(not seedable: --seed is refused; nothing can regenerate the noise)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--data_root", help="dataset folder (default: $DPIMGSYN_DATA, else ./data)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")

@@ -39,13 +39,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target_epsilon", type=positive_float,
                         help="calibrate sigma so that DP-SGD plus the planned DP statistics stage total this epsilon")
     parser.add_argument("--stats_epochs", type=positive_int, default=2,
-                        help="eta_bn of the planned DP statistics stage (used for calibration only)")
+                        help="eta_bn of the planned DP statistics stage (calibration, and stored as "
+                        "save_dp_db_stats.py's default)")
     parser.add_argument("--stats_batch_size", type=positive_int, default=64,
-                        help="Omega_bn of the planned DP statistics stage (used for calibration only)")
+                        help="Omega_bn of the planned DP statistics stage (calibration, and stored as "
+                        "save_dp_db_stats.py's default)")
     parser.add_argument("--delta", type=probability, default=1e-5, help="delta of the (epsilon, delta) guarantee")
     parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="privacy accountant")
     parser.add_argument("--val_split", type=nonnegative_float, default=0.0,
-                        help="fraction of the private training set held out for (logged) validation")
+                        help="expected fraction of the private training records held out for validation; a "
+                        "record's side is fixed by a hash of its content, both private stages train on the rest, "
+                        "and validation accuracy goes to the local log only (non-private)")
     parser.add_argument("--suffix", default="", help="free text in the default output name")
     parser.add_argument("--seed", type=int, help="seed of sampling and noise (default: fresh OS entropy). "
                         "Anyone who knows it can regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
@@ -60,7 +64,8 @@ def build_parser() -> ArgumentParser:
                         "pass (default, fastest); 'hooks', 'functorch', 'ew' store Opacus's per-sample gradients "
                         "(same guarantee, for layers 'fused' does not support)")
     parser.add_argument("--secure_mode", action="store_true",
-                        help="draw noise from a cryptographically secure generator (not seedable)")
+                        help="draw the Poisson sampling and the noise from the operating system's randomness "
+                        "(not seedable: --seed is refused; nothing can regenerate the noise)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 

@@ -21,7 +21,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", required=True, help="release folder written by synthesize.py")
-    parser.add_argument("--dataset", help="private dataset for the test split (default: the release's)")
+    parser.add_argument("--dataset", help="private dataset for the test split (default: the release's; required "
+                        "for a folder: set, which releases record by its folder name only)")
     parser.add_argument("--model", default="resnet18", help="student architecture from the registry")
     parser.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     parser.add_argument("--batch_size", type=positive_int, default=256, help="batch size")

@@ -37,11 +37,11 @@ SCHEMA: dict[str, Any] = {
     "teacher": {
         "epochs": (int, REQUIRED), "train_batch_size": (int, REQUIRED), "lr": (NUMBER, REQUIRED),
         "max_norm": (NUMBER, REQUIRED), "seed": (int, None), "max_physical_batch_size": (int, 256),
-        "grad_sample_mode": (str, None),
+        "grad_sample_mode": (str, None), "secure_mode": (bool, False),
     },
     "statistics": {
         "epochs": (int, REQUIRED), "train_batch_size": (int, REQUIRED), "max_norm": (NUMBER, REQUIRED),
-        "public_set": (str, None), "clip_quantile": (NUMBER, None), "seed": (int, None),
+        "public_set": (str, None), "clip_quantile": (NUMBER, None), "seed": (int, None), "secure_mode": (bool, False),
     },
     "synthesis": {
         "public_set": (str, REQUIRED), "num_samples": (int, REQUIRED), "g_steps": (list, REQUIRED),

@@ -2,7 +2,8 @@
 
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them a stage runs as one process
 and every helper here is a no-op. The privacy mechanisms stay global: every rank draws the same
-Poisson batch from a shared seed and processes its share of it (see :meth:`Distributed.share`), so
+Poisson batch from a shared seed (in secure mode rank 0 draws it from the OS and broadcasts it, see
+:meth:`Distributed.broadcast_tensor`) and processes its share of it (see :meth:`Distributed.share`), so
 sample rate, step count and noise are those of a single-process run with the same settings.
 """
 from __future__ import annotations
@@ -63,6 +64,25 @@ class Distributed:
         holder = torch.tensor([value], dtype=torch.int64, device=_collective_device())
         dist.broadcast(holder, src=0)
         return int(holder.item())
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` (shape and values) on every rank, on the caller's device.
+
+        Secure mode draws from the OS, which gives every rank different values: rank 0 draws the
+        Poisson batch or the noise and the others take it. Other ranks pass any tensor of the same
+        dtype and number of dimensions (its shape and values are ignored).
+        """
+        if not self.enabled:
+            return tensor
+        device = _collective_device()
+        shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)
+        if shape.numel():
+            dist.broadcast(shape, src=0)
+        size = tuple(int(extent) for extent in shape.tolist())
+        holder = tensor.to(device) if self.is_main else torch.empty(size, dtype=tensor.dtype, device=device)
+        if holder.numel():
+            dist.broadcast(holder, src=0)
+        return holder.to(tensor.device)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -10,6 +10,14 @@ the single noisy step, as Opacus's BatchMemoryManager does.
 Under torchrun every rank draws the same Poisson batch (shared seed) and takes its share;
 Opacus's DPDDP keeps the replicas in sync and its DistributedDPOptimizer sums the ranks'
 clipped gradients before rank 0 adds the noise, once. The ledger is the single-process one.
+
+Randomness: by default the Poisson batches come from a generator seeded with ``seed`` and the noise
+from one seeded with ``seed + 1``, so a run (and its resume) is reproducible and the seed must stay
+secret. Secure mode (``DPSGDConfig.secure_mode``, no seed) draws both from the operating system
+(:data:`privacy.noise.OS_RANDOM`): the optimizers below replace Opacus's noise generator, whose
+torch generator could be regenerated from its seed. Nothing random is saved then, and no run can be
+repeated. Under torchrun rank 0 draws each Poisson batch and broadcasts it; the noise stays on rank 0
+as in Opacus. Cost: 8 bytes of OS randomness per parameter per step, 8 per example per step.
 """
 from __future__ import annotations
 
@@ -24,13 +32,16 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
                                DPOptimizerFastGradientClipping)
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.data import batches_by_index
 from engine.distributed import Distributed
-from privacy.clipping import PerExampleClipper
+from errors import DPImgSynError
+from privacy.clipping import PerExampleClipper, refuse_batch_statistics
+from privacy.noise import OS_RANDOM, RandomSource, gaussian
 from privacy.sampling import poisson_batch, steps_per_epoch
 
 FUSED = "fused"
@@ -58,12 +69,68 @@ class DPSGDConfig:
     secure_mode: bool = False
 
 
+class _OSNoise:
+    """Opacus's ``add_noise`` with the noise read from the operating system (secure mode).
+
+    Same contract as Opacus's: ``p.grad = p.summed_grad + N(0, (sigma * C)^2)`` once per logical
+    step, in the gradient's dtype; only the source differs. Listed before the Opacus class, so that
+    the distributed variants below still reach it through their rank-0-only ``add_noise``.
+    """
+
+    def add_noise(self) -> None:
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for param in self.params:
+            _check_processed_flag(param.summed_grad)
+            summed = param.summed_grad
+            param.grad = (summed + gaussian(summed.shape, std, OS_RANDOM, summed.device, summed.dtype)).view_as(param)
+            _mark_as_processed(param.summed_grad)
+
+
+class SecureDPOptimizer(_OSNoise, DPOptimizer):
+    """Opacus's ``DPOptimizer`` with OS noise."""
+
+
+class SecureDPOptimizerFastGradientClipping(_OSNoise, DPOptimizerFastGradientClipping):
+    """Opacus's ``DPOptimizerFastGradientClipping`` with OS noise."""
+
+
+class SecureDistributedDPOptimizer(DistributedDPOptimizer, SecureDPOptimizer):
+    """Rank 0 adds OS noise (Opacus's ``add_noise`` gate comes first in the MRO); the others add none."""
+
+
+class SecureDistributedDPOptimizerFastGradientClipping(DistributedDPOptimizerFastGradientClipping,
+                                                       SecureDPOptimizerFastGradientClipping):
+    """Rank 0 adds OS noise (Opacus's ``add_noise`` gate comes first in the MRO); the others add none."""
+
+
+# (fused clipper, distributed, secure) -> optimizer class
+OPTIMIZERS = {
+    (True, False, False): DPOptimizerFastGradientClipping,
+    (True, True, False): DistributedDPOptimizerFastGradientClipping,
+    (False, False, False): DPOptimizer,
+    (False, True, False): DistributedDPOptimizer,
+    (True, False, True): SecureDPOptimizerFastGradientClipping,
+    (True, True, True): SecureDistributedDPOptimizerFastGradientClipping,
+    (False, False, True): SecureDPOptimizer,
+    (False, True, True): SecureDistributedDPOptimizer,
+}
+
+
 class DPSGDTrainer:
-    """Owns the model wrapper, optimizer, scheduler and both generators of a DP-SGD run."""
+    """Owns the model wrapper, optimizer, scheduler and the randomness sources of a DP-SGD run.
+
+    ``seed`` seeds the sampling (``seed``) and noise (``seed + 1``) generators; secure mode takes no
+    seed (``None``) and raises :class:`DPImgSynError` if one is given.
+    """
 
     def __init__(self, model: nn.Module, train_set: Dataset, config: DPSGDConfig,
-                 device: torch.device, seed: int, num_workers: int = 0,
+                 device: torch.device, seed: int | None, num_workers: int = 0,
                  dist: Distributed = Distributed()) -> None:
+        if config.secure_mode and seed is not None:
+            raise DPImgSynError("secure mode draws sampling and noise from the operating system and takes no seed; "
+                                "drop the seed, or drop secure mode for a reproducible run")
+        if not config.secure_mode and seed is None:
+            raise DPImgSynError("DP-SGD needs a seed outside secure mode (privacy.sampling.private_seed draws one)")
         self.model = model.to(device)
         self.dist = dist
         self.train_set = train_set
@@ -82,15 +149,14 @@ class DPSGDTrainer:
             # The clipper leaves the clipped sum in param.grad; the optimizer only adds the noise.
             self.clipper = PerExampleClipper(self.model, config.max_norm)
             self.wrapped = replicated
-            optimizer_class = (DistributedDPOptimizerFastGradientClipping if dist.enabled
-                               else DPOptimizerFastGradientClipping)
         else:
+            refuse_batch_statistics(self.model.named_modules())  # Opacus's validator lets affine-free ones pass
             self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
                                           loss_reduction="sum")
-            optimizer_class = DistributedDPOptimizer if dist.enabled else DPOptimizer
+        optimizer_class = OPTIMIZERS[self.clipper is not None, dist.enabled, config.secure_mode]
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-        self.noise_generator = None
+        self.noise_generator = None  # secure mode: the optimizer reads the OS instead
         if not config.secure_mode:
             self.noise_generator = torch.Generator(device=device)
             self.noise_generator.manual_seed(seed + 1)
@@ -103,10 +169,24 @@ class DPSGDTrainer:
         # and on short runs both milestones can fall on one epoch (a 100x cut): keep distinct ones.
         milestones = sorted({m for m in (int(0.6 * config.epochs), int(0.8 * config.epochs)) if m > 0})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=milestones, gamma=0.1)
-        self.sample_generator = torch.Generator()
-        self.sample_generator.manual_seed(seed)
+        self.sample_generator: RandomSource = OS_RANDOM
+        if not config.secure_mode:
+            self.sample_generator = torch.Generator()
+            self.sample_generator.manual_seed(seed)
         self.epoch = 0
         self.steps_done = 0
+
+    def _poisson_batch(self) -> torch.Tensor:
+        """The global Poisson batch of one step, identical on every rank.
+
+        Seeded generators agree across ranks by construction; OS draws do not, so in secure mode
+        rank 0 draws and broadcasts.
+        """
+        if not self.config.secure_mode:
+            return poisson_batch(self.num_examples, self.sample_rate, self.sample_generator)
+        drawn = (poisson_batch(self.num_examples, self.sample_rate, self.sample_generator) if self.dist.is_main
+                 else torch.empty(0, dtype=torch.int64))
+        return self.dist.broadcast_tensor(drawn)
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still costs a step and still gets its noise."""
@@ -145,8 +225,7 @@ class DPSGDTrainer:
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
         """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
         self.wrapped.train()
-        index_batches = [self.dist.share(poisson_batch(self.num_examples, self.sample_rate, self.sample_generator))
-                         for _ in range(self.steps_per_epoch)]
+        index_batches = [self.dist.share(self._poisson_batch()) for _ in range(self.steps_per_epoch)]
         seen = 0
         sums = torch.zeros(2, device=self.device)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
@@ -172,25 +251,35 @@ class DPSGDTrainer:
         return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bit-for-bit after a kill (loads with weights_only=True)."""
+        """Everything needed to continue after a kill (loads with weights_only=True).
+
+        Bit-for-bit with seeded generators; secure mode has no generator state to save (each step's
+        randomness is fresh and independent, so resuming with new OS draws is the same mechanism).
+        """
         state = {
             "epoch": self.epoch,
             "steps_done": self.steps_done,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.original_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "sample_generator": self.sample_generator.get_state(),
             "config": asdict(self.config),
         }
+        if not self.config.secure_mode:
+            state["sample_generator"] = self.sample_generator.get_state()
         if self.noise_generator is not None:
             state["noise_generator"] = self.noise_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved_secure = bool(state.get("config", {}).get("secure_mode", False))
+        if saved_secure != self.config.secure_mode:
+            raise DPImgSynError(f"the resume state was written {'with' if saved_secure else 'without'} secure mode; "
+                                "rerun with the same setting or delete the resume file")
         self.model.load_state_dict(state["model"])
         self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sample_generator.set_state(state["sample_generator"])
+        if not self.config.secure_mode:
+            self.sample_generator.set_state(state["sample_generator"])
         if self.noise_generator is not None and "noise_generator" in state:
             self.noise_generator.set_state(state["noise_generator"])
         self.epoch = int(state["epoch"])

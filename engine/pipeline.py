@@ -67,7 +67,8 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
         noise_multiplier=config["noise_multiplier"], target_epsilon=config["target_epsilon"],
         stats_epochs=s["epochs"], stats_batch_size=s["train_batch_size"], delta=config["delta"],
         accountant=config["accountant"], max_physical_batch_size=t["max_physical_batch_size"],
-        grad_sample_mode=t["grad_sample_mode"], output=teacher_path, no_progress=quiet, **_common(config)), nproc)
+        grad_sample_mode=t["grad_sample_mode"], secure_mode=t["secure_mode"], output=teacher_path,
+        no_progress=quiet, **_common(config)), nproc)
     seconds["teacher"] = time.time() - started
     teacher = privacy.load_dppt(teacher_path)
     sigma = teacher["settings"]["noise_multiplier"]
@@ -75,9 +76,10 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
     started = time.time()
     stats_path = out / "statistics.dppt"
     run_stage(save_dp_db_stats, _flags(
-        teacher=teacher_path, epochs=s["epochs"], train_batch_size=s["train_batch_size"],
+        teacher=teacher_path, dataset=config["dataset"], epochs=s["epochs"],
+        train_batch_size=s["train_batch_size"],
         max_norm=s["max_norm"], noise_multiplier=sigma, public_set=s["public_set"],
-        clip_quantile=s["clip_quantile"], seed=s["seed"],
+        clip_quantile=s["clip_quantile"], seed=s["seed"], secure_mode=s["secure_mode"],
         output=stats_path, no_progress=quiet, **_common(config)), nproc)
     seconds["statistics"] = time.time() - started
     block = privacy.load_dppt(stats_path)["privacy"]
@@ -102,7 +104,7 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
             run_stage(train_student, _flags(
                 release=release, model=st["model"], epochs=st["epochs"], batch_size=st["batch_size"],
                 lr=st["lr"], momentum=st["momentum"], weight_decay=st["weight_decay"], T=st["T"],
-                alpha=st["alpha"], beta=st["beta"], augment=st["augment"], seed=seed,
+                alpha=st["alpha"], beta=st["beta"], augment=st["augment"], seed=seed, dataset=config["dataset"],
                 output=student_dir, no_progress=quiet, **_common(config)), nproc)
             metrics = json.loads((student_dir / "metrics.json").read_text())
             seconds[f"student_k{k}_seed{seed}"] = time.time() - started
@@ -114,6 +116,7 @@ def run_pipeline(config: dict, output: str | Path | None = None, progress: bool 
             started = time.time()
             result = evaluate_release(
                 release, out / f"evaluation_k{k}", device=config["device"], data_root=config["data_root"],
+                dataset=config["dataset"], public_set=syn["public_set"], teacher=stats_path,
                 metrics_paths=[out / f"student_k{k}_seed{seed}" / "metrics.json" for seed in st["seeds"]])
             seconds[f"evaluation_k{k}"] = time.time() - started
             evaluations[str(k)] = {"card": str(result["card_markdown"]), "obfuscated": result["obfuscated"]}

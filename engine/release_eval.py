@@ -54,13 +54,23 @@ def announce(release: Path, dataset: str) -> str:
             f"internal diagnostics for the data owner, not for publication. {release} is only read.")
 
 
+def _recorded_teacher(metadata: dict, release: Path) -> Path:
+    """Where the teacher the release names (by file name only) is found: beside the release, else in
+    ``checkpoints/``; releases of earlier versions recorded a path."""
+    name = Path(str(metadata.get("teacher_file", ""))).name
+    if not name:
+        return Path(str(metadata.get("teacher_path", "")))
+    candidates = [release.parent / name, Path("checkpoints") / name]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
 def verified_teacher_path(metadata: dict, release: Path, teacher: str | os.PathLike | None = None) -> Path:
-    """The teacher the release was made with: ``teacher`` or the recorded path, checked by sha256."""
+    """The teacher the release was made with: ``teacher`` or the recorded file, checked by sha256."""
     expected = metadata.get("teacher_sha256")
     if not isinstance(expected, str) or not expected:
         raise DPImgSynError(f"{release / release_io.METADATA_FILE} records no teacher_sha256, so its teacher "
                             "cannot be verified; regenerate the release with synthesize.py")
-    path = Path(teacher) if teacher is not None else Path(str(metadata.get("teacher_path", "")))
+    path = Path(teacher) if teacher is not None else _recorded_teacher(metadata, release)
     origin = "--teacher" if teacher is not None else f"the teacher recorded in {release / release_io.METADATA_FILE}"
     if not path.is_file():
         raise DPImgSynError(f"{origin} ({path}) is not a file; pass --teacher with the checkpoint the release "
@@ -260,6 +270,7 @@ def evaluate_release(
     data_root: str | os.PathLike | None = None,
     dataset: str | None = None,
     teacher: str | os.PathLike | None = None,
+    public_set: str | None = None,
     max_synthetic: int = DEFAULT_MAX_SYNTHETIC,
     max_private: int = DEFAULT_MAX_PRIVATE,
     k_ssim: int = DEFAULT_K_SSIM,
@@ -280,12 +291,13 @@ def evaluate_release(
     bundle = release_io.load(release, verify=True)
     metadata = bundle.metadata
     block = privacy.require_privacy_block(metadata, f"release {release}", allow_non_private=True)
-    dataset = dataset or metadata.get("dataset")
-    if not dataset:
-        raise DPImgSynError(f"{release} does not record its private dataset; pass --dataset")
+    if not metadata.get("dataset"):
+        raise DPImgSynError(f"{release} does not record its private dataset; regenerate it with synthesize.py")
+    dataset = dataset or registry.local_dataset(metadata["dataset"], None, f"release {release}")
     if not metadata.get("public_set"):
         raise DPImgSynError(f"{release / release_io.METADATA_FILE} records no public_set, so the public "
                             "initialization cannot be regenerated; regenerate the release with synthesize.py")
+    public_set = public_set or registry.local_dataset(metadata["public_set"], None, f"release {release} (public set)")
     teacher_path = verified_teacher_path(metadata, release, teacher)
     students = student_results(metrics_paths, metadata)
     compute = resolve_device(device)
@@ -295,7 +307,7 @@ def evaluate_release(
     logger.info("evaluating %s against the private data of %s (teacher %s)", release, dataset, teacher_path)
     started = time.time()
     model, checkpoint = load_teacher(teacher_path, compute)
-    sets = load_image_sets(bundle, dataset, metadata["public_set"], data_root, max_synthetic, max_private)
+    sets = load_image_sets(bundle, dataset, public_set, data_root, max_synthetic, max_private)
     obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), k_ssim, compute)
     fidelity_section = fidelity(model, sets, compute)
     gallery = write_diagnostics(output, sets, synthetic_nn, gallery_pairs)
@@ -311,7 +323,7 @@ def evaluate_release(
         "teacher": {"path": str(teacher_path), "sha256": metadata["teacher_sha256"]},
         "seconds": time.time() - started,
     }
-    card = build_card(publishable_part(release, output, metadata, block, dataset), internal)
+    card = build_card(publishable_part(release, output, metadata, block, metadata["dataset"]), internal)
     markdown_path, json_path = write_card(output, card)
     verdict = obfuscation_section["verdict"]
     summary = (f"release card: {markdown_path} ({'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "

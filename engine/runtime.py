@@ -5,8 +5,8 @@ import ctypes
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -111,6 +111,20 @@ def setup_logging(log_file: str | os.PathLike | None, name: str = "dpimgsyn") ->
     return logger
 
 
+def _new_temp_file(target: Path) -> Path:
+    """An empty, new file beside ``target`` with the permissions of any file the user creates.
+
+    ``tempfile.mkstemp`` would make it 0600 whatever the umask, and the rename keeps that mode.
+    """
+    while True:
+        candidate = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+            return candidate
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -119,9 +133,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp_file(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as handle:

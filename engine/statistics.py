@@ -15,8 +15,8 @@ from engine.artifacts import completed_dppt, model_from_checkpoint, require_same
 from engine.data import default_workers, stack_items
 from engine.fetch import resolve_checkpoint
 from engine.runtime import atomic_torch_save, setup_logging
-from errors import DPImgSynError
 from privacy.sampling import private_seed
+from privacy.split import split_by_content
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
 from synthesizer.stat_norm import attach_stat_layers
 
@@ -24,30 +24,65 @@ from synthesizer.stat_norm import attach_stat_layers
 PUBLIC_SCALE_IMAGES = 2000  # public images for pre-scaling and the public clipping norm
 
 CONTENT_SETTINGS = ("teacher_sha256", "dataset", "epochs", "train_batch_size", "max_norm", "noise_multiplier",
-                    "public_set", "clip_quantile", "non_private")
+                    "public_set", "clip_quantile", "non_private", "secure_mode")
+# The mechanism's settings when the teacher records no plan (imported or older teachers): Table 1's
+# most common statistics row and the paper's shared sigma.
+# Keys of teachers written by earlier versions that held exact, non-private numbers (per-epoch losses and
+# accuracies) or local paths: never copied into a statistics checkpoint.
+NOT_SHAREABLE_KEYS = ("history", "args")
+PLAN_KEYS = ("noise_multiplier", "epochs", "train_batch_size")
+UNPLANNED_DEFAULTS = {"noise_multiplier": 0.5, "epochs": 2, "train_batch_size": 64}
 
 
-def load_teacher(path: str | Path, dataset: str | None, non_private: bool) -> tuple[dict, dict]:
-    """A stage-1 checkpoint and its privacy block; refuses ledger-less or mismatching files."""
+def load_teacher(path: str | Path, non_private: bool) -> tuple[dict, dict]:
+    """A stage-1 checkpoint and its privacy block; refuses ledger-less or other-stage files."""
     checkpoint = privacy.load_dppt(path)
     block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
     privacy.check_dppt(checkpoint, stage="teacher")
-    if dataset is not None and dataset != checkpoint["dataset"]:
-        raise DPImgSynError(f"{path} is a teacher for dataset {checkpoint['dataset']!r}, not {dataset!r}; "
-                            f"drop --dataset, or pass a teacher trained on {dataset!r}")
     return checkpoint, block
+
+
+def apply_plan(args: argparse.Namespace, checkpoint: dict) -> dict | None:
+    """Fill the mechanism flags left unset from the teacher's plan (else the unplanned defaults).
+
+    Returns the plan (``None`` for a teacher without one), so the caller can compare the result.
+    """
+    plan = checkpoint.get("plan")
+    planned = plan["statistics"] if isinstance(plan, dict) else UNPLANNED_DEFAULTS
+    for key in PLAN_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, planned[key])
+    return plan if isinstance(plan, dict) else None
+
+
+def plan_report(plan: dict | None, args: argparse.Namespace, total_epsilon: float) -> str | None:
+    """Why the total epsilon differs from what stage 1 planned (``None`` when the run follows the plan)."""
+    if plan is None:
+        return ("the teacher records no plan for this stage (imported or older checkpoint): "
+                f"total epsilon {total_epsilon:.3f}")
+    deviations = [f"--{key} {getattr(args, key):g} instead of the planned {plan['statistics'][key]:g}"
+                  for key in PLAN_KEYS if getattr(args, key) != plan["statistics"][key]]
+    if not deviations:
+        return None
+    target = plan.get("target_epsilon")
+    wanted = f"target {target:g}" if target is not None else f"planned {plan['total_epsilon']:.3f}"
+    return f"total epsilon {total_epsilon:.3f} differs from stage 1's {wanted}: " + "; ".join(deviations)
 
 
 def capture_statistics(args: argparse.Namespace) -> Path:
     """Run (or resume) stage 2; return the path of the statistics `.dppt` (written by rank 0 alone)."""
     dist, device = distributed.setup(args.device)
+    seed = private_seed(args.seed, args.secure_mode)  # None in secure mode, which refuses a seed
     with dist.main_first():  # a URL is downloaded once
         args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
-    checkpoint, block = load_teacher(args.teacher, args.dataset, args.non_private)
-    dataset = checkpoint["dataset"]
+    checkpoint, block = load_teacher(args.teacher, args.non_private)
+    dataset = registry.local_dataset(checkpoint["dataset"], args.dataset, f"teacher {args.teacher}")
+    plan = apply_plan(args, checkpoint)
     output = with_suffix_once(args.output, ".dppt")
     settings = {"teacher_sha256": privacy.file_sha256(args.teacher), **{
-        key: getattr(args, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"}, "dataset": dataset}
+        key: getattr(args, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"},
+        "dataset": checkpoint["dataset"],
+        "public_set": args.public_set and registry.artifact_name(args.public_set)}
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 2 (DP statistics) settings: %s", settings)
     if completed_dppt(output, "statistics_settings", settings):
@@ -70,6 +105,8 @@ def capture_statistics(args: argparse.Namespace) -> Path:
                 print(f"clipping norm {max_norm:.4g} from the public set ({args.clip_quantile:g} quantile)")
     with dist.main_first():
         _, train_set, _ = registry.get_dataset(dataset, args.data_root, args.download)
+    # Exactly the records stage 1 trained on: the same content-keyed split (see privacy.split).
+    train_set, _ = split_by_content(train_set, checkpoint.get("settings", {}).get("val_split", 0.0))
 
     resume_path = with_suffix_once(output, ".resume")
     state = None
@@ -87,8 +124,9 @@ def capture_statistics(args: argparse.Namespace) -> Path:
     started = time.time()
     result = compute_dp_statistics(
         model, train_set, epochs=args.epochs, batch_size=args.train_batch_size, max_norm=max_norm,
-        noise_multiplier=args.noise_multiplier, seed=dist.broadcast_int(private_seed(args.seed)), device=device,
-        scales=scales, non_private=args.non_private, progress=not args.no_progress, state=state,
+        noise_multiplier=args.noise_multiplier, seed=None if seed is None else dist.broadcast_int(seed),
+        secure_mode=args.secure_mode, device=device, scales=scales, non_private=args.non_private,
+        progress=not args.no_progress, state=state,
         checkpoint_fn=checkpoint_fn, num_workers=default_workers(device), dist=dist)
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the statistics
@@ -100,7 +138,8 @@ def capture_statistics(args: argparse.Namespace) -> Path:
                                           mechanism.pop("max_norm"), stage="statistics",
                                           epochs=args.epochs, batch_size=args.train_batch_size, **mechanism))
     new_block = privacy.privacy_block(list(block["ledger"]) + [entry], block["delta"], block["accountant"])
-    payload = {**checkpoint, "stage": "statistics", "dp_statistics": result.stats, "privacy": new_block,
+    kept = {key: value for key, value in checkpoint.items() if key not in NOT_SHAREABLE_KEYS}
+    payload = {**kept, "stage": "statistics", "dp_statistics": result.stats, "privacy": new_block,
                "statistics_settings": settings}
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
@@ -110,6 +149,10 @@ def capture_statistics(args: argparse.Namespace) -> Path:
                f"teacher test accuracy {checkpoint.get('test_acc', float('nan')):.4f}")
     print(summary)
     logger.info(summary)
+    deviation = None if args.non_private else plan_report(plan, args, new_block["epsilon"])
+    if deviation:
+        print(f"note: {deviation}")
+        logger.info("note: %s", deviation)
     if args.report_bias:
         report_bias(model, train_set, result.stats, device, logger, not args.no_progress)
     dist.barrier()

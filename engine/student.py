@@ -26,15 +26,16 @@ def train_student(args: argparse.Namespace) -> dict:
     """
     dist, device = distributed.setup(args.device)
     bundle = release_io.load(args.release, verify=True)  # a swapped or damaged array is refused
-    dataset = args.dataset or bundle.metadata.get("dataset")
-    if not dataset:
-        raise DPImgSynError(f"{args.release} does not record its private dataset; pass --dataset")
+    recorded = bundle.metadata.get("dataset")
+    if not recorded:
+        raise DPImgSynError(f"{args.release} does not record its private dataset; regenerate it with synthesize.py")
+    dataset = args.dataset or registry.local_dataset(recorded, None, f"release {args.release}")
     output = Path(args.output)
     config = StudentConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            momentum=args.momentum, weight_decay=args.weight_decay,
                            temperature=args.T, alpha=args.alpha, beta=args.beta, augment=args.augment)
     bf16 = use_bf16(args.precision, device)
-    settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": dataset, "model": args.model,
+    settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": recorded, "model": args.model,
                 "seed": args.seed, "bf16": bf16, **vars(config)}
     metrics_path = output / "metrics.json"
     if metrics_path.exists():

@@ -1,6 +1,6 @@
 """Stage 3 orchestration: teacher + DP statistics + public images -> a release bundle.
 
-Reads no private data: the private set is known only through `registry.dataset_info`
+Reads no private data: the private set is known only through `registry.recorded_spec`
 (its public shape and normalization constants) and through the DP artifacts.
 
 Under torchrun, rank r synthesizes the shards whose index is r modulo the number of ranks; every
@@ -74,9 +74,9 @@ def synthesize(args: argparse.Namespace) -> Path:
         raise DPImgSynError(f"--g_steps {args.g_steps} matches statistics, but {args.teacher} holds none; "
                             "run save_dp_db_stats.py (or --g_steps 0)")
     private_name = checkpoint["dataset"]
-    spec = registry.dataset_info(private_name)
+    spec = registry.recorded_spec(private_name, checkpoint["num_classes"])
     with dist.main_first():
-        public = registry.aligned(args.public_set, private_name, args.data_root, args.download)
+        public = registry.aligned(args.public_set, spec, args.data_root, args.download)
     indices = registry.sampling_list(args.public_set, args.num_samples, SAMPLING_SEED, available=len(public))
     weights = SynthesisWeights(bn=args.bn, oh=args.oh, tv=args.tv, l2=args.l2, adv=0.0, lr=args.lr_g,
                                flip=not args.no_flip)
@@ -84,7 +84,7 @@ def synthesize(args: argparse.Namespace) -> Path:
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
     settings = {
-        "teacher_sha256": privacy.file_sha256(args.teacher), "public_set": args.public_set,
+        "teacher_sha256": privacy.file_sha256(args.teacher), "public_set": registry.artifact_name(args.public_set),
         "num_samples": args.num_samples, "g_steps": args.g_steps, "batch_size": args.batch_size,
         "bn": args.bn, "oh": args.oh, "tv": args.tv, "l2": args.l2, "lr_g": args.lr_g,
         "targets": args.targets, "flip": not args.no_flip, "seed": args.seed, "non_private": args.non_private,
@@ -132,8 +132,8 @@ def synthesize(args: argparse.Namespace) -> Path:
         return output
     metadata = {
         "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
-        "public_set": args.public_set, "k": args.g_steps, "settings": settings,
-        "teacher_path": str(Path(args.teacher).resolve()), "teacher_sha256": settings["teacher_sha256"],
+        "public_set": settings["public_set"], "k": args.g_steps, "settings": settings,
+        "teacher_file": Path(args.teacher).name, "teacher_sha256": settings["teacher_sha256"],
         "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "opacus": opacus.__version__, "numpy": np.__version__},

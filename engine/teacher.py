@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
-
 import privacy
 import registry
 from engine import distributed
@@ -20,13 +18,17 @@ from engine.evaluation import evaluate
 from engine.runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state, setup_logging
 from errors import DPImgSynError
 from privacy.sampling import private_seed
+from privacy.split import split_by_content
 
 # Arguments that determine the teacher's content; a rerun must match them to resume.
 # The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
 # leaves the local resume file (see private_seed).
 CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm",
                     "noise_multiplier", "val_split", "delta", "accountant",
-                    "grad_sample_mode", "secure_mode")
+                    "grad_sample_mode", "secure_mode", "target_epsilon", "stats_epochs", "stats_batch_size")
+# Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
+NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
+TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
 
 
 def default_output(args: argparse.Namespace) -> Path:
@@ -35,23 +37,23 @@ def default_output(args: argparse.Namespace) -> Path:
     return Path("checkpoints") / f"{dataset}_{args.model}_nm_{args.noise_multiplier:g}_{args.suffix}_.dppt"
 
 
-VALIDATION_SPLIT_SEED = 0  # which examples are held out is not secret; the noise seed is
-
-
-def split_validation(train_set, val_split: float, seed: int):
-    """Hold out a fixed random fraction of the private training set (validation is logged only)."""
-    if val_split <= 0:
-        return train_set, None
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_set), generator=generator)
-    cut = int(round(len(train_set) * val_split))
-    return Subset(train_set, order[cut:].tolist()), Subset(train_set, order[:cut].tolist())
-
-
 def pipeline_plan(num_examples: int, args: argparse.Namespace) -> list[tuple[float, int]]:
     """(sample rate, steps) of the whole pipeline's private mechanisms: DP-SGD, then DP statistics."""
     return [privacy.poisson_plan(num_examples, args.train_batch_size, args.epochs),
             privacy.poisson_plan(num_examples, args.stats_batch_size, args.stats_epochs)]
+
+
+def statistics_plan(num_examples: int, args: argparse.Namespace) -> dict:
+    """The planned DP-statistics stage, stored in the teacher: ``save_dp_db_stats.py``'s defaults.
+
+    Public facts only (hyper-parameters, N, the epsilon they compose to), so the teacher can be
+    shared with its plan, and stage 2 run by hand meets the budget that stage 1 calibrated for.
+    """
+    mechanisms = [(args.noise_multiplier, rate, steps) for rate, steps in pipeline_plan(num_examples, args)]
+    return {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
+            "total_epsilon": privacy.compute_epsilon(mechanisms, args.delta, args.accountant),
+            "statistics": {"noise_multiplier": args.noise_multiplier, "epochs": args.stats_epochs,
+                           "train_batch_size": args.stats_batch_size}}
 
 
 def _teacher_entry(args: argparse.Namespace, sample_rate: float, steps: int) -> dict:
@@ -63,11 +65,12 @@ def _teacher_entry(args: argparse.Namespace, sample_rate: float, steps: int) -> 
 def train_teacher(args: argparse.Namespace) -> Path:
     """Run (or resume) stage 1 and return the path of the final `.dppt` (written by rank 0 alone)."""
     dist, device = distributed.setup(args.device)
+    seed = private_seed(args.seed, args.secure_mode)  # None in secure mode, which refuses a seed
     if args.val_split < 0 or args.val_split >= 1:
         raise DPImgSynError(f"--val_split must be in [0, 1), got {args.val_split}")
     with dist.main_first():  # one download (--download), shared by all ranks
         num_classes, train_set, test_set = registry.get_dataset(args.dataset, args.data_root, args.download)
-    train_set, val_set = split_validation(train_set, args.val_split, VALIDATION_SPLIT_SEED)
+    train_set, val_set = split_by_content(train_set, args.val_split)
     num_examples = len(train_set)
     if args.train_batch_size > num_examples:
         raise DPImgSynError(f"--train_batch_size {args.train_batch_size} exceeds the {num_examples} training examples")
@@ -83,13 +86,16 @@ def train_teacher(args: argparse.Namespace) -> Path:
 
     output = with_suffix_once(args.output or default_output(args), ".dppt")
     settings = {key: getattr(args, key) for key in CONTENT_SETTINGS}
+    settings["dataset"] = registry.artifact_name(args.dataset)
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
     if completed_dppt(output, "settings", settings):
         return output
 
-    seed = dist.broadcast_int(private_seed(args.seed))  # one sampling/noise stream for all ranks
-    seed_everything(seed)
+    # One sampling/noise stream for all ranks; in secure mode the seed only initializes the model.
+    init_seed = dist.broadcast_int(private_seed(None) if seed is None else seed)
+    seed_everything(init_seed)
+    seed = None if seed is None else init_seed
     model = registry.get_model(args.model, num_classes)
     config = DPSGDConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                          max_norm=args.max_norm, noise_multiplier=args.noise_multiplier,
@@ -120,8 +126,9 @@ def train_teacher(args: argparse.Namespace) -> Path:
             [(args.noise_multiplier, trainer.sample_rate, trainer.steps_done)], args.delta, args.accountant)
         stats["epoch"] = trainer.epoch
         history.append(stats)
+        validation = f"  val acc {stats['val_acc']:.4f}" if "val_acc" in stats else ""
         line = (f"epoch {trainer.epoch}/{args.epochs}  loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}"
-                f"  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}")
+                f"{validation}  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
         print(line, flush=True)
         logger.info(line)
         atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
@@ -133,9 +140,12 @@ def train_teacher(args: argparse.Namespace) -> Path:
     ledger = [_teacher_entry(args, trainer.sample_rate, trainer.steps_done)]
     block = privacy.privacy_block(ledger, args.delta, args.accountant)
     final_acc = history[-1]["test_acc"] if history else float("nan")
-    payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), args.model, num_classes, args.dataset,
-                                   block, settings=settings, args=plain_args(args), test_acc=final_acc,
-                                   history=history)
+    # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
+    # private data outside the mechanism and stay in the local log.
+    payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), args.model, num_classes,
+                                   settings["dataset"], block, settings=settings,
+                                   plan=statistics_plan(num_examples, args), test_acc=final_acc,
+                                   test_acc_note=TEST_ACC_NOTE)
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)
@@ -145,12 +155,6 @@ def train_teacher(args: argparse.Namespace) -> Path:
     logger.info(summary)
     dist.barrier()
     return output
-
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """The CLI arguments as plain values for an artifact, without the (secret) seed."""
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-            if key != "seed" and (value is None or isinstance(value, (str, int, float, bool, Path)))}
 
 
 def check_finite(args: argparse.Namespace, names: tuple[str, ...]) -> None:

@@ -29,11 +29,13 @@ from privacy.ledger import (
     privacy_block,
     require_privacy_block,
 )
+from privacy.noise import OS_RANDOM, OSRandom, RandomSource, is_os_random
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "DEFAULT_DELTA", "Mechanism", "STAGES",
     "calibrate_noise_multiplier", "check_dppt", "claimed_entry", "compute_epsilon", "dppt_payload",
     "file_sha256", "get_preset", "ledger_mechanisms", "load_dppt", "load_presets", "mechanism_entry",
     "non_private_entry", "poisson_plan", "preset_plan", "privacy_block", "require_privacy_block",
-    "save_dppt", "strip_wrapper_prefixes", "validate_mechanism",
+    "OS_RANDOM", "OSRandom", "RandomSource", "is_os_random", "save_dppt", "strip_wrapper_prefixes",
+    "validate_mechanism",
 ]

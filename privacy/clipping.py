@@ -24,16 +24,20 @@ clipping makes the same trade). Both are matrix products at torch's matmul preci
 by default), never cuDNN convolutions, whose TF32 default on recent GPUs would make them disagree
 by ~1e-3. Only layer types with a rule are
 accepted: a trainable parameter anywhere else would enter the sum unclipped, so
-:class:`PerExampleClipper` refuses such a model.
+:class:`PerExampleClipper` refuses such a model. It also refuses what breaks the bound outside the
+layers: a parameter shared by two layers (each sees only part of an example's gradient), and a
+forward pass that changes a buffer or normalizes by batch statistics (a function of the whole
+private batch that no clipping bounds).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from errors import DPImgSynError
 
@@ -49,6 +53,9 @@ BLOCK_BYTES = {"cpu": 4 << 20}
 DEFAULT_BLOCK_BYTES = 1 << 30
 # Opacus's per-sample gradients handle what this engine refuses, under the same guarantee.
 OTHER_MODE = "--grad_sample_mode hooks (teacher.grad_sample_mode: hooks in a pipeline config)"
+# What to do about a forward pass that computes statistics of the batch (no engine can clip those).
+FIXED_STATISTICS = ("replace it by GroupNorm (models.make_private_ready does) or put it in eval mode with fixed "
+                    "statistics")
 
 
 class LayerRule(Protocol):
@@ -79,6 +86,56 @@ def _row_squares(rows: torch.Tensor) -> torch.Tensor:
 
 def _blocks(batch: int, block: int) -> Iterator[slice]:
     return (slice(start, start + block) for start in range(0, batch, block))
+
+
+def _in_layout_of(param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s strides, as autograd leaves gradients.
+
+    An all-reduce sums raw memory: a rank with an empty share sends ``zeros_like(param)``, so a
+    transposed view on another rank would be summed with the wrong elements.
+    """
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
+def _shared_parameters(model: nn.Module) -> list[str]:
+    """One problem per trainable parameter registered in more than one place (tied weights).
+
+    Each layer's rule sees only its own use of the parameter, so neither the norm nor the sum is
+    the example's gradient. A module registered under two names is one module, not a sharing.
+    """
+    places: dict[nn.Parameter, list[str]] = {}
+    for name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if param.requires_grad:
+                places.setdefault(param, []).append(f"{name}.{param_name}" if name else param_name)
+    return [f"{names[0]} is also {' and '.join(names[1:])} (a shared parameter: each layer's norm is only part of "
+            "an example's)" for names in places.values() if len(names) > 1]
+
+
+def _batch_statistics(module: nn.Module) -> str | None:
+    """Why ``module``, as it is now, computes statistics of the batch in its forward pass, or None."""
+    if not (isinstance(module, _NormBase) and module.training):
+        return None
+    kind = type(module).__name__
+    if isinstance(module, _BatchNorm):
+        running = " and updates its running statistics" if module.track_running_stats else ""
+        return f"{kind} normalizes by batch statistics{running} in training mode"
+    if module.track_running_stats:
+        return f"{kind} updates its running statistics in training mode"
+    return None
+
+
+def refuse_batch_statistics(named_modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Refuse any module that, as it is now, mixes the examples of a batch (every per-example mode)."""
+    for name, module in named_modules:
+        reason = _batch_statistics(module)
+        if reason:
+            raise DPImgSynError(f"per-example clipping does not support {name or 'the model'}: {reason}; such "
+                                "statistics depend on the whole private batch and no clipping bounds them; "
+                                + FIXED_STATISTICS)
+
+
+BufferState = dict[tuple[str, str], tuple[torch.Tensor, int]]
 
 
 class LinearRule:
@@ -230,7 +287,9 @@ class PerExampleClipper:
         clipper.clipped_backward(F.cross_entropy(logits, labels, reduction="sum"))
 
     Every module with trainable parameters of its own must be of a type in :data:`RULES` (exactly,
-    not a subclass) and run once per recorded forward pass; otherwise a ``DPImgSynError`` says so.
+    not a subclass) and run once per recorded forward pass, no trainable parameter may belong to two
+    modules, and a recorded forward pass may not change any buffer (fixed ones, such as a filter
+    bank's or a frozen norm layer's, are fine); otherwise a ``DPImgSynError`` says so.
     """
 
     def __init__(self, model: nn.Module, max_norm: float, block_bytes: int | None = None) -> None:
@@ -249,9 +308,11 @@ class PerExampleClipper:
                 problems.append(f"{name or 'the model'}: {reason}")
             else:
                 self.layers[module] = rule
+        problems += _shared_parameters(model)
         if problems:
             raise DPImgSynError("per-example clipping (grad_sample_mode 'fused') does not support "
                                 + "; ".join(problems) + f"; use {OTHER_MODE}")
+        self._named_modules = {name or "the model": module for name, module in model.named_modules()}
         self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._recording = False
         self._handles = [module.register_forward_hook(self._record) for module in self.layers]
@@ -266,15 +327,45 @@ class PerExampleClipper:
         # would then give the gradient of the changed tensor, not of this layer's output.
         self._records[module] = (inputs[0].detach(), output, output._version)
 
+    def _buffers(self) -> BufferState:
+        """Every buffer of the model with its version counter, which each in-place change increments.
+
+        Read from ``_buffers`` directly: ``named_buffers`` costs ten times more, on every step."""
+        return {(name, buffer_name): (buffer, -1 if buffer.is_inference() else buffer._version)
+                for name, module in self._named_modules.items() for buffer_name, buffer in module._buffers.items()
+                if buffer is not None}
+
+    def _refuse_batch_statistics(self) -> None:
+        refuse_batch_statistics(self._named_modules.items())
+
+    def _refuse_changed_buffers(self, before: BufferState) -> None:
+        after = self._buffers()
+        changed = sorted(key for key in before.keys() | after.keys()
+                         if key not in before or key not in after
+                         or before[key][0] is not after[key][0] or before[key][1] != after[key][1])
+        if changed:
+            self._records.clear()
+            name, buffer_name = changed[0]
+            raise DPImgSynError(f"{name} ({type(self._named_modules[name]).__name__}) changed its buffer "
+                                f"{buffer_name!r} in the forward pass: a function of the private batch that "
+                                f"per-example clipping cannot bound; keep buffers fixed, or {FIXED_STATISTICS}")
+
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Record the layers' inputs and outputs of the forward passes run inside."""
+        """Record the layers' inputs and outputs of the forward passes run inside.
+
+        Refuses a forward pass that computes statistics of the batch: known offenders (batch
+        normalization in training mode) before it runs, any other buffer change after it ran.
+        """
         self._records.clear()
+        self._refuse_batch_statistics()
+        before = self._buffers()
         self._recording = True
         try:
             yield
         finally:
             self._recording = False
+        self._refuse_changed_buffers(before)
 
     def clipped_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Add the clipped per-example gradients' sum to ``param.grad``; returns the (B,) norms."""
@@ -314,7 +405,8 @@ class PerExampleClipper:
                     if contribution is None:  # the layer did not run: every example's gradient is zero there
                         contribution = torch.zeros_like(param)
                     contribution = contribution.view_as(param)
-                    param.grad = contribution if param.grad is None else param.grad + contribution
+                    total = contribution if param.grad is None else param.grad + contribution
+                    param.grad = _in_layout_of(param, total)
         return norms
 
     def remove(self) -> None:

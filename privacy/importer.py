@@ -15,9 +15,12 @@ Original layouts (keys of the saved dict):
   ``group_norm.weight``/``group_norm.bias``), ``dp_accountant``, ``training_dp_acc``, ``eps``,
   ``delta``, ``bn_nm``, ``bn_epochs``.
 
-The imported privacy ledger is a single *claimed by source* entry: we cannot re-derive the
-guarantee, and the original statistics mechanism drew its noise without adding it, so imported
-statistics are never covered by this project's DP-statistics guarantee.
+An imported *teacher* gets a single *claimed by source* ledger entry (its accountant history,
+read as plain data and accounted here, or the epsilon its source published): we cannot re-derive
+the guarantee, only state it. Imported *statistics* get a non-private entry (epsilon = inf),
+whatever epsilon the file states: the original statistics mechanism drew its noise without adding
+it, so the statistics are exact functions of the private data, and synthesis refuses them unless
+the user asks for a non-private run.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from engine.artifacts import require_same_settings, with_suffix_once
 from errors import DPImgSynError
 from privacy.accountant import DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
 from privacy.checkpoint import STAGES, dppt_payload, file_sha256, load_dppt, save_dppt, strip_wrapper_prefixes
-from privacy.ledger import claimed_entry, privacy_block
+from privacy.ledger import claimed_entry, non_private_entry, privacy_block
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics
 
 ORIGINAL_LAYOUT = "original DP-ImgSyn release"
@@ -47,8 +50,9 @@ TEACHER_ACCOUNTANT_KEYS = {"teacher": "dp_accountant", "statistics": "training_d
 STATEMENT_FIELDS = ("eps", "delta", "bn_nm", "bn_epochs")
 STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 STATISTICS_CAVEAT = ("the original statistics mechanism clamped activations and drew Gaussian noise without "
-                     "adding it, so these normalization statistics carry no verified differential-privacy "
-                     "guarantee; recompute them with save_dp_db_stats.py (import with --as_teacher) for one")
+                     "adding it, so these normalization statistics are exact functions of the private data and "
+                     "are recorded as non-private (epsilon = inf); for a guarantee, import with --as_teacher and "
+                     "recompute them with save_dp_db_stats.py")
 
 STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -442,7 +446,11 @@ def convert(original: OriginalCheckpoint, dataset: str, architecture: str = "res
     if original.histories:
         extra_claim["recorded_history"] = {key: [list(entry) for entry in history]
                                            for key, history in original.histories.items()}
-    entry = claimed_entry(f"original_{stage}", claim_epsilon, claim_delta, **extra_claim)
+    if stage == "statistics":  # the stated guarantee is recorded, never trusted: the noise was never added
+        entry = non_private_entry(f"original_{stage}", stated_epsilon=claim_epsilon, stated_delta=claim_delta,
+                                  **extra_claim)
+    else:
+        entry = claimed_entry(f"original_{stage}", claim_epsilon, claim_delta, **extra_claim)
     block = privacy_block([entry], DEFAULT_DELTA, accountant)
     imported_from = {"layout": ORIGINAL_LAYOUT, "stage_in_file": original.layout,
                      "statements": dict(original.statements), "dropped": list(original.dropped), **(origin or {})}
@@ -474,8 +482,10 @@ def import_original(source: str | Path, output: str | Path, dataset: str, archit
     payload["import_settings"] = settings
     final = save_dppt(final, payload)
     block = payload["privacy"]
+    basis = ("non-private: synthesis accepts it only with --non_private" if payload["stage"] == "statistics"
+             else "claimed by source")
     print(f"imported {source.name} as a {payload['stage']} checkpoint: {final} (epsilon {block['epsilon']:.3f} "
-          f"at delta {block['delta']:g}, claimed by source; dropped: {', '.join(original.dropped) or 'nothing'})")
+          f"at delta {block['delta']:g}, {basis}; dropped: {', '.join(original.dropped) or 'nothing'})")
     if payload["stage"] == "statistics":
         print(f"warning: {STATISTICS_CAVEAT}")
     return final

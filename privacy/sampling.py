@@ -3,6 +3,10 @@
 Every example enters each logical batch independently with probability ``sample_rate``,
 so batch sizes vary and a batch may be empty; a fixed-size or shuffled batch would not
 match the accountant's analysis.
+
+The membership draws come from a seeded ``torch.Generator`` (reproducible), or in secure mode from
+:data:`privacy.noise.OS_RANDOM` (fresh OS randomness, one 53-bit uniform -- 8 bytes -- per example
+and step; see :mod:`privacy.noise`).
 """
 from __future__ import annotations
 
@@ -12,17 +16,20 @@ from typing import Iterator
 
 import torch
 
+from errors import DPImgSynError
+from privacy.noise import RandomSource, uniform
 
-def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of one Poisson-sampled batch (possibly empty), drawn from ``generator``."""
+
+def poisson_batch(num_examples: int, sample_rate: float, generator: RandomSource) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch (possibly empty), drawn from ``generator`` (or the OS source)."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    mask = torch.rand(num_examples, generator=generator) < sample_rate
+    mask = uniform(num_examples, generator) < sample_rate
     return mask.nonzero(as_tuple=True)[0]
 
 
 def poisson_batches(
-    num_examples: int, sample_rate: float, steps: int, generator: torch.Generator
+    num_examples: int, sample_rate: float, steps: int, generator: RandomSource
 ) -> Iterator[torch.Tensor]:
     """``steps`` independent Poisson batches."""
     for _ in range(steps):
@@ -34,10 +41,17 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def private_seed(seed: int | None) -> int:
+def private_seed(seed: int | None, secure_mode: bool = False) -> int | None:
     """The seed of a stage that reads private data: the user's, else fresh OS entropy.
 
     Sampling and noise of the DP mechanisms derive from it, so it is kept out of every
     artifact; a fixed ``--seed`` buys reproducibility at the price of keeping it secret.
+    Secure mode needs no seed at all (``None``): it draws from :data:`privacy.noise.OS_RANDOM`,
+    and a seed given with it is refused rather than silently ignored.
     """
+    if secure_mode:
+        if seed is not None:
+            raise DPImgSynError("--secure_mode draws sampling and noise from the operating system and takes no "
+                                "--seed; drop --seed (or drop --secure_mode for a reproducible run)")
+        return None
     return secrets.randbits(63) if seed is None else seed

@@ -10,9 +10,9 @@ every step is one subsampled Gaussian mechanism with noise multiplier sigma -- t
 accounting as one DP-SGD step.
 
 The privacy-critical part is small on purpose: :func:`clip_rows` (sensitivity),
-:func:`add_gaussian_noise` (the noise) and :func:`privacy.sampling.poisson_batch` (the sampling, shared with DP-SGD). Everything
-after the noise is post-processing. Pre-scaling coordinates and the clipping norm may come
-from PUBLIC data only (:func:`public_scales`, :func:`public_clip_norm`).
+:func:`add_gaussian_noise` (the noise) and :func:`privacy.sampling.poisson_batch` (the sampling,
+shared with DP-SGD). Everything after the noise is post-processing. Pre-scaling coordinates and
+the clipping norm may come from PUBLIC data only (:func:`public_scales`, :func:`public_clip_norm`).
 
 Step convention: ``steps = ceil(epochs * ceil(N / batch_size))`` -- for integer epochs this is
 ``epochs * ceil(N / batch_size)``, the count the accountant tests use -- at sample rate
@@ -25,7 +25,12 @@ and never a noise-free partial sum.
 
 The seed drives both the sampling and the noise: anyone who knows it (and the rest of the data)
 can regenerate the noise. Keep it secret for a release, or pass ``seed=None`` to draw it from
-the operating system's entropy pool.
+the operating system's entropy pool. ``secure_mode=True`` goes further: every Poisson draw and
+every noise coordinate comes from the operating system itself (:data:`privacy.noise.OS_RANDOM`, no
+seed, no generator state in the resume state), so nothing exists from which the noise could be
+regenerated; a run cannot be repeated. Under torchrun rank 0 then draws each batch and each noise
+vector and broadcasts them, so the ranks still agree. Cost: 8 OS bytes per example and per
+coordinate of the statistic vector, each step.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from tqdm import tqdm
 
 from engine.distributed import Distributed
 from errors import DPImgSynError
+from privacy.noise import OS_RANDOM, RandomSource, gaussian, is_os_random
 from privacy.sampling import poisson_batch
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
 
@@ -68,30 +74,43 @@ def clipped_sum(per_sample: Tensor, max_norm: float) -> Tensor:
     return clip_rows(per_sample, max_norm).sum(dim=0)
 
 
-def add_gaussian_noise(total: Tensor, max_norm: float, noise_multiplier: float,
-                       generator: torch.Generator | None) -> Tensor:
-    """``total + N(0, (sigma * C)^2 I)`` in float64, drawn on the generator's device (CPU by default)."""
+def add_gaussian_noise(total: Tensor, max_norm: float, noise_multiplier: float, generator: RandomSource) -> Tensor:
+    """``total + N(0, (sigma * C)^2 I)`` in float64.
+
+    A torch generator draws on its device (CPU for ``None``); :data:`~privacy.noise.OS_RANDOM` (secure
+    mode) draws fresh OS randomness on ``total``'s device.
+    """
     _require_positive("max_norm", max_norm)
     _require_positive("noise_multiplier", noise_multiplier)
-    device = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.normal(0.0, noise_multiplier * max_norm, size=tuple(total.shape),
-                         generator=generator, dtype=torch.float64, device=device)
+    if is_os_random(generator):
+        device = total.device
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+    noise = gaussian(tuple(total.shape), noise_multiplier * max_norm, generator, device, torch.float64)
     return total.to(torch.float64) + noise.to(total.device)
 
 
 def noisy_global_sum(partial: Tensor, max_norm: float, noise_multiplier: float,
-                     generator: torch.Generator | None, dist: Distributed = Distributed()) -> Tensor:
+                     generator: RandomSource, dist: Distributed = Distributed()) -> Tensor:
     """Every rank's clipped partial sum added up, then N(0, (sigma * C)^2 I) added once.
 
     Each rank draws the same noise (``generator`` in the same state everywhere) and adds it to the
     same total, so all ranks hold the one release; adding noise before the all-reduce would add
-    ``world_size`` draws, and reducing after it would expose noise-free partial sums.
+    ``world_size`` draws, and reducing after it would expose noise-free partial sums. OS draws
+    (secure mode) differ by rank, so there rank 0 alone draws and broadcasts the release.
     """
-    return add_gaussian_noise(dist.all_reduce_sum(partial), max_norm, noise_multiplier, generator)
+    total = dist.all_reduce_sum(partial)
+    if not (dist.enabled and is_os_random(generator)):
+        return add_gaussian_noise(total, max_norm, noise_multiplier, generator)
+    _require_positive("max_norm", max_norm)  # checked on every rank, so that none waits for a failed rank 0
+    _require_positive("noise_multiplier", noise_multiplier)
+    released = (add_gaussian_noise(total, max_norm, noise_multiplier, generator) if dist.is_main
+                else torch.empty(total.shape, dtype=torch.float64, device=total.device))
+    return dist.broadcast_tensor(released)
 
 
 def noisy_clipped_sum(per_sample: Tensor, max_norm: float, noise_multiplier: float,
-                      generator: torch.Generator | None, dist: Distributed = Distributed()) -> Tensor:
+                      generator: RandomSource, dist: Distributed = Distributed()) -> Tensor:
     """The Gaussian mechanism on one batch: sum of clipped rows (this rank's) + N(0, (sigma * C)^2 I)."""
     return noisy_global_sum(clipped_sum(per_sample, max_norm), max_norm, noise_multiplier, generator, dist)
 
@@ -214,7 +233,8 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
                           scales: Tensor | None = None, non_private: bool = False, progress: bool = True,
                           state: dict | None = None, checkpoint_fn: Callable[[dict], None] | None = None,
                           checkpoint_every: int = 100, max_physical_batch_size: int = 256,
-                          num_workers: int = 0, dist: Distributed = Distributed()) -> StatsResult:
+                          num_workers: int = 0, dist: Distributed = Distributed(),
+                          secure_mode: bool = False) -> StatsResult:
     """Per-layer DP mean/variance of every normalization layer's input over ``train_set``.
 
     ``model`` is the frozen teacher (its GroupNorms are wrapped in place if not yet). ``scales``
@@ -223,7 +243,12 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     Resumable: ``checkpoint_fn(state)`` is called every ``checkpoint_every`` steps; passing that
     ``state`` back continues the run so that the result equals an uninterrupted one.
     Under torchrun (``dist``), every rank must pass the same ``seed`` and ``state``; all return the result.
+    ``secure_mode=True`` draws sampling and noise from the operating system; it takes ``seed=None``
+    (a seed raises :class:`DPImgSynError`) and its resume state holds no generator.
     """
+    if secure_mode and seed is not None:
+        raise DPImgSynError("secure mode draws sampling and noise from the operating system and takes no seed; "
+                            "drop the seed, or drop secure mode for a reproducible run")
     device = torch.device(device)
     attach_stat_layers(model)
     model.to(device)
@@ -250,14 +275,16 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     steps = math.ceil(round(epochs * math.ceil(num_examples / batch_size), 9))  # 0.3 * 10 is 3 steps, not 4
     config = {"num_examples": num_examples, "batch_size": batch_size, "steps": steps, "max_norm": float(max_norm),
               "noise_multiplier": float(noise_multiplier), "dimension": dimension, "scales": scales}
+    if secure_mode:
+        config["secure_mode"] = True  # a seeded run's state (it has a generator) cannot resume a secure one
     state = _initial_state(config, seed) if state is None else _checked_state(state, config)
-    generator = torch.Generator().set_state(state["generator"])
+    generator: RandomSource = OS_RANDOM if secure_mode else torch.Generator().set_state(state["generator"])
     moment_sum = state["moment_sum"].clone()
 
     with tqdm(total=steps, initial=state["step"], desc="DP statistics", unit="step",
               disable=not (progress and dist.is_main)) as bar:
         for step in range(state["step"], steps):
-            indices = poisson_batch(num_examples, sample_rate, generator)
+            indices = _poisson_batch(num_examples, sample_rate, generator, dist)
             total = torch.zeros(dimension, dtype=torch.float64, device=device)
             for images in source.batches(dist.share(indices)):
                 total += clipped_statistics_sum(model, images.to(device, non_blocking=True), max_norm, scales)
@@ -267,8 +294,10 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
             bar.set_postfix(batch=len(indices))
             done = step + 1
             if checkpoint_fn is not None and done % checkpoint_every == 0 and done < steps:
-                checkpoint_fn({"step": done, "moment_sum": moment_sum.clone(),
-                               "generator": generator.get_state(), "config": dict(config)})
+                saved = {"step": done, "moment_sum": moment_sum.clone(), "config": dict(config)}
+                if not secure_mode:
+                    saved["generator"] = generator.get_state()
+                checkpoint_fn(saved)
 
     moments = moment_sum / steps
     unscaled = moments if scales is None else moments * scales.to(torch.float64)
@@ -354,11 +383,22 @@ def _split_moments(model: nn.Module, moments: Tensor) -> dict[str, dict[str, Ten
     return stats
 
 
+def _poisson_batch(num_examples: int, sample_rate: float, generator: RandomSource, dist: Distributed) -> Tensor:
+    """One step's global Poisson batch, the same on every rank (OS draws: rank 0's, broadcast)."""
+    if not (dist.enabled and is_os_random(generator)):
+        return poisson_batch(num_examples, sample_rate, generator)
+    drawn = poisson_batch(num_examples, sample_rate, generator) if dist.is_main else torch.empty(0, dtype=torch.int64)
+    return dist.broadcast_tensor(drawn)
+
+
 def _initial_state(config: dict, seed: int | None) -> dict:
-    generator = torch.Generator()
-    generator.manual_seed(secrets.randbits(63) if seed is None else seed)
-    return {"step": 0, "moment_sum": torch.zeros(config["dimension"], dtype=torch.float64),
-            "generator": generator.get_state(), "config": dict(config)}
+    """Step 0; a seeded run also records its generator (secure mode has none: each step reads the OS)."""
+    state = {"step": 0, "moment_sum": torch.zeros(config["dimension"], dtype=torch.float64), "config": dict(config)}
+    if not config.get("secure_mode", False):
+        generator = torch.Generator()
+        generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+        state["generator"] = generator.get_state()
+    return state
 
 
 def _checked_state(state: dict, config: dict) -> dict:
@@ -368,7 +408,7 @@ def _checked_state(state: dict, config: dict) -> dict:
         _same_value(saved[key], value) for key, value in config.items())
     if not same or not 0 <= state.get("step", -1) <= config["steps"]:
         raise DPImgSynError("the resume state was written by a run with other settings "
-                            "(dataset size, batch size, epochs, clipping, noise or scales); "
+                            "(dataset size, batch size, epochs, clipping, noise, scales or secure mode); "
                             "delete it or rerun with the original settings")
     return state
 

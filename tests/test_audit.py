@@ -202,3 +202,47 @@ def test_cli_rejects_too_few_trials_with_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error
     assert not (tmp_path / "audit.json").exists()
+
+
+# --------------------------------------------------------------------------- a weakened control
+def _canary_shift(without: np.ndarray, with_canary: np.ndarray) -> float:
+    """How far the canary moves the score, in units of the score's noise std (pooled over both worlds).
+
+    At sample rate 1 for one step the release is Gaussian: the canary adds its clipped contribution C along the
+    score direction and the noise has std sigma * C there, so the shift is 1 / sigma for the sound mechanism.
+    """
+    pooled_std = math.sqrt((without.var(ddof=1) + with_canary.var(ddof=1)) / 2)
+    return float((with_canary.mean() - without.mean()) / pooled_std)
+
+
+@pytest.mark.parametrize("mechanism", ["dp_statistics", "dp_sgd"])
+def test_halved_noise_is_flagged_at_the_suite_trial_count(mechanism, monkeypatch):
+    """A control with half the accounted noise must be flagged by the audit's own canary scores.
+
+    The held-out threshold bound (audit_bound) cannot flag it at the suite's 2000 trials per world. Measured with
+    the real mechanisms at sigma = 2 (accountant epsilon 2.00), seeds 0-4: sound bounds 0.00-0.59 (statistics) and
+    0.30-0.98 (DP-SGD); halved noise 0.80-1.59 and 1.00-1.83, all below 2.00. On simulated Gaussian scores with
+    the same shift the smallest of 10 bounds passes 2.0 only at ~10^5 trials per world (1.71 at 4 * 10^4, 2.25 at
+    10^5): 50 times the suite's count, over a minute per mechanism here. So the bound only has power against gross
+    breaks (no clipping, noise / 10: tested above), and the exact noise-scale tests of test_teacher.py and
+    test_dp_stats.py carry the rest.
+
+    The same scores do carry the break: the canary's shift in noise-std units estimates 1 / sigma_effective with
+    a standard error of ~0.032 at 2000 trials. Measured: sound 0.45-0.55, halved noise 0.95-1.05. The flag at
+    1.5 / sigma (0.75) is 7.5-7.8 standard errors from both (false verdict probability < 1e-13 per run), so a
+    mechanism with 1.5x less noise than accounted is flagged, and the sound one is not.
+    """
+    from audit import canary
+    from audit.canary import canary_scores
+
+    monkeypatch.setitem(canary.BREAKAGES, "noise_div_2", lambda sigma, max_norm: (sigma / 2, max_norm))
+    flag = 1.5 / SIGMA
+    shifts = {}
+    for breakage in ("none", "noise_div_2"):
+        config = AuditConfig(mechanism=mechanism, noise_multiplier=SIGMA, breakage=breakage, trials=TRIALS,
+                             delta=DELTA)
+        without, with_canary = canary_scores(config, False, seed=0), canary_scores(config, True, seed=0)
+        assert (without.sample_rate, without.steps) == (1.0, 1)
+        shifts[breakage] = _canary_shift(without.values, with_canary.values)
+    assert 1 / SIGMA - 0.15 < shifts["none"] < flag, shifts  # sound: shift 1/sigma, not flagged
+    assert shifts["noise_div_2"] > flag, shifts  # the weakened control is flagged

@@ -206,3 +206,128 @@ def test_every_registry_model_is_supported(name):
     clipper = PerExampleClipper(model, 1.0)
     trainable = {param for param in model.parameters() if param.requires_grad}
     assert {param for layer in clipper.layers for param in layer.parameters(recurse=False)} == trainable
+
+
+class Tied(nn.Module):
+    """Two Linear layers of one weight (tied encoder and decoder): each layer's norm alone is not the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+
+def test_modules_sharing_a_parameter_are_refused():
+    model = Tied()
+    with pytest.raises(DPImgSynError, match=r"encoder\.weight is also decoder\.weight.*--grad_sample_mode hooks"):
+        PerExampleClipper(model, 1.0)
+    model.encoder.weight.requires_grad_(False)
+    PerExampleClipper(model, 1.0)  # frozen, the shared weight gets no gradient
+    layer = nn.Linear(3, 2)
+    aliased = nn.ModuleDict({"layer": layer, "alias": layer})  # one module under two names shares nothing
+    assert list(PerExampleClipper(aliased, 1.0).layers) == [layer]
+
+
+class RunningMean(nn.Module):
+    """Keeps a running mean of its inputs in a buffer, updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(2, 6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(x.mean(0), alpha=0.1)
+        return x - self.mean
+
+
+class Counter(nn.Module):
+    """Replaces its buffer by a new tensor on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return x
+
+
+def conv_net(middle: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 2, 3), middle, nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+
+
+@pytest.mark.parametrize("middle, message", [
+    pytest.param(nn.BatchNorm2d(2, affine=False),
+                 r"1: BatchNorm2d normalizes by batch statistics and updates its running statistics.*GroupNorm",
+                 id="batch_norm_running_statistics"),
+    pytest.param(nn.BatchNorm2d(2, affine=False, track_running_stats=False),
+                 r"1: BatchNorm2d normalizes by batch statistics in training mode", id="batch_norm_batch_statistics"),
+    pytest.param(nn.InstanceNorm2d(2, track_running_stats=True), r"1: InstanceNorm2d updates its running statistics",
+                 id="instance_norm_running_statistics"),
+    pytest.param(RunningMean(), r"1 \(RunningMean\) changed its buffer 'mean'", id="buffer_changed_in_place"),
+    pytest.param(Counter(), r"1 \(Counter\) changed its buffer 'calls'", id="buffer_replaced"),
+])
+def test_a_forward_pass_that_changes_buffers_or_mixes_examples_is_refused(middle, message):
+    """Buffers a forward pass changes, and batch statistics, are functions of the private batch that no clip bounds."""
+    torch.manual_seed(7)
+    model = conv_net(middle).train()
+    clipper = PerExampleClipper(model, 1.0)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with pytest.raises(DPImgSynError, match=message):
+        with clipper.recording():
+            model(torch.randn(4, 1, 8, 8))
+    if isinstance(middle, nn.modules.batchnorm._NormBase):  # known offenders are refused before they run
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, before[name]), name
+    with pytest.raises(DPImgSynError, match="recording"):
+        clipper.clipped_backward(torch.zeros(()))  # nothing recorded is left to use
+
+
+class FilterBank(nn.Module):
+    """A fixed filter bank, as a scattering transform's: buffers, no parameters, nothing updated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("filters", torch.randn(2, 1, 3, 3))
+        self.register_buffer("gain", torch.tensor(0.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.filters).abs() * self.gain
+
+
+def test_fixed_buffers_are_allowed_and_the_same_norm_layer_in_training_mode_is_not():
+    torch.manual_seed(8)
+    norm = nn.BatchNorm2d(2, affine=False)
+    norm.running_mean.uniform_()
+    model = nn.Sequential(FilterBank(), norm.eval(), nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    inputs, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 2, 1])
+    assert_matches_reference(model, inputs, labels, 0.3, rtol=1e-4, atol=1e-6)
+    norm.train()
+    with pytest.raises(DPImgSynError, match="1: BatchNorm2d normalizes by batch statistics and updates"):
+        fused(model, inputs, labels, 0.3)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_gradients_have_their_parameters_memory_layout(monkeypatch, memory_format):
+    """An all-reduce sums raw memory: a rank with an empty share sends zeros laid out as the parameters are."""
+    torch.manual_seed(9)
+    model = Net().to(memory_format=memory_format)
+    inputs, labels = torch.randn(4, 3, 15, 13), torch.tensor([0, 1, 2, 2])
+    # Materialized convolutions or ghost norms for all; the first chunk sets param.grad, a second one adds to it.
+    for ghost_ratio, chunks in ((0, 1), (0, 2), (10**9, 1), (10**9, 2)):
+        monkeypatch.setattr(clipping, "GHOST_RATIO", ghost_ratio)
+        clipper = PerExampleClipper(model, 0.3)
+        for param in model.parameters():
+            param.grad = None
+        for rows in torch.arange(4).chunk(chunks):
+            with clipper.recording():
+                logits = model(inputs[rows])
+            clipper.clipped_backward(F.cross_entropy(logits, labels[rows], reduction="sum"))
+        clipper.remove()
+        for name, param in model.named_parameters():
+            assert param.grad.stride() == param.stride(), f"{name}, ghost ratio {ghost_ratio}, {chunks} chunk(s)"

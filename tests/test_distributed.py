@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import privacy
 import save_dp_db_stats
@@ -20,9 +22,11 @@ import synthesize
 import train_dp
 import train_student
 from engine.data import single_threaded
+from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 from engine.distributed import Distributed
 from engine.pipeline import run_stage
 from errors import DPImgSynError
+from privacy.sampling import poisson_batch
 from synthesizer import release as release_io
 from synthesizer.dp_stats import noisy_global_sum
 
@@ -159,3 +163,38 @@ def _no_inherited_rank(monkeypatch):
     """A stray RANK/WORLD_SIZE in the test environment would turn the references distributed."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------- replicas stay identical
+TINY_EXAMPLES = 16
+
+
+def _tiny_teacher_steps(rank: int, store: str, result: str) -> None:
+    """A few fused DP-SGD steps of a small conv net at an expected batch of one example."""
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=NPROC)
+    try:
+        torch.manual_seed(rank)  # different initial weights: DPDDP must copy rank 0's
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(),
+                              nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        data = torch.Generator().manual_seed(11)
+        train_set = TensorDataset(torch.randn(TINY_EXAMPLES, 1, 8, 8, generator=data),
+                                  torch.randint(0, 3, (TINY_EXAMPLES,), generator=data))
+        config = DPSGDConfig(epochs=1, batch_size=1, lr=0.5, max_norm=1.0, noise_multiplier=0.5)
+        trainer = DPSGDTrainer(model, train_set, config, torch.device("cpu"), seed=4, dist=Distributed(rank, NPROC))
+        trainer.train_epoch(progress=False)
+        torch.save(model.state_dict(), f"{result}.{rank}")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_ranks_with_an_empty_share_keep_every_replica_identical(tmp_path):
+    """A Poisson batch of one example leaves rank 1's share empty: its zeros must sum with rank 0's
+    clipped gradients element by element, whatever memory layout the clipper produced."""
+    sampler = torch.Generator().manual_seed(4)  # the trainer's sample generator: seed 4
+    sizes = [len(poisson_batch(TINY_EXAMPLES, 1 / TINY_EXAMPLES, sampler)) for _ in range(TINY_EXAMPLES)]
+    assert 1 in sizes  # some step gives rank 0 the only example and rank 1 nothing
+    mp.spawn(_tiny_teacher_steps, args=(str(tmp_path / "store"), str(tmp_path / "weights")), nprocs=NPROC)
+    replicas = [torch.load(tmp_path / f"weights.{rank}", weights_only=True) for rank in range(NPROC)]
+    for name, weights in replicas[0].items():
+        assert torch.equal(replicas[1][name], weights), name

@@ -335,3 +335,35 @@ def test_teacher_keeps_its_layer_names_in_the_result():
     result = run(model, dataset(8))
     assert list(result.stats) == ["1", "4"] == list(stat_layers(model))
     assert [tuple(s["mean"].shape) for s in result.stats.values()] == [(4,), (6,)]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_step_whose_poisson_batch_is_empty_still_releases_its_noise(monkeypatch, steps):
+    """Every sampled batch is empty: the released moments are pure noise of std sigma*C / (q*N*sqrt(S)).
+
+    Guards against a mechanism that skips the noise (or the whole step) when the Poisson batch is empty: an empty
+    step then releases exact zeros, and "no example was sampled" becomes visible. ``steps == 1`` checks the empty
+    step on its own, not an average with non-empty ones. The patched sampler must be the one the mechanism calls.
+    2048 coordinates estimate the std to ~1.6%, so the 10% tolerance is 6 standard errors.
+    """
+    import privacy.sampling
+
+    calls = []
+
+    def nobody(num_examples, sample_rate, *args, **kwargs):
+        calls.append((num_examples, sample_rate))
+        return torch.empty(0, dtype=torch.long)
+
+    monkeypatch.setattr(privacy.sampling, "poisson_batch", nobody)
+    monkeypatch.setattr(dp_stats, "poisson_batch", nobody, raising=False)
+    model = zero_model()
+    num_examples, batch_size, sigma, max_norm = 100, 10, 1.3, 0.7
+    data = TensorDataset(torch.ones(num_examples, 3, 2, 2), torch.zeros(num_examples))
+    result = run(model, data, epochs=steps / 10, batch_size=batch_size, max_norm=max_norm, noise_multiplier=sigma)
+    assert result.mechanism["steps"] == steps
+    assert calls == [(num_examples, batch_size / num_examples)] * steps, "the mechanism did not use the sampler"
+    moments = result.moments.double()
+    expected = sigma * max_norm / (batch_size * math.sqrt(steps))  # q * N = batch_size
+    assert bool((moments != 0).all())
+    assert float(moments.std()) == pytest.approx(expected, rel=0.1)
+    assert abs(float(moments.mean())) < 5 * expected / math.sqrt(len(moments))

@@ -128,10 +128,10 @@ def test_release_of_private_copies_is_flagged_not_obfuscated(tiny_pipeline, tmp_
                        targets=labels[:count].long())
     metadata = json.loads((out / "release_k0" / METADATA_FILE).read_text())
     metadata = {key: value for key, value in metadata.items() if key not in RESERVED_METADATA_KEYS}
-    metadata.update(k=1, teacher_path=str(tmp_path / "moved_away.dppt"))
+    metadata.update(k=1, teacher_file="moved_away.dppt")
     writer.finalize(metadata)
 
-    # Its recorded teacher path is gone (as after a move): --teacher names it, verified by sha256.
+    # Its recorded teacher is nowhere to be found (as after a move): --teacher names it, verified by sha256.
     result = evaluate_release.run(["--release", str(release), "--output", str(tmp_path / "eval"),
                                    "--device", "cpu", "--teacher", str(out / "statistics.dppt")])
     verdict = result["card"]["internal"]["obfuscation"]["verdict"]
@@ -157,7 +157,7 @@ def test_missing_or_mismatched_teacher_is_a_one_line_error(tiny_pipeline, tmp_pa
     moved = tmp_path / "release_moved_teacher"
     shutil.copytree(out / "release_k0", moved)
     metadata = json.loads((moved / METADATA_FILE).read_text())
-    metadata["teacher_path"] = str(tmp_path / "nowhere.dppt")
+    metadata["teacher_file"] = "nowhere.dppt"
     (moved / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(SystemExit) as exit_info:
         evaluate_release.main(["--release", str(moved), "--output", str(tmp_path / "eval")])

@@ -253,13 +253,12 @@ def ledger_steps(block: dict) -> list[tuple[str, int]]:
 
 
 def compare_checkpoints(reference: Path, resumed: Path) -> None:
-    """Same ledger step counts, then the whole payload bit-identical (the local args hold paths)."""
+    """Same ledger step counts, then the whole payload bit-identical."""
     expected, actual = privacy.load_dppt(reference), privacy.load_dppt(resumed)
     privacy.check_dppt(actual, stage=expected["stage"])
     assert ledger_steps(actual["privacy"]) == ledger_steps(expected["privacy"])
     assert actual["privacy"]["epsilon"] == expected["privacy"]["epsilon"]
-    # "args" is the teacher's command line; only its --output differs between the two runs.
-    assert_identical(expected, actual, resumed.name, ignore=("args",))
+    assert_identical(expected, actual, resumed.name)
 
 
 def compare_releases(reference: Path, resumed: Path) -> None:

@@ -1,6 +1,8 @@
 """Importing the original authors' checkpoints: weights kept, ledger claimed, pickled code never run."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import zipfile
 from collections import OrderedDict
@@ -13,6 +15,8 @@ import torch
 import import_original
 import privacy
 import registry
+import synthesize
+from engine.release_eval import evaluate_release
 from engine.synthesis import load_teacher_for_synthesis
 from errors import DPImgSynError
 from privacy.importer import STATISTICS_CAVEAT, Dropped, import_original as run_import, restricted_load
@@ -149,16 +153,37 @@ def test_import_statistics_feeds_synthesis(reference, tmp_path):
     for layer, (mean, var) in statistics.items():
         assert torch.equal(payload["dp_statistics"][layer]["mean"], mean)
         assert torch.equal(payload["dp_statistics"][layer]["var"], var)
+    # The stated guarantee is recorded but never trusted: the original mechanism never added its noise.
     (entry,) = payload["privacy"]["ledger"]
-    assert entry["claimed_by_source"] is True and entry["caveat"] == STATISTICS_CAVEAT
-    assert (entry["epsilon"], entry["delta"]) == (9.5, 1e-5)
+    assert entry["non_private"] is True and "claimed_by_source" not in entry and entry["caveat"] == STATISTICS_CAVEAT
+    assert (entry["stated_epsilon"], entry["stated_delta"]) == (9.5, 1e-5)
+    assert payload["privacy"]["epsilon"] == math.inf
     assert payload["imported_from"]["statements"] == {"eps": 9.5, "delta": 1e-5, "bn_nm": 0.8, "bn_epochs": 2}
 
-    teacher, checkpoint, block = load_teacher_for_synthesis(out, non_private=False, device=torch.device("cpu"))
-    assert block["epsilon"] == 9.5
+    with pytest.raises(DPImgSynError, match="privacy violation.*not differentially private"):
+        load_teacher_for_synthesis(out, non_private=False, device=torch.device("cpu"))
+    teacher, checkpoint, block = load_teacher_for_synthesis(out, non_private=True, device=torch.device("cpu"))
+    assert block["epsilon"] == math.inf
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(x), reference(x))
+
+
+def test_a_release_from_imported_statistics_says_epsilon_inf(reference, tmp_path, capsys):
+    source, _ = write_original_statistics(tmp_path / "orig_stats.dppt", reference, tmp_path / "marker")
+    stats = run_import(source, tmp_path / "stats.dppt", DATASET)
+    common = ["--teacher", str(stats), "--public_set", "photos", "--num_samples", "6", "--g_steps", "1",
+              "--batch_size", "6", "--device", "cpu", "--no_progress", "--output", str(tmp_path / "release")]
+    with pytest.raises(SystemExit) as exit_info:
+        synthesize.main(common)
+    assert exit_info.value.code == 2 and "not differentially private" in capsys.readouterr().err
+    assert not (tmp_path / "release").exists()
+    assert synthesize.main(common + ["--non_private"]) == 0
+    metadata = json.loads((tmp_path / "release" / "metadata.json").read_text())
+    assert metadata["privacy"]["epsilon"] == math.inf
+    card = evaluate_release(tmp_path / "release", tmp_path / "card", device="cpu", max_private=12, gallery_pairs=2)
+    assert card["card"]["publishable"]["epsilon"] == "inf"
+    assert "epsilon = inf (non-private run" in card["card_markdown"].read_text()
 
 
 def test_statistics_file_as_teacher_uses_the_training_accountant(reference, tmp_path):

@@ -7,6 +7,8 @@ import torch
 import engine.teacher
 import privacy
 import train_dp
+from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
+from errors import DPImgSynError
 from per_example import clipped_sum
 
 
@@ -84,7 +86,6 @@ def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch
     from torch.utils.data import TensorDataset
 
     import registry
-    from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(24, 3, 32, 32, generator=generator), torch.randint(0, 10, (24,), generator=generator)
@@ -106,7 +107,6 @@ def weights_moved_by_one_epoch(images: torch.Tensor, labels: torch.Tensor, **set
     from torch.utils.data import TensorDataset
 
     import registry
-    from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
 
     torch.manual_seed(1)
     model = registry.get_model("small_cnn", 10)
@@ -137,3 +137,83 @@ def test_an_empty_poisson_batch_is_still_a_noisy_step(mode, monkeypatch, single_
     moved = weights_moved_by_one_epoch(torch.randn(40, 3, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=10,
                                        max_norm=2.0, noise_multiplier=1.0, grad_sample_mode=mode)
     assert float(moved.std()) == pytest.approx(2.0 / 10 * 4 ** 0.5, rel=0.03)  # four steps' noise
+
+
+def batches_seen_by_dp_sgd(num_examples: int, batch_size: int, epochs: int, seed: int = 0) -> list[list[int]]:
+    """The example indices each DP-SGD step of ``DPSGDTrainer.train_epoch`` fed to the model (empty steps included).
+
+    Example i is the one-feature input i, so a forward pre-hook on the model reads off which examples a step saw;
+    ``on_step`` closes each step, so an empty Poisson batch (no forward pass) is recorded as an empty list.
+    """
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 2)
+    current: list[int] = []
+    steps: list[list[int]] = []
+    model.register_forward_pre_hook(lambda module, args: current.extend(args[0][:, 0].round().long().tolist()))
+
+    def close_step(_: int) -> None:
+        steps.append(sorted(current))
+        current.clear()
+
+    inputs = torch.arange(num_examples, dtype=torch.float32).view(-1, 1)
+    config = DPSGDConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, max_norm=1.0, noise_multiplier=1.0,
+                         momentum=0.0, weight_decay=0.0)
+    trainer = DPSGDTrainer(model, TensorDataset(inputs, torch.zeros(num_examples, dtype=torch.long)), config,
+                           torch.device("cpu"), seed=seed)
+    for _ in range(epochs):
+        trainer.train_epoch(progress=False, on_step=close_step)
+    return steps
+
+
+def test_dp_sgd_batches_are_poisson_samples_binomial_sizes_and_independent_membership(single_thread):
+    """The real DP-SGD path samples each example independently at rate q = B/N in every step.
+
+    Guards against shuffled fixed-size batches (``torch.randperm(N)[:B]``: batch-size variance 0), a shuffled epoch
+    split into chunks (every example exactly once per epoch: per-example count variance 0) and index-correlated
+    batches (a random contiguous window: adjacent examples together with probability ~q, not q^2).
+
+    400 steps at N = 400, q = 0.02. Each tolerance is >= 4.4 standard errors of its statistic under Poisson
+    sampling; with the fixed seed the test is deterministic, and a random seed would fail it with probability
+    below 1e-4 in all.
+    """
+    import math
+
+    num_examples, batch_size, epochs = 400, 8, 8
+    q = batch_size / num_examples
+    steps = batches_seen_by_dp_sgd(num_examples, batch_size, epochs)
+    assert len(steps) == epochs * math.ceil(num_examples / batch_size) == 400
+    membership = torch.zeros(len(steps), num_examples, dtype=torch.float64)
+    for step, indices in enumerate(steps):
+        assert len(set(indices)) == len(indices), "an example was drawn twice in one batch"
+        membership[step, indices] = 1.0
+
+    sizes = membership.sum(1)
+    # Binomial(N, q): mean 8 (standard error 0.14 over 400 steps), variance 7.84 (standard error ~7%).
+    assert float(sizes.mean()) == pytest.approx(num_examples * q, abs=0.7)
+    assert float(sizes.var()) == pytest.approx(num_examples * q * (1 - q), rel=0.35)
+    # Independent over steps: each example's count is Binomial(steps, q), variance 7.84 (standard error ~7%).
+    counts = membership.sum(0)
+    assert float(counts.var()) == pytest.approx(len(steps) * q * (1 - q), rel=0.35)
+    # Independent within a step: two examples meet with probability q^2, averaged over all pairs (standard
+    # error ~3.4%) and over the pairs of nearby indices i, i + d for d <= 4 (~255 expected meetings, standard
+    # deviation ~6%).
+    all_pairs = float((sizes * (sizes - 1)).mean()) / (num_examples * (num_examples - 1))
+    assert all_pairs == pytest.approx(q * q, rel=0.15)
+    meetings = sum(float((membership[:, d:] * membership[:, :-d]).sum()) for d in range(1, 5))
+    nearby = meetings / (len(steps) * sum(num_examples - d for d in range(1, 5)))
+    assert nearby == pytest.approx(q * q, rel=0.3)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_a_layer_that_mixes_the_examples_of_a_batch_is_refused_in_every_mode(mode):
+    """Opacus's validator passes an affine-free BatchNorm; its batch statistics no clipping bounds."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, affine=False), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 6 * 6, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    config = DPSGDConfig(epochs=1, batch_size=4, lr=0.1, max_norm=1.0, noise_multiplier=1.0, grad_sample_mode=mode)
+    with pytest.raises(DPImgSynError, match="BatchNorm2d normalizes by batch statistics"):
+        DPSGDTrainer(model, data, config, torch.device("cpu"), seed=0).train_epoch(progress=False)
