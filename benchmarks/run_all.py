@@ -8,6 +8,7 @@ whether the goal is met. Sized to finish in about ten minutes on two CPU cores.
     python benchmarks/run_all.py
     python benchmarks/run_all.py --model resnet18 --device cuda --paper     # the GPU run
     python benchmarks/run_all.py --only synthesis student --table perf.md
+    python benchmarks/run_all.py --only paper_row --model resnet18 --device cuda  # GPU-minutes of a paper row
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ BENCHMARKS = (
     Benchmark("bench_data_path.py"),
     Benchmark("bench_release_load.py", ("--num_original", "10000"), common_flags=False),
     Benchmark("bench_allocator.py"),
+    Benchmark("bench_paper_row.py"),
 )
 
 

@@ -35,8 +35,10 @@ class StatNorm(nn.Module):
         super().__init__()
         self.group_norm = group_norm
         channels = group_norm.num_channels
-        self.register_buffer("dp_mean", torch.full((channels,), float("nan")))
-        self.register_buffer("dp_var", torch.full((channels,), float("nan")))
+        # On the wrapped layer's device: a model already moved to a GPU gets its stat layers there too.
+        device = next((tensor.device for tensor in group_norm.parameters()), None)
+        self.register_buffer("dp_mean", torch.full((channels,), float("nan"), device=device))
+        self.register_buffer("dp_var", torch.full((channels,), float("nan"), device=device))
         self.mode = "off"
         self.per_sample: Tensor | None = None
         self.matching_loss: Tensor | None = None

@@ -82,6 +82,16 @@ def test_bench_allocator_smoke() -> None:
         figure(output, f"allocator_{side}_kept_vs_default", "measured")
 
 
+def test_bench_paper_row_smoke() -> None:
+    output = run_benchmark("bench_paper_row.py", *TINY, "--scale", "0.02")
+    assert re.search(r"^check fused_vs_hooks: max \|difference\| \S+ \(largest entry \S+\) OK$", output,
+                     re.MULTILINE), output
+    for stage in ("dp_sgd", "dp_statistics", "synthesis", "student KD", "one-file-per-image load"):
+        assert re.search(rf"^throughput {stage}.*: [\d,]+ [\w-]+/s", output, re.MULTILINE), output
+    assert re.search(r"^paper row .*: \d+\.\d device-minutes with this code's settings vs \d+\.\d", output,
+                     re.MULTILINE), output
+
+
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:
     scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
     code = ("import sys, runpy\n"

@@ -307,3 +307,13 @@ def test_synthesis_mode_output_has_group_norms_dtype(dtype):
     assert output.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     (grad,) = torch.autograd.grad(output.sum() + layer.matching_loss, x)
     assert grad.dtype == dtype
+
+
+def test_stat_layers_attached_to_a_moved_model_live_on_its_device():
+    """A teacher moved to a GPU before its stat layers were attached got CPU buffers (found on CUDA).
+
+    The meta device stands in for the GPU: any device other than the CPU default shows the bug.
+    """
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)).to("meta")
+    layers = attach_stat_layers(model)
+    assert {buffer.device.type for layer in layers.values() for buffer in (layer.dp_mean, layer.dp_var)} == {"meta"}
