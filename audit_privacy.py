@@ -19,19 +19,18 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
 
-from engine.cli import ArgumentParser, main_guard, nonnegative_int, positive_int, probability
+from common.cli import ArgumentParser, main_guard, nonnegative_int, positive_int, probability
+from privacy.accountant import ACCOUNTANTS
 
 DEFAULT_OUTPUT = "runs/privacy_audit.json"
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser.for_script(__doc__)
     parser.add_argument("--trials", type=positive_int,
                         help="runs of the mechanism per world (with / without canary), half of them to choose "
                              "the test (default 4000, or 20000 with --long; at least 4)")
@@ -41,7 +40,7 @@ def build_parser() -> ArgumentParser:
                         default=["dp_statistics", "dp_sgd"], help="mechanisms to audit (default both)")
     parser.add_argument("--delta", type=probability, default=1e-5,
                         help="delta of the bound and of the accountant (default 1e-5)")
-    parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv",
+    parser.add_argument("--accountant", choices=tuple(ACCOUNTANTS), default="prv",
                         help="accountant whose epsilon the bounds are compared with (default prv)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed of every trial's sampling and noise (default 0)")
@@ -61,7 +60,7 @@ def _row(result) -> str:
 def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from audit.canary import run_audit, suite
-    from engine.runtime import atomic_write_text
+    from common.files import atomic_write_text
 
     configs = [replace(config, delta=args.delta) for config in suite(args.long, args.trials)
                if config.mechanism in args.mechanisms]

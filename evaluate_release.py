@@ -17,52 +17,11 @@ with the same teacher.
 """
 from __future__ import annotations
 
-import argparse
+from common.cli import StageCLI
+from evaluation.release import EvaluationConfig, evaluate_release
 
-from engine.cli import ArgumentParser, main_guard, positive_int
-from engine.release_eval import (DEFAULT_GALLERY_PAIRS, DEFAULT_K_SSIM, DEFAULT_MAX_PRIVATE, DEFAULT_MAX_SYNTHETIC,
-                                 evaluate_release)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--release", required=True, help="release folder written by synthesize.py (only read)")
-    parser.add_argument("--dataset", help="private dataset to compare with (default: the release's; required for "
-                                          "a folder: set, which releases record by its folder name only)")
-    parser.add_argument("--public_set", help="the release's public set (default: the one it records; required for "
-                                             "a folder: set)")
-    parser.add_argument("--teacher", help="teacher .dppt (default: the file the release names, looked for beside "
-                                          "the release and in checkpoints/); must match the sha256 recorded in "
-                                          "the release")
-    parser.add_argument("--metrics", nargs="+", default=[], metavar="METRICS_JSON",
-                        help="metrics.json files of students trained on this release (default: not measured)")
-    parser.add_argument("--max_synthetic", type=positive_int, default=DEFAULT_MAX_SYNTHETIC,
-                        help=f"evaluate at most this many release images, a fixed random subset "
-                             f"(default {DEFAULT_MAX_SYNTHETIC})")
-    parser.add_argument("--max_private", type=positive_int, default=DEFAULT_MAX_PRIVATE,
-                        help=f"use at most this many private train and test images each, a fixed random subset "
-                             f"(default {DEFAULT_MAX_PRIVATE}); the card says when it subsampled")
-    parser.add_argument("--k_ssim", type=positive_int, default=DEFAULT_K_SSIM,
-                        help=f"SSIM is computed on this many L2-nearest candidates (default {DEFAULT_K_SSIM})")
-    parser.add_argument("--gallery_pairs", type=positive_int, default=DEFAULT_GALLERY_PAIRS,
-                        help=f"closest synthetic/private pairs in the gallery (default {DEFAULT_GALLERY_PAIRS})")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--data_root", help="dataset folder (default: $DPIMGSYN_DATA, else ./data)")
-    parser.add_argument("--output", required=True, help="folder for the card and diagnostics (outside the release)")
-    return parser
-
-
-def run(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    return evaluate_release(args.release, args.output, metrics_paths=args.metrics, device=args.device,
-                            data_root=args.data_root, dataset=args.dataset, teacher=args.teacher,
-                            public_set=args.public_set,
-                            max_synthetic=args.max_synthetic, max_private=args.max_private, k_ssim=args.k_ssim,
-                            gallery_pairs=args.gallery_pairs)
-
-
-main = main_guard(run)
+cli = StageCLI(__doc__, EvaluationConfig, evaluate_release, skip=("download", "progress"))
+build_parser, parse_config, run, main = cli.build_parser, cli.parse_config, cli.run, cli.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

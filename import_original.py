@@ -20,17 +20,14 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
-
-from engine.cli import ArgumentParser, main_guard, nonnegative_float, probability
-from engine.fetch import resolve_checkpoint
+from common.cli import ArgumentParser, main_guard, nonnegative_float, probability
 from privacy.accountant import ACCOUNTANTS
-from privacy.importer import import_original
+from stages.fetch import resolve_checkpoint
+from stages.importer import import_original
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser.for_script(__doc__)
     parser.add_argument("--source", required=True, help="original .dppt file: a local path or an http(s)/file URL "
                         "(downloaded to checkpoints/pretrained_DP_models/)")
     parser.add_argument("--sha256", help="expected SHA-256 of --source (required for a URL without a known digest)")

@@ -8,15 +8,12 @@ Existing lists are reused, never redrawn; each is Random_Sampling_List/<public>_
 """
 from __future__ import annotations
 
-import argparse
-
 import registry
-from engine.cli import ArgumentParser, main_guard, nonnegative_int, positive_int
+from common.cli import ArgumentParser, main_guard, nonnegative_int, positive_int
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser.for_script(__doc__)
     parser.add_argument("--public", required=True, help="public dataset name from the registry (e.g. photos)")
     parser.add_argument("--count", type=positive_int, nargs="+", required=True,
                         help="number of public images per list (one list per count and seed)")

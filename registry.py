@@ -1,12 +1,12 @@
 """THE table of datasets and models, and the one public→private alignment.
 
 Every dataset is one :class:`DatasetSpec` row in :data:`DATASETS`; every model one entry in
-:data:`MODELS`. A dataset's images come from a raw source (``datasets/``) and are seen through
+:data:`MODELS`. A dataset's images come from a raw source (``sources/``) and are seen through
 a view (size, gray/colour, normalization, channels). :func:`get_split` uses the dataset's own
 view; :func:`aligned` shows a public set through a *private* set's view, which replaces the
 original code's per-pair transform copies.
 
-Privacy: normalization constants are fixed public values (DESIGN.md section 5), never computed
+Privacy: normalization constants are fixed public values (the constants below), never computed
 from data; :func:`dataset_info` and :func:`aligned` never open a private split, and every split
 that is opened is recorded in :data:`OPENED_SPLITS` so tests can prove it.
 
@@ -38,16 +38,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import models
-from datasets import embedded, paper
-from datasets.convert import RawSource, RawTensors, View, view_of
-from datasets.files import class_folders, labeled_tree
-from engine.runtime import atomic_path
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import atomic_path
+from sources import embedded, paper
+from sources.convert import RawSource, RawTensors, View, view_of
+from sources.files import class_folders, labeled_tree
 
 DATA_ROOT_ENV = "DPIMGSYN_DATA"
 DEFAULT_DATA_ROOT = "data"
 FOLDER_PREFIX = "folder:"
 PUBLIC_LABEL = -1
+SAMPLING_SEED = 0  # which public images a run uses is fixed per (public set, count), as the original lists
 ROLES = ("private", "public", "both")
 SPLITS = ("train", "test")
 
@@ -142,12 +143,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     _spec("photos", 0, 64, False, HALF_NORM, "public", embedded.photos),
 )}
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "small_cnn": models.small_cnn,
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet18_imagenet": models.resnet18_imagenet,
-}
+MODELS = models.MODELS  # each architecture registers itself where it is defined (models/)
 
 FOLDER_OPTIONS = {"image_size": 32, "channels": 3}
 FOLDER_CHANNELS = (1, 3)
@@ -285,6 +281,18 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise DPImgSynError(f"a model needs a positive number of classes, got {num_classes!r}")
     return MODELS[name](num_classes)
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
+    """The checkpoint's architecture with its weights; weights that do not fit are a user error."""
+    model = get_model(checkpoint["architecture"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise DPImgSynError(f"{path}: weights do not fit architecture {checkpoint['architecture']!r} ({first}); "
+                            "the checkpoint is damaged or was edited") from None
+    return model
 
 
 def aligned(public_name: str, private_name: str | DatasetSpec, data_root=None, download: bool = False,

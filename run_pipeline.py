@@ -11,16 +11,13 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
-
-from engine.cli import ArgumentParser, main_guard, positive_int
-from engine.config import load_config
-from engine.pipeline import render_report, run_pipeline
+from common.cli import ArgumentParser, main_guard, positive_int
+from stages.config import load_config
+from stages.pipeline import render_report, run_pipeline
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser.for_script(__doc__)
     parser.add_argument("--config", required=True, help="pipeline YAML (see configs/demo.yaml)")
     parser.add_argument("--row", help="row of a multi-row config (configs/paper.yaml: e.g. mnist_eps1_tinyimagenet)")
     parser.add_argument("--output", help="output folder (overrides the config's 'output')")

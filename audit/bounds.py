@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 CONFIDENCE = 0.95
 

@@ -1,7 +1,7 @@
 """Canary experiments on the project's own DP mechanisms, and their comparison with the accountant.
 
 Each experiment runs the real code -- :func:`synthesizer.dp_stats.compute_dp_statistics` for the
-DP statistics, :class:`engine.dp_sgd.DPSGDTrainer` (Opacus ``DPOptimizer``) for DP-SGD -- many
+DP statistics, :class:`training.dp_sgd.DPSGDTrainer` (Opacus ``DPOptimizer``) for DP-SGD -- many
 times on a dataset D and on D' = D plus a worst-case canary, and scores each release by its
 projection on the canary's (clipped) contribution. :mod:`audit.bounds` turns the two score
 samples into an epsilon lower bound, which must stay below the accountant's epsilon for the
@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from audit.bounds import CONFIDENCE, audit_bound, max_certifiable_epsilon
-from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from privacy import compute_epsilon
 from synthesizer import dp_stats
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 MECHANISMS = ("dp_statistics", "dp_sgd")
 
@@ -172,7 +172,7 @@ def _dp_sgd_run(config: AuditConfig, trials: int, with_canary: bool, seed: int) 
     noise_multiplier, max_norm = BREAKAGES[config.breakage](config.noise_multiplier, config.max_norm)
     model = nn.Linear(features, 2, bias=False)
     nn.init.zeros_(model.weight)
-    train_config = DPSGDConfig(epochs=config.epochs, batch_size=_batch_size(config, len(inputs)), lr=1.0,
+    train_config = DPSGDConfig(epochs=config.epochs, train_batch_size=_batch_size(config, len(inputs)), lr=1.0,
                                max_norm=max_norm, noise_multiplier=noise_multiplier, momentum=0.0,
                                weight_decay=0.0, max_physical_batch_size=len(inputs))
     trainer = DPSGDTrainer(model, TensorDataset(inputs, torch.zeros(len(inputs), dtype=torch.long)),

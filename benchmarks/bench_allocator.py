@@ -1,7 +1,7 @@
 """glibc's default malloc versus memory kept for reuse, as every stage CLI sets it.
 
 By default glibc returns large freed blocks to the kernel, so each step rebuilds its activations
-on fresh pages, one page fault per 4 KiB; the CLIs call ``engine.runtime.keep_freed_memory``.
+on fresh pages, one page fault per 4 KiB; the CLIs call ``common.runtime.keep_freed_memory``.
 malloc's settings cannot be undone in a process, so each round runs two fresh child processes,
 one with ``DPIMGSYN_KEEP_FREED_MEMORY=0`` and one as the CLIs run (their order alternating);
 each times the demo's synthesis step and the reference training step and counts the minor page
@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 
+# harness first: it puts the repository on sys.path
+from harness import Goal, Timing, benchmark_parser, peak_mib, report, set_up
 from bench_synthesis import add_size_flags, make_sides
-from common import Goal, Timing, benchmark_parser, peak_mib, report, set_up
-from engine.cli import main_guard
-from engine.runtime import KEEP_FREED_MEMORY_ENV
+from common.cli import main_guard
+from common.runtime import KEEP_FREED_MEMORY_ENV
 
 SIDES = ("synthesis", "training")
 MODES = {"default": "0", "kept": "1"}  # the value of KEEP_FREED_MEMORY_ENV in the child

@@ -4,10 +4,10 @@ Each figure runs one loop twice, identical but for where its batches come from: 
 or slicing tensors prepared before timing. The loop body is one supervised step of the model
 on the batch, the work any stage does per batch.
 
-- ``mnist5k`` (private, in memory): Poisson batches through ``engine.data.batches_by_index``,
+- ``mnist5k`` (private, in memory): Poisson batches through ``common.batches.batches_by_index``,
   as DP-SGD reads them.
 - ``photos`` aligned to mnist5k (public, generated per item): consecutive batches through
-  ``engine.data.stack_items``, as synthesis reads them: the first read of the indices in a
+  ``common.batches.stack_items``, as synthesis reads them: the first read of the indices in a
   process (converted items forgotten before every run), and a re-read (converted items kept,
   as for the second synthesis of a pipeline). The pre-loaded side is the original per-item
   conversion, stacked before timing; both read sides are checked to equal it.
@@ -22,13 +22,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from common import Goal, benchmark_parser, make_model, report, set_up, time_sides, training_step
+# harness first: it puts the repository on sys.path
+from harness import Goal, benchmark_parser, make_model, report, set_up, time_sides, training_step
 import registry
-from datasets.convert import RawSource
-from datasets.embedded import forget_converted
-from engine.cli import main_guard, positive_int
-from engine.data import batches_by_index, stack_items
+from common.batches import batches_by_index, stack_items
+from common.cli import main_guard, positive_int
 from privacy.sampling import poisson_batch
+from sources.convert import RawSource
+from sources.embedded import forget_converted
 
 GOAL = Goal("<=", 1.1)
 PRIVATE, PUBLIC = "mnist5k", "photos"

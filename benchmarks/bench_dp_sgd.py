@@ -3,7 +3,7 @@
 The modes are our one-backward engine (``fused``, the default) and Opacus's per-sample modes.
 Every side trains on the same Poisson batches (rate B/N, drawn from identically seeded
 generators) of the same in-memory data from the same initial weights. The modes the trainer
-offers (``engine.dp_sgd.GRAD_SAMPLE_MODES``) run through ``DPSGDTrainer`` itself; ghost
+offers (``training.dp_sgd.GRAD_SAMPLE_MODES``) run through ``DPSGDTrainer`` itself; ghost
 clipping (Opacus's fast gradient clipping, two backward passes and no per-sample gradients)
 is built from Opacus's parts, on one physical batch. Each mode is first checked for
 correctness: with zero noise, one full-batch step must move the weights as clipping every
@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up,
-                    time_sides, training_step)
-from engine.cli import main_guard, positive_int
-from engine.dp_sgd import GRAD_SAMPLE_MODES, DPSGDConfig, DPSGDTrainer
+# harness first: it puts the repository on sys.path
+from harness import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up, time_sides,
+                     training_step)
+from common.cli import main_guard, positive_int
 from privacy.sampling import poisson_batch
+from training.dp_sgd import GRAD_SAMPLE_MODES, DPSGDConfig, DPSGDTrainer
 
 GOALS = {"cpu": Goal("<=", 1.5), "cuda": Goal("<=", 1.3)}
 GHOST = "ghost"
@@ -38,7 +39,7 @@ TOLERANCE = 1e-9  # float64
 
 
 def dp_config(args, **overrides) -> DPSGDConfig:
-    settings = dict(epochs=1, batch_size=args.batch_size, lr=LR, max_norm=MAX_NORM, noise_multiplier=NOISE,
+    settings = dict(epochs=1, train_batch_size=args.batch_size, lr=LR, max_norm=MAX_NORM, noise_multiplier=NOISE,
                     max_physical_batch_size=args.physical_batch_size)
     settings.update(overrides)
     return DPSGDConfig(**settings)
@@ -59,7 +60,7 @@ class GhostClipping:
         noise_generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
         self.optimizer = DPOptimizerFastGradientClipping(
             base, noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_norm,
-            expected_batch_size=config.batch_size, loss_reduction="mean", generator=noise_generator)
+            expected_batch_size=config.train_batch_size, loss_reduction="mean", generator=noise_generator)
         self.criterion = DPLossFastGradientClipping(self.module, self.optimizer, nn.CrossEntropyLoss(), "mean")
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -92,7 +93,7 @@ def weight_change(args, device: torch.device, images: torch.Tensor, labels: torc
     """Weights after one noise-free full-batch step (lr 1, no momentum) of ``mode`` minus the initial ones."""
     model = make_model(args, device).double()
     initial = [param.detach().clone() for param in model.parameters()]
-    config = dp_config(args, batch_size=len(labels), noise_multiplier=0.0, momentum=0.0, weight_decay=0.0,
+    config = dp_config(args, train_batch_size=len(labels), noise_multiplier=0.0, momentum=0.0, weight_decay=0.0,
                        lr=1.0, max_physical_batch_size=len(labels),
                        grad_sample_mode=mode if mode != GHOST else DEFAULT_MODE)
     if mode == GHOST:

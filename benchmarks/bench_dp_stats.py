@@ -14,8 +14,9 @@ import sys
 import torch
 from torch.utils.data import TensorDataset
 
-from common import Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up, time_sides
-from engine.cli import main_guard, positive_int
+# harness first: it puts the repository on sys.path
+from harness import Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up, time_sides
+from common.cli import main_guard, positive_int
 from synthesizer.dp_stats import compute_dp_statistics
 
 GOAL = Goal("<=", 1.3)

@@ -26,14 +26,15 @@ from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
+# harness first: it puts the repository on sys.path
+from harness import benchmark_parser, make_model, random_images, random_labels, set_up
 from bench_synthesis import MNIST_MEAN, MNIST_STD, frozen_teacher
-from common import benchmark_parser, make_model, random_images, random_labels, set_up
-from engine.cli import main_guard, positive_float
-from engine.distill import StudentConfig, StudentTrainer, kd_loss
-from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
+from common.cli import main_guard, positive_float
 from privacy.clipping import PerExampleClipper
-from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.dp_stats import compute_dp_statistics
+from training.distill import DistillationConfig, StudentTrainer, kd_loss
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 # The MNIST epsilon-10 row of Table 1 and the paper's synthesis and student settings.
 TRAIN_IMAGES, DP_EPOCHS, DP_BATCH, STATS_EPOCHS, STATS_BATCH = 60_000, 14, 128, 2, 64
@@ -64,7 +65,7 @@ def dp_sgd_rate(args, device: torch.device) -> float:
     generator = torch.Generator().manual_seed(args.seed)
     count = max(DP_BATCH, int(40 * DP_BATCH * args.scale))
     data = TensorDataset(random_images(count, args, generator), random_labels(count, args, generator))
-    config = DPSGDConfig(epochs=2, batch_size=DP_BATCH, lr=0.01, max_norm=1.0, noise_multiplier=1.0,
+    config = DPSGDConfig(epochs=2, train_batch_size=DP_BATCH, lr=0.01, max_norm=1.0, noise_multiplier=1.0,
                          max_physical_batch_size=DP_BATCH)
     trainer = DPSGDTrainer(make_model(args, device), data, config, device, seed=args.seed)
     return rate("dp_sgd (fused, batch 128)", *seconds_of(lambda: (trainer.train_epoch(progress=False), count)[1],
@@ -97,7 +98,7 @@ def synthesis_rates(args, device: torch.device) -> dict[tuple[int, bool], float]
         try:
             probe = random_images(batch, args, torch.Generator()).to(device)
             optimize_batch(teacher, probe, cyclic_targets(0, batch, args.num_classes).to(device), 1,
-                           SynthesisWeights(), low, high, torch.Generator(), grayscale=True)
+                           AlignmentConfig(), low, high, torch.Generator(), grayscale=True)
             batches.append(batch)
             break
         except torch.OutOfMemoryError:
@@ -108,7 +109,7 @@ def synthesis_rates(args, device: torch.device) -> dict[tuple[int, bool], float]
         targets = cyclic_targets(0, batch, args.num_classes).to(device)
         for bf16 in (False, True) if device.type == "cuda" else (False,):
             def work() -> int:
-                optimize_batch(teacher, start, targets, steps, SynthesisWeights(), low, high,
+                optimize_batch(teacher, start, targets, steps, AlignmentConfig(), low, high,
                                torch.Generator().manual_seed(0), grayscale=True, bf16=bf16)
                 return steps * batch
 
@@ -124,7 +125,7 @@ def student_rates(args, device: torch.device) -> tuple[float, float]:
     images = random_images(count, args, generator)
     soft_labels = torch.randn(count, args.num_classes, generator=generator)
     targets = random_labels(count, args, generator)
-    config = StudentConfig(epochs=2, batch_size=STUDENT_BATCH, lr=0.1, momentum=0.9, weight_decay=1e-4,
+    config = DistillationConfig(epochs=2, batch_size=STUDENT_BATCH, lr=0.1, momentum=0.9, weight_decay=1e-4,
                            temperature=100.0, alpha=1.0, beta=0.0, augment=False)
     ours = StudentTrainer(make_model(args, device), images, soft_labels, targets, config, device, args.seed,
                           bf16=device.type == "cuda")
@@ -199,10 +200,10 @@ def check_bf16_synthesis(args, device: torch.device, batch: int = 80, steps: int
     high = torch.full((3,), (1 - MNIST_MEAN) / MNIST_STD, device=device)
     start = random_images(batch, args, torch.Generator().manual_seed(args.seed)).to(device)
     targets = cyclic_targets(0, batch, args.num_classes).to(device)
-    first = optimize_batch(teacher, start, targets, 1, SynthesisWeights(), low, high,
+    first = optimize_batch(teacher, start, targets, 1, AlignmentConfig(), low, high,
                            torch.Generator().manual_seed(0), grayscale=True).losses
     for bf16 in (False, True) if device.type == "cuda" else (False,):
-        losses = optimize_batch(teacher, start, targets, steps, SynthesisWeights(), low, high,
+        losses = optimize_batch(teacher, start, targets, steps, AlignmentConfig(), low, high,
                                 torch.Generator().manual_seed(0), grayscale=True, bf16=bf16).losses
         print(f"check synthesis_{'bf16' if bf16 else 'fp32'}: losses after 1 step {first}, after {steps} {losses}")
 

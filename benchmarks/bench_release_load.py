@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cli import ArgumentParser, main_guard, positive_int  # noqa: E402
+from common.cli import ArgumentParser, main_guard, positive_int  # noqa: E402
 from synthesizer.release import ReleaseWriter, load  # noqa: E402
 
 IMAGE_SHAPE = (3, 32, 32)

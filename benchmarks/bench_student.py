@@ -16,11 +16,12 @@ import sys
 
 import torch
 
-from common import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up,
-                    time_sides, training_step)
-from engine.cli import main_guard, positive_float, positive_int
-from engine.distill import StudentConfig, StudentTrainer, kd_loss
-from engine.precision import use_bf16
+# harness first: it puts the repository on sys.path
+from harness import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up, time_sides,
+                     training_step)
+from common.cli import main_guard, positive_float, positive_int
+from common.precision import use_bf16
+from training.distill import DistillationConfig, StudentTrainer, kd_loss
 
 GOAL = Goal("<=", 1.1)
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     images = random_images(args.num_images, args, generator)
     soft_labels = torch.randn(args.num_images, args.num_classes, generator=generator)
     targets = random_labels(args.num_images, args, generator)
-    config = StudentConfig(epochs=1_000, batch_size=args.batch_size, lr=0.05, temperature=args.temperature)
+    config = DistillationConfig(epochs=1_000, batch_size=args.batch_size, lr=0.05, temperature=args.temperature)
 
     ours = StudentTrainer(make_model(args, device), images, soft_labels, targets, config, device, args.seed)
     images, targets = ours.images, ours.targets  # wherever the trainer keeps them (on the GPU if they fit)

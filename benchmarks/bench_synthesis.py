@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 
-from common import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up,
-                    time_sides, training_step)
-from engine.cli import main_guard, positive_int
-from engine.precision import use_bf16
-from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+# harness first: it puts the repository on sys.path
+from harness import (Goal, benchmark_parser, make_model, random_images, random_labels, report, set_up, time_sides,
+                     training_step)
+from common.cli import main_guard, positive_int
+from common.precision import use_bf16
+from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
 GOAL = Goal("<=", 1.3)
@@ -78,7 +79,7 @@ def make_sides(args, device: torch.device) -> dict[str, Callable[[], int]]:
     labels = random_labels(args.batch_size, args, generator).to(device)
 
     def synthesis(bf16: bool = False) -> int:
-        optimize_batch(teacher, start, targets, args.steps, SynthesisWeights(), low, high, jitter_generator,
+        optimize_batch(teacher, start, targets, args.steps, AlignmentConfig(), low, high, jitter_generator,
                        grayscale=not args.color, bf16=bf16)
         return args.steps * args.batch_size
 

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import COMPARISONS, FIGURE_LINE
-from engine.cli import ArgumentParser, main_guard, nonnegative_int, positive_int
-from engine.runtime import atomic_write_text
+# harness first: it puts the repository on sys.path
+from harness import COMPARISONS, FIGURE_LINE
+from common.cli import ArgumentParser, main_guard, nonnegative_int, positive_int
+from common.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 

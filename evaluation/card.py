@@ -18,33 +18,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from engine.runtime import atomic_write_text
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import atomic_write_text
 
 CARD_FORMAT = "dp-imgsyn-release-card/1"
 
-PUBLISHABLE_FIELDS: tuple[str, ...] = (
-    "release",
-    "dataset",
-    "public_set",
-    "k",
-    "num_images",
-    "counts_per_class",
-    "epsilon",
-    "delta",
-    "accountant",
-    "ledger",
-    "preview_path",
-)
+PUBLISHABLE_FIELDS: tuple[str, ...] = ("release", "dataset", "public_set", "k", "num_images", "counts_per_class",
+                                       "epsilon", "delta", "accountant", "ledger", "preview_path")
 """Every key of the publishable part — and the only keys it may hold."""
 
-INTERNAL_FIELDS: tuple[str, ...] = (
-    "teacher_test_acc",
-    "student_test_acc",
-    "obfuscation",
-    "fidelity",
-    "gallery_path",
-)
+INTERNAL_FIELDS: tuple[str, ...] = ("teacher_test_acc", "student_test_acc", "obfuscation", "fidelity", "gallery_path")
 """Keys the internal part must hold (``None`` means not measured); more keys are allowed."""
 
 NOT_MEASURED = "not measured"
@@ -136,9 +119,8 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _table(
-    rows: list[Mapping[str, Any]], first_column: str | None = None, labels: list[str] | None = None
-) -> list[str]:
+def _table(rows: list[Mapping[str, Any]], first_column: str | None = None, labels: list[str] | None = None
+          ) -> list[str]:
     """A Markdown table over the union of the rows' keys (an optional leading label column)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     header = ([first_column] if first_column is not None else []) + columns

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 ArrayLike = Tensor | np.ndarray
 
@@ -55,9 +55,8 @@ def _flat_dim(data: ArrayLike) -> int:
     return int(np.prod(tuple(data.shape[1:]), dtype=np.int64))
 
 
-def _sq_dist_blocks(
-    queries: ArrayLike, references: ArrayLike, chunk: int, device: torch.device
-) -> Iterator[tuple[int, Tensor, Iterator[tuple[int, Tensor]]]]:
+def _sq_dist_blocks(queries: ArrayLike, references: ArrayLike, chunk: int, device: torch.device
+                   ) -> Iterator[tuple[int, Tensor, Iterator[tuple[int, Tensor]]]]:
     """Yield, per query chunk, its start and rows, and an iterator of squared-distance blocks.
 
     Each block is ``(ref_start, d2)`` with ``d2[i, j] = ||q_i - r_j||^2`` for one reference chunk,
@@ -74,13 +73,8 @@ def _sq_dist_blocks(
         yield q_start, q, blocks(q, (q * q).sum(1))
 
 
-def nearest_neighbours(
-    queries: ArrayLike,
-    references: ArrayLike,
-    k: int = 1,
-    chunk: int = 1024,
-    device: str | torch.device | None = None,
-) -> tuple[Tensor, Tensor]:
+def nearest_neighbours(queries: ArrayLike, references: ArrayLike, k: int = 1, chunk: int = 1024,
+                       device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
     """L2 distances (flattened pixels) and indices of the ``k`` nearest references per query.
 
     Returns ``(distances, indices)``, both ``(len(queries), k)`` on the CPU, sorted by distance.
@@ -126,9 +120,8 @@ def _exact_distances(q: Tensor, references: ArrayLike, indices: Tensor, device: 
     return (q[:, None, :] - r).norm(dim=2)
 
 
-def _gaussian_filter_matrix(
-    size: int, window_size: int, sigma: float, dtype: torch.dtype, device: torch.device
-) -> Tensor:
+def _gaussian_filter_matrix(size: int, window_size: int, sigma: float, dtype: torch.dtype, device: torch.device
+                           ) -> Tensor:
     """Banded ``(size - window_size + 1, size)`` matrix whose rows are the shifted, normalized window.
 
     ``M_h @ image @ M_w.T`` is the separable Gaussian filter over the positions where the window
@@ -143,9 +136,7 @@ def _gaussian_filter_matrix(
     return matrix.to(dtype=dtype, device=device)
 
 
-def ssim(
-    x: Tensor, y: Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5
-) -> Tensor:
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> Tensor:
     """Structural similarity of Wang et al. (2004), one value per image pair: ``(B,C,H,W) -> (B,)``.
 
     Gaussian-weighted local statistics (population covariance), K1 = 0.01, K2 = 0.03, computed per
@@ -197,13 +188,8 @@ def distribution_summary(values: ArrayLike | Sequence[float]) -> dict:
     }
 
 
-def nn_report(
-    synthetic: ArrayLike,
-    private_train: ArrayLike,
-    k_ssim: int = 5,
-    chunk: int = 1024,
-    device: str | torch.device | None = None,
-) -> dict:
+def nn_report(synthetic: ArrayLike, private_train: ArrayLike, k_ssim: int = 5, chunk: int = 1024,
+              device: str | torch.device | None = None) -> dict:
     """Nearest private training image of every synthetic image, by L2 and by SSIM.
 
     Both sets are images in pixel space [0, 1] with the same (C, H, W). SSIM is evaluated only on
@@ -248,9 +234,7 @@ def nn_report(
     }
 
 
-def obfuscation_verdict(
-    synthetic_nn: dict, private_test_nn: dict, max_close_fraction: float = 0.05
-) -> dict:
+def obfuscation_verdict(synthetic_nn: dict, private_test_nn: dict, max_close_fraction: float = 0.05) -> dict:
     """Decide whether synthetic images stay farther from the private training set than fresh private data does.
 
     The reference is the private test set's nearest-training-image distances: that is what
@@ -304,9 +288,7 @@ def _l2_of(report: dict, name: str) -> np.ndarray:
     return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
 
 
-def gallery_rows(
-    synthetic: ArrayLike, private_train: ArrayLike, report: dict, n: int = 16, by: str = "l2"
-) -> dict:
+def gallery_rows(synthetic: ArrayLike, private_train: ArrayLike, report: dict, n: int = 16, by: str = "l2") -> dict:
     """The ``n`` synthetic images closest to the private set, each beside its nearest private image.
 
     ``by`` is ``"l2"`` (smallest distance first) or ``"ssim"`` (highest similarity first). Returns
@@ -371,9 +353,7 @@ def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
     return max(distance, 0.0)
 
 
-def _within_any_ball(
-    points: ArrayLike, centers: ArrayLike, radii: Tensor, chunk: int, device: torch.device
-) -> Tensor:
+def _within_any_ball(points: ArrayLike, centers: ArrayLike, radii: Tensor, chunk: int, device: torch.device) -> Tensor:
     """For every point: does it lie inside at least one ball ``(centers[j], radii[j])``?"""
     radii_sq = radii.to(device=device, dtype=torch.float64) ** 2
     inside = []
@@ -385,13 +365,8 @@ def _within_any_ball(
     return torch.cat(inside)
 
 
-def precision_recall(
-    real_feats: ArrayLike,
-    fake_feats: ArrayLike,
-    k: int = 3,
-    chunk: int = 1024,
-    device: str | torch.device | None = None,
-) -> dict:
+def precision_recall(real_feats: ArrayLike, fake_feats: ArrayLike, k: int = 3, chunk: int = 1024,
+                     device: str | torch.device | None = None) -> dict:
     """k-NN manifold precision and recall (Kynkäänniemi et al., 2019).
 
     Each set's manifold is the union of balls around its points with radius the distance to the
@@ -428,13 +403,9 @@ def _batches(images: ArrayLike | Dataset, batch_size: int) -> Iterator[Tensor]:
         yield rows if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows))
 
 
-def penultimate_features(
-    model: nn.Module,
-    images: ArrayLike | Dataset,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    preprocess: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+def penultimate_features(model: nn.Module, images: ArrayLike | Dataset, batch_size: int = 256,
+                         device: str | torch.device = "cpu", preprocess: Callable[[Tensor], Tensor] | None = None
+                        ) -> Tensor:
     """Inputs of the model's final ``nn.Linear`` for every image, as a CPU float tensor ``(N, d)``.
 
     ``images`` is a tensor/array (N, C, H, W) or a dataset yielding ``(image, label)``; it must be

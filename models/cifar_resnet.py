@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.private_ready import make_private_ready
+from models.zoo import register_model
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -81,11 +82,13 @@ def cifar_stem() -> nn.Module:
     )
 
 
+@register_model
 def resnet18(num_classes: int) -> nn.Module:
     """CIFAR-style ResNet-18 with GroupNorm (the paper's teacher and student)."""
     return build_resnet(cifar_stem(), 18, num_classes)
 
 
+@register_model
 def resnet34(num_classes: int) -> nn.Module:
     """CIFAR-style ResNet-34 with GroupNorm."""
     return build_resnet(cifar_stem(), 34, num_classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from models.cifar_resnet import STAGE_WIDTHS, build_resnet
+from models.zoo import register_model
 
 
 def imagenet_stem() -> nn.Module:
@@ -21,6 +22,7 @@ def imagenet_stem() -> nn.Module:
     )
 
 
+@register_model
 def resnet18_imagenet(num_classes: int) -> nn.Module:
     """ImageNet-style ResNet-18 with GroupNorm."""
     return build_resnet(imagenet_stem(), 18, num_classes)

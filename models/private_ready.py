@@ -4,7 +4,7 @@ from __future__ import annotations
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 
 def make_private_ready(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.private_ready import make_private_ready
+from models.zoo import register_model
 
 CONV_WIDTHS = (16, 32, 64)
 GROUPS_PER_NORM = 4
@@ -43,6 +44,7 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+@register_model
 def small_cnn(num_classes: int) -> nn.Module:
     """The small DP-SGD network; already Opacus-ready (it has no BatchNorm to replace)."""
     return make_private_ready(SmallCNN(num_classes))

@@ -1,4 +1,4 @@
-"""Epsilon of a whole pipeline, noise calibration, and the paper's Table 1 presets.
+"""Epsilon of a whole pipeline and noise calibration, behind one table of accountants.
 
 Every DP step of DP-ImgSyn (DP-SGD on the teacher, the DP normalization statistics) is a
 Poisson-subsampled Gaussian mechanism, so one Opacus accountant composes them all: its
@@ -10,12 +10,10 @@ import functools
 import math
 import numbers
 import warnings
-from pathlib import Path
 
 import numpy as np
-import yaml
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from privacy.sampling import steps_per_epoch
 
 Mechanism = tuple[float, float, int]
@@ -273,83 +271,3 @@ def poisson_plan(train_size: int, batch_size: int, epochs: int) -> tuple[float, 
     if batch_size > train_size:
         raise DPImgSynError(f"batch size {batch_size} exceeds the training set size {train_size}")
     return batch_size / train_size, epochs * steps_per_epoch(train_size, batch_size)
-
-
-# ----------------------------------------------------------------------------- Table 1 presets
-
-DEFAULT_PRESETS_PATH = Path(__file__).resolve().parent.parent / "configs" / "table1.yaml"
-
-PRESET_FIELDS: dict[str, type] = {
-    "dataset": str,
-    "model": str,
-    "epochs": int,
-    "train_batch_size": int,
-    "lr": float,
-    "max_norm": float,
-    "noise_multiplier": float,
-    "stats_epochs": int,
-    "stats_batch_size": int,
-    "train_size": int,
-    "delta": float,
-    "target_epsilon": float,
-    "expected_epsilon": float,
-}
-
-
-def _check_preset(name: str, preset) -> dict:
-    if not isinstance(preset, dict):
-        raise DPImgSynError(f"preset {name!r} must be a mapping of settings, got {preset!r}")
-    missing = sorted(PRESET_FIELDS.keys() - preset.keys())
-    unknown = sorted(preset.keys() - PRESET_FIELDS.keys())
-    if missing or unknown:
-        raise DPImgSynError(f"preset {name!r}: missing keys {missing}, unknown keys {unknown}; "
-                            f"expected exactly {sorted(PRESET_FIELDS)}")
-    checked = {}
-    for key, kind in PRESET_FIELDS.items():
-        value = preset[key]
-        if kind is str:
-            valid = isinstance(value, str) and bool(value)
-        elif kind is int:
-            valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        else:
-            valid = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and math.isfinite(value) and value > 0)
-            value = float(value) if valid else value
-        if not valid:
-            raise DPImgSynError(f"preset {name!r}: {key} must be a positive {kind.__name__}, got {value!r}")
-        checked[key] = value
-    _check_delta(checked["delta"])
-    for batch_key in ("train_batch_size", "stats_batch_size"):
-        if checked[batch_key] > checked["train_size"]:
-            raise DPImgSynError(f"preset {name!r}: {batch_key} exceeds train_size")
-    return checked
-
-
-def load_presets(path: str | Path | None = None) -> dict[str, dict]:
-    """Read and validate the Table 1 presets (default: the repository's ``configs/table1.yaml``)."""
-    path = Path(path) if path is not None else DEFAULT_PRESETS_PATH
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise DPImgSynError(f"cannot read presets file {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise DPImgSynError(f"presets file {path} is not valid YAML ({type(error).__name__})") from None
-    if not isinstance(data, dict) or not data:
-        raise DPImgSynError(f"presets file {path} must map preset names to settings")
-    return {str(name): _check_preset(str(name), preset) for name, preset in data.items()}
-
-
-def get_preset(name: str, path: str | Path | None = None) -> dict:
-    """One preset by name; an unknown name lists the available ones."""
-    presets = load_presets(path)
-    if name not in presets:
-        raise DPImgSynError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    return presets[name]
-
-
-def preset_plan(preset: dict) -> list[tuple[float, int]]:
-    """The pipeline plan of a preset: its DP-SGD stage, then its DP-statistics stage."""
-    return [
-        poisson_plan(preset["train_size"], preset["train_batch_size"], preset["epochs"]),
-        poisson_plan(preset["train_size"], preset["stats_batch_size"], preset["stats_epochs"]),
-    ]

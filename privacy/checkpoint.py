@@ -6,8 +6,6 @@ refuses anything but plain containers, scalars and tensors (so every file loads 
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import warnings
 from collections import OrderedDict
@@ -15,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from engine.artifacts import with_suffix_once
-from engine.runtime import atomic_torch_save
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import atomic_torch_save, require_same_settings, with_suffix_once
 
 CHECKPOINT_FORMAT = "dpimgsyn.dppt"
 CHECKPOINT_VERSION = 1
@@ -155,10 +152,14 @@ def check_dppt(payload: dict, stage: str | None = None, architecture: str | None
     return payload
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def completed_dppt(output: Path, settings_key: str, settings: dict) -> bool:
+    """True (and says so) when ``output`` is already this run's finished `.dppt`.
+
+    An existing file written with other settings is a user error; it is never overwritten.
+    """
+    if not output.exists():
+        return False
+    existing = load_dppt(output)
+    require_same_settings(output, existing.get(settings_key, {}), settings)
+    print(f"{output} already complete (epsilon {existing['privacy']['epsilon']:.3f}); nothing to do")
+    return True

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 # Added to the norm before dividing, as Opacus's flat clipping does: an all-zero gradient gets factor 1.
 NORM_EPSILON = 1e-6

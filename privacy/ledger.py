@@ -21,7 +21,7 @@ import json
 import math
 import numbers
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from privacy.accountant import DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
 
 NON_PRIVATE = "non_private"

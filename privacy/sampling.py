@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Iterator
 
 import torch
 
-from errors import DPImgSynError
-from privacy.noise import RandomSource, uniform
+from common.distributed import Distributed
+from common.errors import DPImgSynError
+from privacy.noise import RandomSource, is_os_random, uniform
 
 
 def poisson_batch(num_examples: int, sample_rate: float, generator: RandomSource) -> torch.Tensor:
@@ -28,12 +28,17 @@ def poisson_batch(num_examples: int, sample_rate: float, generator: RandomSource
     return mask.nonzero(as_tuple=True)[0]
 
 
-def poisson_batches(
-    num_examples: int, sample_rate: float, steps: int, generator: RandomSource
-) -> Iterator[torch.Tensor]:
-    """``steps`` independent Poisson batches."""
-    for _ in range(steps):
-        yield poisson_batch(num_examples, sample_rate, generator)
+def global_poisson_batch(num_examples: int, sample_rate: float, source: RandomSource,
+                         dist: Distributed = Distributed()) -> torch.Tensor:
+    """One step's Poisson batch, the same on every rank of a torchrun.
+
+    Seeded generators agree across ranks by construction; OS draws (secure mode) do not, so there
+    rank 0 draws and broadcasts.
+    """
+    if not (dist.enabled and is_os_random(source)):
+        return poisson_batch(num_examples, sample_rate, source)
+    drawn = poisson_batch(num_examples, sample_rate, source) if dist.is_main else torch.empty(0, dtype=torch.int64)
+    return dist.broadcast_tensor(drawn)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.cli import ArgumentParser, main_guard  # noqa: E402
-from engine.paper import row_names  # noqa: E402
-from engine.runtime import atomic_write_text  # noqa: E402
+from common.cli import ArgumentParser, main_guard  # noqa: E402
+from stages.paper import row_names  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 
 
 def _cell(summary: list[dict], k: int) -> str:

@@ -8,52 +8,47 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.precision import autocast
-from synthesizer.stat_norm import matching_loss, stat_layers
+from common.cli import nonnegative_float, option, positive_float
+from common.precision import autocast
+from synthesizer.stat_norm import stat_layers
+from synthesizer.terms import TERMS, TermInputs
 
 
-@dataclass(frozen=True)
-class SynthesisWeights:
-    """Loss weights and optimizer settings; defaults are the paper's."""
+@dataclass(frozen=True, kw_only=True)
+class AlignmentConfig:
+    """The optimization of a batch: one weight per loss term (:mod:`synthesizer.terms`), Adam's learning
+    rate, the augmentations; the defaults are the paper's (bn 10, oh 1, tv 2.5e-5, l2 3e-8, lr 0.1)."""
 
-    bn: float = 10.0
-    oh: float = 1.0
-    tv: float = 2.5e-5
-    l2: float = 3e-8
-    adv: float = 0.0
-    lr: float = 0.1
-    jitter: bool = True
-    flip: bool = True
+    statistics_weight: float = option(10.0, "weight of the DP-statistics matching loss", parse=nonnegative_float,
+                                      aliases=("bn",))
+    class_weight: float = option(1.0, "weight of the cross-entropy to the targets", parse=nonnegative_float,
+                                 aliases=("oh",))
+    smoothness_weight: float = option(2.5e-5, "weight of the total-variation prior", parse=nonnegative_float,
+                                      aliases=("tv",))
+    image_norm_weight: float = option(3e-8, "weight of the image L2 norm", parse=nonnegative_float, aliases=("l2",))
+    lr: float = option(0.1, "Adam learning rate on the pixels", parse=positive_float, aliases=("lr_g",))
+    jitter: bool = option(True, "random shifts of up to 1/8 of the side during optimization")
+    flip: bool = option(True, "random horizontal flips during optimization")
 
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """DeepInversion's L2 image prior: norms of the four neighbour differences."""
-    return (torch.norm(x[:, :, :, :-1] - x[:, :, :, 1:]) + torch.norm(x[:, :, :-1, :] - x[:, :, 1:, :])
-            + torch.norm(x[:, :, 1:, :-1] - x[:, :, :-1, 1:]) + torch.norm(x[:, :, :-1, :-1] - x[:, :, 1:, 1:]))
-
-
-def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """JS divergence between the two output distributions (adversarial term of DeepInversion)."""
-    p = F.softmax(student_logits, dim=1)
-    q = F.softmax(teacher_logits, dim=1)
-    m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+    def term_weights(self) -> dict[str, float]:
+        """``{term: weight}`` in the order of the weight fields (the order of the sum)."""
+        return {field.name.removesuffix("_weight"): getattr(self, field.name) for field in fields(self)
+                if field.name.endswith("_weight")}
 
 
-def _jitter_and_flip(x: torch.Tensor, weights: SynthesisWeights, generator: torch.Generator) -> torch.Tensor:
+def _jitter_and_flip(x: torch.Tensor, config: AlignmentConfig, generator: torch.Generator) -> torch.Tensor:
     side = x.shape[-1]
     limit = max(side // 8, 1)
-    if weights.jitter:
+    if config.jitter:
         dx, dy = (int(v) for v in torch.randint(-limit, limit + 1, (2,), generator=generator))
         x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-    if weights.flip and torch.rand(1, generator=generator).item() < 0.5:
+    if config.flip and torch.rand(1, generator=generator).item() < 0.5:
         x = torch.flip(x, dims=(3,))
     return x
 
@@ -62,13 +57,12 @@ def _jitter_and_flip(x: torch.Tensor, weights: SynthesisWeights, generator: torc
 class BatchResult:
     images: torch.Tensor          # normalized, the teacher's input space
     logits: torch.Tensor          # teacher logits on the final (un-jittered) images
-    losses: dict[str, float]      # last step's loss terms (bn, oh, tv, l2, total)
+    losses: dict[str, float]      # last step's loss terms and their weighted total
 
 
 def optimize_batch(teacher: nn.Module, start: torch.Tensor, targets: torch.Tensor, steps: int,
-                   weights: SynthesisWeights, low: torch.Tensor, high: torch.Tensor,
-                   generator: torch.Generator, grayscale: bool = False,
-                   student: nn.Module | None = None, bf16: bool = False) -> BatchResult:
+                   config: AlignmentConfig, low: torch.Tensor, high: torch.Tensor,
+                   generator: torch.Generator, grayscale: bool = False, bf16: bool = False) -> BatchResult:
     """Run ``steps`` Adam steps on a batch of public images (``steps == 0`` returns them unchanged).
 
     ``low``/``high`` are the per-channel valid range in normalized space (pixel 0 and 1).
@@ -83,30 +77,23 @@ def optimize_batch(teacher: nn.Module, start: torch.Tensor, targets: torch.Tenso
     param = (start[:, :1] if grayscale else start).detach().clone().requires_grad_(steps > 0)
     low_p, high_p = (low[:, :1], high[:, :1]) if grayscale else (low, high)
     repeat_scale = math.sqrt(channels) if grayscale else 1.0
-    optimizer = torch.optim.Adam([param], lr=weights.lr, betas=(0.5, 0.99))
+    optimizer = torch.optim.Adam([param], lr=config.lr, betas=(0.5, 0.99))
+    weights = config.term_weights()
     losses: dict[str, float] = {}
 
     def expand(p: torch.Tensor) -> torch.Tensor:
         return p.expand(-1, channels, -1, -1) if grayscale else p
 
     for step in range(steps):
-        moved = _jitter_and_flip(param, weights, generator)
+        moved = _jitter_and_flip(param, config, generator)
         jittered = expand(moved)
         with autocast(param.device, bf16):
             logits = teacher(jittered).float()
-        terms = {
-            "bn": matching_loss(teacher),
-            "oh": F.cross_entropy(logits, targets),
-            "tv": repeat_scale * total_variation(moved),
-            "l2": repeat_scale * torch.norm(moved),
-        }
-        total = (weights.bn * terms["bn"] + weights.oh * terms["oh"] + weights.tv * terms["tv"]
-                 + weights.l2 * terms["l2"])
-        if student is not None and weights.adv > 0:
-            with autocast(param.device, bf16):
-                student_logits = student(jittered).float()
-            terms["adv"] = -jensen_shannon(student_logits, logits)
-            total = total + weights.adv * terms["adv"]
+        inputs = TermInputs(teacher, logits, targets, moved, repeat_scale)
+        terms = {name: TERMS[name](inputs) for name in weights}
+        total = None
+        for name, weight in weights.items():  # in the fields' order: the paper's sum, bit for bit
+            total = weight * terms[name] if total is None else total + weight * terms[name]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

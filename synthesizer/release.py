@@ -24,8 +24,8 @@ import torch
 from numpy.lib import format as npy_format
 from torch.utils.data import Dataset
 
-from engine.runtime import atomic_path, atomic_write_text
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import atomic_path, atomic_write_text, sha256_file
 
 FORMAT = "dpimgsyn.release"
 VERSION = 1
@@ -43,12 +43,6 @@ RELEASE_FILES = (*ARRAY_FILES, PREVIEW_FILE)
 # Keys finalize() adds to the caller's metadata; the caller must not use them.
 RESERVED_METADATA_KEYS = ("format", "version", "counts", "files", "release_settings")
 PREVIEW_MAX_CLASSES = 16
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks so large arrays do not need to fit in memory."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 MODES = ("off", "capture", "synthesis")
 

@@ -28,7 +28,7 @@ def _few_threads():
 @pytest.fixture
 def single_thread():
     """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    from engine.data import single_threaded
+    from common.batches import single_threaded
 
     with single_threaded():
         yield
@@ -42,8 +42,8 @@ def tiny_config() -> dict:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> tuple[Path, dict]:
     """Run the whole pipeline once (about a minute on 2 cores); tests read its artifacts."""
-    from engine.config import validate_config
-    from engine.pipeline import run_pipeline
+    from stages.config import validate_config
+    from stages.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("pipeline")
     report = run_pipeline(validate_config(copy.deepcopy(TINY_CONFIG)), out, progress=False)

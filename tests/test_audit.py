@@ -14,11 +14,11 @@ import pytest
 import torch
 from scipy import stats
 
-import synthesizer.dp_stats as dp_stats
+import privacy.moments as moments
 from audit.bounds import (audit_bound, choose_test, clopper_pearson, epsilon_from_rates, evaluate_test,
                           max_certifiable_epsilon, split_halves)
 from audit.canary import AuditConfig, run_audit
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from privacy import clipping
 
 TRIALS = 2000  # per world: 1000 evaluation trials certify at most ~5.6, the accountant says ~2.0
@@ -138,7 +138,7 @@ def test_broken_mechanism_is_caught_above_the_accountant(mechanism, breakage):
 
 def test_statistics_audit_catches_a_clipping_bug_in_the_code(monkeypatch):
     """The audit runs the real mechanism: break its clip_rows and the bound jumps above the accountant."""
-    monkeypatch.setattr(dp_stats, "clip_rows", lambda rows, max_norm: rows.to(torch.float64))
+    monkeypatch.setattr(moments, "clip_rows", lambda rows, max_norm: rows.to(torch.float64))
     result = _audit("dp_statistics")
     assert result.epsilon_lower_bound > result.accountant_epsilon + 1.0
     assert not result.passed  # the sound configuration, caught above the accountant: a privacy violation

@@ -10,18 +10,10 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from errors import DPImgSynError
-from privacy import (
-    CHECKPOINT_FORMAT,
-    check_dppt,
-    dppt_payload,
-    file_sha256,
-    load_dppt,
-    mechanism_entry,
-    privacy_block,
-    save_dppt,
-    strip_wrapper_prefixes,
-)
+from common.errors import DPImgSynError
+from common.files import sha256_file
+from privacy import (CHECKPOINT_FORMAT, check_dppt, dppt_payload, load_dppt, mechanism_entry, privacy_block, save_dppt,
+                     strip_wrapper_prefixes)
 
 
 def tiny_model() -> nn.Module:
@@ -183,7 +175,7 @@ def test_check_dppt_names_the_mismatch(block):
         dppt_payload("student", {}, "tiny", 3, "mnist5k", block)
 
 
-def test_file_sha256(tmp_path):
+def test_sha256_file(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"dp-imgsyn" * 1000)
-    assert file_sha256(path) == hashlib.sha256(b"dp-imgsyn" * 1000).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(b"dp-imgsyn" * 1000).hexdigest()

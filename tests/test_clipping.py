@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import registry
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from per_example import clipped_sum
 from privacy import clipping
 from privacy.clipping import PerExampleClipper

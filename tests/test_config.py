@@ -6,9 +6,9 @@ import copy
 import pytest
 import yaml
 
-from engine.config import load_config, validate_config
-from engine.paper import row_names
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from stages.config import load_config, validate_config
+from stages.paper import row_names
 
 MINIMAL = {
     "output": "runs/x", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": 10,
@@ -18,7 +18,7 @@ MINIMAL = {
     "student": {"model": "small_cnn", "epochs": 1, "seeds": [1]},
 }
 
-# The paper's results-table rows (seed README), in order: (dataset, epsilon, public, k_exp).
+# The paper's results-table rows (its README), in order: (dataset, epsilon, public, k_exp).
 PAPER_ROWS = [
     ("mnist", 1, "tinyimagenet", 10), ("mnist", 1, "places365", 10), ("mnist", 1, "fmnist", 10),
     ("mnist", 10, "tinyimagenet", 10), ("mnist", 10, "places365", 10), ("mnist", 10, "fmnist", 10),
@@ -33,8 +33,9 @@ PAPER_ROWS = [
 
 def test_minimal_config_gets_defaults():
     config = validate_config(copy.deepcopy(MINIMAL))
-    assert config["delta"] == 1e-5 and config["synthesis"]["batch_size"] == 80
-    assert config["student"]["T"] == 100.0 and config["teacher"]["seed"] is None  # fresh entropy
+    assert config.settings.delta == 1e-5 and config.synthesis.batch_size == 80
+    assert config.student.temperature == 100.0 and config.teacher.seed is None  # fresh entropy
+    assert config.ks == (0, 2) and config.seeds == (1,)
 
 
 @pytest.mark.parametrize("mutate, key", [
@@ -66,8 +67,8 @@ def test_bad_yaml_file(tmp_path):
 
 def test_demo_config_parses():
     config = load_config("configs/demo.yaml")
-    assert config["dataset"] == "mnist5k" and config["synthesis"]["public_set"] == "photos"
-    assert config["target_epsilon"] == 10 and 0 in config["synthesis"]["g_steps"]
+    assert config.settings.dataset == "mnist5k" and config.synthesis.public_set == "photos"
+    assert config.settings.target_epsilon == 10 and 0 in config.ks
 
 
 def test_every_paper_row_has_a_config():
@@ -76,9 +77,9 @@ def test_every_paper_row_has_a_config():
     assert names == expected
     for (dataset, epsilon, public, k_exp), name in zip(PAPER_ROWS, names):
         config = load_config("configs/paper.yaml", name)
-        assert config["dataset"] == dataset and config["synthesis"]["public_set"] == public
-        assert config["synthesis"]["g_steps"] == [0, k_exp]
-        assert config["student"]["seeds"] == [111, 2023, 50173] and config["student"]["T"] == 100.0
+        assert config.settings.dataset == dataset and config.synthesis.public_set == public
+        assert config.ks == (0, k_exp)
+        assert config.seeds == (111, 2023, 50173) and config.student.temperature == 100.0
 
 
 def test_paper_rows_need_a_row_name():
@@ -91,28 +92,27 @@ def test_paper_rows_need_a_row_name():
 def test_config_file_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
-    assert load_config(path)["synthesis"]["g_steps"] == [0, 2]
+    assert load_config(path).ks == (0, 2)
 
 
 @pytest.mark.parametrize("mode", [None, "hooks"])
 def test_teacher_grad_sample_mode_reaches_train_dp(mode, tmp_path, monkeypatch):
     """Unset, train_dp's own default (fused) applies; set, the pipeline passes it on."""
-    import engine.pipeline
+    import stages.pipeline
 
     class Stop(Exception):
         pass
 
     calls = []
 
-    def first_stage_only(stage, argv, nproc=1):
-        calls.append(argv)
+    def first_stage_only(stage, config, nproc=1):
+        calls.append(config)
         raise Stop
 
-    monkeypatch.setattr(engine.pipeline, "run_stage", first_stage_only)
+    monkeypatch.setattr(stages.pipeline, "run_stage", first_stage_only)
     config = copy.deepcopy(MINIMAL)
     if mode:
         config["teacher"]["grad_sample_mode"] = mode
     with pytest.raises(Stop):
-        engine.pipeline.run_pipeline(validate_config(config), output=tmp_path)
-    argv = calls[0]
-    assert (argv[argv.index("--grad_sample_mode") + 1] if "--grad_sample_mode" in argv else None) == mode
+        stages.pipeline.run_pipeline(validate_config(config), output=tmp_path)
+    assert calls[0].grad_sample_mode == (mode or "fused")

@@ -21,8 +21,8 @@ import torchvision.datasets.cifar
 from PIL import Image
 
 import registry
-from datasets.convert import LUMA_WEIGHTS
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from sources.convert import LUMA_WEIGHTS
 
 COLOUR = (200, 120, 40)
 JPEG_TOLERANCE = 0.05  # normalized units; about 2 grey levels / 255 / the smallest std

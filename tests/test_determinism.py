@@ -18,7 +18,7 @@ fixed config and seeds:
 
   The student weights stay identical across folders.
 
-A real nondeterminism found this way (and fixed in ``engine.runtime.atomic_torch_save``): ``torch.save``
+A real nondeterminism found this way (and fixed in ``common.files.atomic_torch_save``): ``torch.save``
 given a path names the zip archive inside the file after that path's stem, and the atomic writers
 passed their random temp name (``.teacher.dppt.k3j9x.tmp``), so equal checkpoints had different bytes.
 """
@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import validate_config
-from engine.data import single_threaded
-from engine.pipeline import run_pipeline
+from common.batches import single_threaded
+from stages.config import validate_config
+from stages.pipeline import run_pipeline
 
 CONFIG = {
     "output": "unused", "dataset": "mnist5k", "model": "small_cnn", "noise_multiplier": 1.0, "delta": 1e-5,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.distill import StudentConfig, kd_loss, random_crop_flip
+from training.distill import DistillationConfig, kd_loss, random_crop_flip
 
 
 def test_kd_loss_matches_definition():
@@ -25,8 +25,8 @@ def test_kd_loss_matches_definition():
 
 
 def test_milestones_scale_with_epochs():
-    assert StudentConfig(epochs=200).milestones() == [120, 150, 180]
-    assert StudentConfig(epochs=20).milestones() == [12, 15, 18]
+    assert DistillationConfig(epochs=200).milestones() == [120, 150, 180]
+    assert DistillationConfig(epochs=20).milestones() == [12, 15, 18]
 
 
 def test_random_crop_flip_keeps_shape_and_content():
@@ -38,7 +38,7 @@ def test_random_crop_flip_keeps_shape_and_content():
 
 
 def _kd_by_hand(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch: DESIGN.md 3.4, written out."""
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch (standard distillation), written out."""
     p_t = torch.softmax(teacher_logits / temperature, 1)
     log_p_s = torch.log_softmax(student_logits / temperature, 1)
     return (p_t * (torch.log_softmax(teacher_logits / temperature, 1) - log_p_s)).sum(1).mean() * temperature ** 2
@@ -48,12 +48,12 @@ def _kd_by_hand(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 def test_student_step_follows_the_kd_gradient_at_the_configured_temperature(temperature):
     """One StudentTrainer step (one batch, plain SGD) moves the weights by -lr * grad of the KD loss at T.
 
-    Guards against a trainer that ignores ``StudentConfig.temperature`` (e.g. always T = 1): the loss it reports
+    Guards against a trainer that ignores ``DistillationConfig.temperature`` (e.g. always T = 1): the loss it reports
     and the step it takes would then follow another formula. The three temperatures give clearly different steps.
     """
     from torch import nn
 
-    from engine.distill import StudentTrainer
+    from training.distill import StudentTrainer
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(16, 3, 2, 2, generator=generator)
@@ -68,7 +68,7 @@ def test_student_step_follows_the_kd_gradient_at_the_configured_temperature(temp
     grads = torch.autograd.grad(expected_loss, list(reference.parameters()))
     expected = [param.detach() - lr * grad for param, grad in zip(reference.parameters(), grads)]
 
-    config = StudentConfig(epochs=1, batch_size=16, lr=lr, momentum=0.0, weight_decay=0.0, temperature=temperature)
+    config = DistillationConfig(epochs=1, batch_size=16, lr=lr, momentum=0.0, weight_decay=0.0, temperature=temperature)
     stats = StudentTrainer(model, images, soft_labels, targets, config, torch.device("cpu"), seed=0).train_epoch(
         progress=False)
     assert stats["loss"] == pytest.approx(float(expected_loss.detach()), rel=1e-5)
@@ -79,14 +79,14 @@ def test_student_step_follows_the_kd_gradient_at_the_configured_temperature(temp
 
 
 def test_student_cli_and_pipeline_hand_T_to_the_trainer(tiny_pipeline, tiny_config, tmp_path, monkeypatch):
-    """``train_student.py --T`` and the pipeline's ``student.T`` reach ``StudentConfig.temperature``.
+    """``train_student.py --T`` and the pipeline's ``student.T`` reach ``DistillationConfig.temperature``.
 
     Guards against the temperature being dropped between the command line (or config) and the trainer, where
     the paper's T = 100 would silently become another value. The CLI run stops once the trainer is built.
     """
     import json
 
-    import engine.student
+    import stages.student
     import train_student
 
     out, _ = tiny_pipeline
@@ -102,7 +102,7 @@ def test_student_cli_and_pipeline_hand_T_to_the_trainer(tiny_pipeline, tiny_conf
         configs.append(config)
         raise Built
 
-    monkeypatch.setattr(engine.student, "StudentTrainer", stop_when_built)
+    monkeypatch.setattr(stages.student, "StudentTrainer", stop_when_built)
     with pytest.raises(Built):
         train_student.run(["--release", str(out / "release_k3"), "--model", "small_cnn", "--epochs", "1",
                            "--T", "7.5", "--output", str(tmp_path / "student"), "--no_progress", "--device", "cpu"])

@@ -1,6 +1,6 @@
 """torchrun: every stage on 2 CPU processes (gloo) against the same stage in one process.
 
-The stages run through ``engine.pipeline.run_stage`` (what ``run_pipeline.py --nproc`` uses), so
+The stages run through ``stages.pipeline.run_stage`` (what ``run_pipeline.py --nproc`` uses), so
 each is a real ``torchrun`` launch of the stage script. References run in this process, single
 threaded like the workers, with the same seeds.
 """
@@ -21,19 +21,25 @@ import save_dp_db_stats
 import synthesize
 import train_dp
 import train_student
-from engine.data import single_threaded
-from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
-from engine.distributed import Distributed
-from engine.pipeline import run_stage
-from errors import DPImgSynError
+from common.batches import single_threaded
+from common.distributed import Distributed
+from common.errors import DPImgSynError
+from privacy.moments import noisy_global_sum
 from privacy.sampling import poisson_batch
+from stages.pipeline import run_stage
 from synthesizer import release as release_io
-from synthesizer.dp_stats import noisy_global_sum
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 NPROC = 2
 QUIET = ["--device", "cpu", "--no_progress"]
 TEACHER = ["--dataset", "mnist5k", "--model", "small_cnn", "--epochs", "1", "--train_batch_size", "500",
            "--lr", "1", "--noise_multiplier", "1", "--seed", "3", *QUIET]
+
+
+def launch(script, argv: list[str], nproc: int = NPROC) -> None:
+    """The stage of a CLI script, with the config its flags give, through the pipeline's torchrun launch."""
+    stage = {train_dp: "teacher", save_dp_db_stats: "statistics", synthesize: "synthesis", train_student: "student"}
+    run_stage(stage[script], script.parse_config(argv), nproc)
 
 
 def statistics_flags(teacher: Path, *extra: str) -> list[str]:
@@ -59,13 +65,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         save_dp_db_stats.run(statistics_flags(paths["teacher_1.dppt"], "--non_private",
                                               "--output", str(paths["exact_1.dppt"])))
         synthesize.run(synthesis_flags(paths["stats_1.dppt"]) + ["--output", str(paths["release_1"])])
-    run_stage(train_dp, TEACHER + ["--output", str(paths["teacher_2.dppt"])], NPROC)
+    launch(train_dp, TEACHER + ["--output", str(paths["teacher_2.dppt"])], NPROC)
     # The statistics and the release start from the same teacher, so that only the stage differs.
-    run_stage(save_dp_db_stats, statistics_flags(paths["teacher_1.dppt"], "--output", str(paths["stats_2.dppt"])),
+    launch(save_dp_db_stats, statistics_flags(paths["teacher_1.dppt"], "--output", str(paths["stats_2.dppt"])),
               NPROC)
-    run_stage(save_dp_db_stats, statistics_flags(paths["teacher_1.dppt"], "--non_private",
+    launch(save_dp_db_stats, statistics_flags(paths["teacher_1.dppt"], "--non_private",
                                                  "--output", str(paths["exact_2.dppt"])), NPROC)
-    run_stage(synthesize, synthesis_flags(paths["stats_1.dppt"]) + ["--output", str(paths["release_2"])], NPROC)
+    launch(synthesize, synthesis_flags(paths["stats_1.dppt"]) + ["--output", str(paths["release_2"])], NPROC)
     return paths
 
 
@@ -106,7 +112,7 @@ def test_distributed_release_is_byte_identical(runs):
 
 def test_distributed_student_trains_above_chance_and_writes_one_result(runs, tmp_path):
     output = tmp_path / "student"
-    run_stage(train_student, ["--release", str(runs["release_1"]), "--model", "small_cnn", "--epochs", "3",
+    launch(train_student, ["--release", str(runs["release_1"]), "--model", "small_cnn", "--epochs", "3",
                               "--batch_size", "50", "--lr", "0.05", "--T", "4", "--seed", "1",
                               "--output", str(output), *QUIET], NPROC)
     metrics = json.loads((output / "metrics.json").read_text())
@@ -117,7 +123,7 @@ def test_distributed_student_trains_above_chance_and_writes_one_result(runs, tmp
 
 def test_a_failing_distributed_stage_is_one_project_error(tmp_path):
     with pytest.raises(DPImgSynError, match="train_dp.py failed on 2 processes"):
-        run_stage(train_dp, [*TEACHER, "--dataset", "nosuchset", "--output", str(tmp_path / "t.dppt")], NPROC)
+        launch(train_dp, [*TEACHER, "--dataset", "nosuchset", "--output", str(tmp_path / "t.dppt")], NPROC)
     assert not (tmp_path / "t.dppt").exists()
 
 
@@ -180,7 +186,7 @@ def _tiny_teacher_steps(rank: int, store: str, result: str) -> None:
         data = torch.Generator().manual_seed(11)
         train_set = TensorDataset(torch.randn(TINY_EXAMPLES, 1, 8, 8, generator=data),
                                   torch.randint(0, 3, (TINY_EXAMPLES,), generator=data))
-        config = DPSGDConfig(epochs=1, batch_size=1, lr=0.5, max_norm=1.0, noise_multiplier=0.5)
+        config = DPSGDConfig(epochs=1, train_batch_size=1, lr=0.5, max_norm=1.0, noise_multiplier=0.5)
         trainer = DPSGDTrainer(model, train_set, config, torch.device("cpu"), seed=4, dist=Distributed(rank, NPROC))
         trainer.train_epoch(progress=False)
         torch.save(model.state_dict(), f"{result}.{rank}")

@@ -11,21 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from errors import DPImgSynError
+import privacy.sampling
+from common.errors import DPImgSynError
+from privacy.moments import add_gaussian_noise, clip_rows, clipped_sum, noisy_global_sum
 from synthesizer import dp_stats
-from synthesizer.dp_stats import (
-    StatsResult,
-    add_gaussian_noise,
-    clip_rows,
-    clipped_statistics_sum,
-    compute_dp_statistics,
-    noisy_clipped_sum,
-    per_sample_statistics,
-    public_clip_norm,
-    public_scales,
-    relative_errors,
-    statistic_dimension,
-)
+from synthesizer.dp_stats import (StatsResult, compute_dp_statistics, per_sample_statistics, public_clip_norm,
+                                  public_scales, relative_errors, statistic_dimension)
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
 from tests.test_stat_norm import ResidualBlock, group_norm_inputs, with_random_affine
 
@@ -53,7 +44,7 @@ def residual_cnn() -> nn.Module:
 def registry_resnet18() -> nn.Module:
     models = pytest.importorskip("models")
     torch.manual_seed(3)
-    return models.resnet18(10).eval()
+    return models.MODELS["resnet18"](10).eval()
 
 
 def zero_model(channels: int = 1024) -> nn.Module:
@@ -85,6 +76,12 @@ def test_clip_rows_bounds_every_norm_and_keeps_small_rows():
     assert torch.equal(clipped[3:], torch.zeros(2, 2, dtype=torch.float64))  # non-finite rows contribute nothing
     with pytest.raises(DPImgSynError):
         clip_rows(rows, 0.0)
+
+
+def clipped_statistics_sum(model, images, max_norm, scales=None):
+    """What one step of the mechanism sums: the clipped, pre-scaled per-sample statistics."""
+    per_sample = per_sample_statistics(model, images)
+    return clipped_sum(per_sample if scales is None else per_sample / scales, max_norm)
 
 
 @pytest.mark.parametrize("make_model", [gn_cnn, residual_cnn, registry_resnet18],
@@ -120,6 +117,11 @@ def test_per_sample_rows_depend_on_their_own_image_only():
     alone = torch.cat([per_sample_statistics(model, image[None]) for image in images])
     torch.testing.assert_close(together[1:], alone[1:], rtol=1e-5, atol=1e-5)
     assert model.training  # the model ran in eval mode (no dropout) and got its mode back
+
+
+def noisy_clipped_sum(per_sample, max_norm, noise_multiplier, generator):
+    """The Gaussian mechanism on one batch: the clipped sum, then N(0, (sigma * C)^2 I) once."""
+    return noisy_global_sum(clipped_sum(per_sample, max_norm), max_norm, noise_multiplier, generator)
 
 
 def test_noisy_clipped_sum_adds_noise_of_scale_sigma_times_C():
@@ -193,14 +195,14 @@ def test_mechanism_record_and_step_convention():
 
 def test_poisson_batches_vary_around_the_expected_size_and_seeds_reproduce(monkeypatch):
     sizes = []
-    original = dp_stats.poisson_batch
+    original = privacy.sampling.poisson_batch
 
     def spy(num_examples, sample_rate, generator):
         indices = original(num_examples, sample_rate, generator)
         sizes.append(len(indices))
         return indices
 
-    monkeypatch.setattr(dp_stats, "poisson_batch", spy)
+    monkeypatch.setattr(privacy.sampling, "poisson_batch", spy)
     data = TensorDataset(torch.zeros(200, 3, 2, 2), torch.zeros(200))
     first = run(zero_model(8), data, epochs=10, batch_size=20)
     assert len(sizes) == 100
@@ -355,7 +357,6 @@ def test_a_step_whose_poisson_batch_is_empty_still_releases_its_noise(monkeypatc
         return torch.empty(0, dtype=torch.long)
 
     monkeypatch.setattr(privacy.sampling, "poisson_batch", nobody)
-    monkeypatch.setattr(dp_stats, "poisson_batch", nobody, raising=False)
     model = zero_model()
     num_examples, batch_size, sigma, max_norm = 100, 10, 1.3, 0.7
     data = TensorDataset(torch.ones(num_examples, 3, 2, 2), torch.zeros(num_examples))

@@ -13,8 +13,8 @@ from PIL import Image
 
 import evaluate_release
 import registry
-from engine.release_eval import GALLERY_FILE, NEIGHBOURS_FILE, PUBLIC_INIT_REFERENCE, to_pixels
 from evaluation import NOT_FOR_PUBLICATION, NOT_MEASURED, card_fields
+from evaluation.release import GALLERY_FILE, NEIGHBOURS_FILE, PUBLIC_INIT_REFERENCE, EvaluationConfig, to_pixels
 from synthesizer.release import METADATA_FILE, RESERVED_METADATA_KEYS, ReleaseWriter
 
 PRIVATE = "mnist5k"
@@ -92,7 +92,8 @@ def test_card_has_every_field_and_the_release_is_untouched(evaluated_k3):
 
 def test_k0_distances_equal_the_public_init_reference_and_are_exact(tiny_pipeline, tmp_path, capsys):
     out, _ = tiny_pipeline
-    result = evaluate_release.evaluate_release(out / "release_k0", tmp_path / "eval", device="cpu")
+    result = evaluate_release.evaluate_release(EvaluationConfig(release=str(out / "release_k0"),
+                                                                output=str(tmp_path / "eval"), device="cpu"))
     printed = capsys.readouterr().out.splitlines()
     assert "PRIVATE" in printed[0] and "only read" in printed[0], "the tool says first that it reads private data"
 

@@ -14,24 +14,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import evaluation
-from errors import DPImgSynError
-from evaluation import (
-    NOT_FOR_PUBLICATION,
-    NOT_MEASURED,
-    build_card,
-    card_fields,
-    distribution_summary,
-    frechet_distance,
-    gallery_rows,
-    nearest_neighbours,
-    nn_report,
-    obfuscation_verdict,
-    penultimate_features,
-    precision_recall,
-    render_card_markdown,
-    ssim,
-    write_card,
-)
+from common.errors import DPImgSynError
+from evaluation import (NOT_FOR_PUBLICATION, NOT_MEASURED, build_card, card_fields, distribution_summary,
+                        frechet_distance, gallery_rows, nearest_neighbours, nn_report, obfuscation_verdict,
+                        penultimate_features, precision_recall, render_card_markdown, ssim, write_card)
 
 
 def _skimage_ssim(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -311,7 +311,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 import privacy
-from engine.runtime import atomic_write_text
+from common.files import atomic_write_text
 from synthesizer.release import ReleaseWriter
 
 folder = Path(sys.argv[1])

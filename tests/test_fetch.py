@@ -17,9 +17,9 @@ import privacy
 import registry
 import save_dp_db_stats
 import synthesize
-from engine.fetch import PRETRAINED_DIR, resolve_checkpoint
-from engine.pretrained import PRETRAINED_SHA256
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import sha256_file
+from stages.fetch import PRETRAINED_DIR, PRETRAINED_SHA256, resolve_checkpoint
 
 PAYLOAD = b"checkpoint bytes " * 1000
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -155,7 +155,7 @@ def _tiny_checkpoint(path: Path, stage: str) -> str:
     model = registry.get_model("small_cnn", 10)
     block = privacy.privacy_block([privacy.claimed_entry("test", 1.0, 1e-5)], 1e-5)
     privacy.save_dppt(path, privacy.dppt_payload(stage, model.state_dict(), "small_cnn", 10, "mnist5k", block))
-    return privacy.file_sha256(path)
+    return sha256_file(path)
 
 
 @pytest.mark.parametrize(("stage_cli", "served_stage", "extra", "message"), [
@@ -172,7 +172,7 @@ def test_stage_clis_download_the_teacher_url(stage_cli, served_stage, extra, mes
     with pytest.raises(DPImgSynError, match=message):
         stage_cli.run(argv + ["--sha256", digest])
     downloaded = tmp_path / PRETRAINED_DIR / "wrong_stage.dppt"
-    assert privacy.file_sha256(downloaded) == digest
+    assert sha256_file(downloaded) == digest
     assert torch.load(downloaded, weights_only=True)["stage"] == served_stage
 
 

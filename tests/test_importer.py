@@ -16,10 +16,11 @@ import import_original
 import privacy
 import registry
 import synthesize
-from engine.release_eval import evaluate_release
-from engine.synthesis import load_teacher_for_synthesis
-from errors import DPImgSynError
-from privacy.importer import STATISTICS_CAVEAT, Dropped, import_original as run_import, restricted_load
+from common.errors import DPImgSynError
+from common.files import sha256_file
+from evaluation.release import EvaluationConfig, evaluate_release
+from stages.importer import STATISTICS_CAVEAT, Dropped, import_original as run_import, restricted_load
+from stages.synthesis import load_teacher_for_synthesis
 from synthesizer.stat_norm import attach_stat_layers
 
 DATASET = "mnist5k"  # 10 classes; only its spec is read
@@ -131,7 +132,7 @@ def test_import_teacher_keeps_weights_claims_ledger_runs_no_code(kind, reference
     wanted_epsilon = privacy.compute_epsilon(TEACHER_HISTORY, 1e-5) if readable_history else 1.5
     assert entry["epsilon"] == pytest.approx(wanted_epsilon) and block["epsilon"] == pytest.approx(wanted_epsilon)
     assert block["delta"] == (1e-5 if readable_history else 2e-5)
-    assert entry["source_sha256"] == privacy.file_sha256(source)
+    assert entry["source_sha256"] == sha256_file(source)
     dropped = payload["imported_from"]["dropped"]
     assert len(dropped) == 1 and dropped[0].startswith("dp_accountant (")
     model = registry.get_model("resnet18", 10).eval()
@@ -181,7 +182,8 @@ def test_a_release_from_imported_statistics_says_epsilon_inf(reference, tmp_path
     assert synthesize.main(common + ["--non_private"]) == 0
     metadata = json.loads((tmp_path / "release" / "metadata.json").read_text())
     assert metadata["privacy"]["epsilon"] == math.inf
-    card = evaluate_release(tmp_path / "release", tmp_path / "card", device="cpu", max_private=12, gallery_pairs=2)
+    card = evaluate_release(EvaluationConfig(release=str(tmp_path / "release"), output=str(tmp_path / "card"),
+                                             device="cpu", max_private=12, gallery_pairs=2))
     assert card["card"]["publishable"]["epsilon"] == "inf"
     assert "epsilon = inf (non-private run" in card["card_markdown"].read_text()
 

@@ -16,7 +16,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 
 import models
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from per_example import per_example_gradients
 
 NUM_CLASSES = 7  # not 10, so a hard-coded CIFAR head would show
@@ -29,7 +29,7 @@ EXPECTED_NORM_LAYERS = {"small_cnn": 3, "resnet18": 20, "resnet34": 36, "resnet1
 def built(name: str) -> nn.Module:
     """One instance per architecture for the read-only checks (ResNet-34 takes a while to build)."""
     torch.manual_seed(0)
-    return getattr(models, name)(NUM_CLASSES)
+    return models.MODELS[name](NUM_CLASSES)
 
 
 def fresh(name: str) -> nn.Module:

@@ -10,8 +10,8 @@ import pytest
 
 import privacy
 import registry
-from engine.config import validate_config
-from engine.pipeline import run_pipeline
+from stages.config import validate_config
+from stages.pipeline import run_pipeline
 from synthesizer import release as release_io
 
 

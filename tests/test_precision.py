@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import registry
-from engine.distill import StudentConfig, StudentTrainer
-from engine.precision import use_bf16
-from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+from common.precision import use_bf16
+from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.stat_norm import matching_loss
 from tests.test_synthesis import _setup
+from training.distill import DistillationConfig, StudentTrainer
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,7 @@ def test_bf16_synthesis_lowers_the_statistics_loss_and_releases_float32(tiny_pip
     with torch.no_grad():
         teacher(images)
         before = float(matching_loss(teacher))
-    runs = {bf16: optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 15, SynthesisWeights(), low, high,
+    runs = {bf16: optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 15, AlignmentConfig(), low, high,
                                  torch.Generator().manual_seed(0), grayscale=True, bf16=bf16)
             for bf16 in (False, True)}
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_bf16_student_trains_like_fp32(single_thread):
     labels = torch.arange(256) % 10
     images = torch.randn(10, 3, 32, 32, generator=generator)[labels] + torch.randn(256, 3, 32, 32, generator=generator)
     soft_labels = 5 * torch.eye(10)[labels]  # a learnable task: class patterns under noise
-    config = StudentConfig(epochs=4, batch_size=32, lr=0.05, temperature=4.0)
+    config = DistillationConfig(epochs=4, batch_size=32, lr=0.05, temperature=4.0)
     losses = {}
     for bf16 in (False, True):
         torch.manual_seed(0)

@@ -6,18 +6,12 @@ import pytest
 import yaml
 from opacus.accountants import PRVAccountant
 
-from errors import DPImgSynError
-from privacy import (
-    calibrate_noise_multiplier,
-    compute_epsilon,
-    get_preset,
-    load_presets,
-    poisson_plan,
-    preset_plan,
-)
+from common.errors import DPImgSynError
+from privacy import calibrate_noise_multiplier, compute_epsilon, poisson_plan
+from stages.paper import get_preset, load_presets, preset_plan
 
 DELTA = 1e-5
-# Table 1 order; PRV at delta 1e-5 over DP-SGD and DP statistics composed (DESIGN.md 3.1).
+# Table 1 order; PRV at delta 1e-5 over DP-SGD and DP statistics composed (the README quotes them).
 TABLE1_EPSILONS = {
     "mnist_eps1": 0.92, "mnist_eps10": 8.17, "fmnist_eps1": 0.81, "fmnist_eps10": 9.30,
     "celeba_hair_eps1": 1.04, "celeba_hair_eps10": 10.05, "celeba_gender_eps1": 1.01,

@@ -4,16 +4,9 @@ import math
 
 import pytest
 
-from errors import DPImgSynError
-from privacy import (
-    claimed_entry,
-    compute_epsilon,
-    ledger_mechanisms,
-    mechanism_entry,
-    non_private_entry,
-    privacy_block,
-    require_privacy_block,
-)
+from common.errors import DPImgSynError
+from privacy import (claimed_entry, compute_epsilon, ledger_mechanisms, mechanism_entry, non_private_entry,
+                     privacy_block, require_privacy_block)
 
 DELTA = 1e-5
 N = 60_000

@@ -11,12 +11,12 @@ import torch
 
 import make_sampling_list
 import registry
-from datasets import embedded
-from datasets.convert import RawSource, View, resize_square, to_view
-from engine.data import stack_items
-from errors import DPImgSynError
+from common.batches import stack_items
+from common.errors import DPImgSynError
+from sources import embedded
+from sources.convert import RawSource, View, resize_square, to_view
 
-# DESIGN.md section 5: fixed public constants (mean, std) of the first channel / all channels.
+# The fixed public constants (mean, std) every dataset must use: first channel / all channels.
 DESIGN_CONSTANTS = {
     "mnist": ((0.1307,) * 3, (0.3081,) * 3),
     "mnist5k": ((0.1307,) * 3, (0.3081,) * 3),

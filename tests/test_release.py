@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from errors import DPImgSynError
-from synthesizer.release import (
-    ReleaseDataset,
-    ReleaseWriter,
-    is_complete,
-    load,
-    save_image_grid,
-)
+from common.errors import DPImgSynError
+from synthesizer.release import ReleaseDataset, ReleaseWriter, is_complete, load, save_image_grid
 
 NUM_SAMPLES, SHARD_SIZE, NUM_CLASSES = 10, 4, 3
 IMAGE_SHAPE = (3, 6, 6)

@@ -1,4 +1,4 @@
-"""engine.runtime.keep_freed_memory: malloc keeps freed memory, so steps stop page-faulting."""
+"""common.runtime.keep_freed_memory: malloc keeps freed memory, so steps stop page-faulting."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, runtime
+from common import cli, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # malloc was changed and the minor page faults of the second build.
 REBUILD = """
 import json, resource, torch
-from engine.runtime import keep_freed_memory
+from common.runtime import keep_freed_memory
 applied = keep_freed_memory()
 def build():
     return [torch.ones(2**18) for _ in range(64)]  # 1 MiB each, written
@@ -40,10 +40,14 @@ def rebuild(keep: str) -> dict:
 
 @pytest.mark.skipif(not runtime._glibc(), reason="tunes glibc's malloc only")
 def test_kept_memory_is_reused_without_page_faults():
-    default, kept = rebuild("0"), rebuild("1")
-    assert not default["applied"] and kept["applied"]
-    assert default["faults"] > PAGES // 2, default  # glibc gave the memory back, then faulted it in again
-    assert kept["faults"] < PAGES // 4, kept
+    kept = [rebuild("1") for _ in range(2)]
+    assert all(run["applied"] and run["faults"] < PAGES // 4 for run in kept), kept
+    # Whether glibc's default gives the memory back depends on the heap's layout (about every other run
+    # here): some run of a few must fault the pages in again, or the setting would not matter.
+    defaults = []
+    while len(defaults) < 6 and not any(run["faults"] > PAGES // 2 for run in defaults):
+        defaults.append(rebuild("0"))
+    assert not any(run["applied"] for run in defaults) and defaults[-1]["faults"] > PAGES // 2, defaults
 
 
 def test_every_cli_keeps_freed_memory(monkeypatch):

@@ -22,17 +22,19 @@ from opacus.optimizers import DistributedDPOptimizer, DistributedDPOptimizerFast
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import engine.dp_sgd
 import privacy.noise
+import privacy.optimizers
+import privacy.sampling
 import save_dp_db_stats
 import train_dp
-from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
-from engine.distributed import Distributed
-from errors import DPImgSynError
+from common.distributed import Distributed
+from common.errors import DPImgSynError
+from privacy.moments import add_gaussian_noise, noisy_global_sum
 from privacy.noise import OS_RANDOM, gaussian
 from privacy.sampling import poisson_batch
 from synthesizer import dp_stats
-from synthesizer.dp_stats import add_gaussian_noise, compute_dp_statistics, noisy_global_sum
+from synthesizer.dp_stats import compute_dp_statistics
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -55,7 +57,7 @@ def zero_images(count: int) -> TensorDataset:
 
 
 def secure_config(batch_size: int, mode: str = "fused", **overrides) -> DPSGDConfig:
-    settings = dict(epochs=1, batch_size=batch_size, lr=1.0, max_norm=CLIP, noise_multiplier=SIGMA, momentum=0.0,
+    settings = dict(epochs=1, train_batch_size=batch_size, lr=1.0, max_norm=CLIP, noise_multiplier=SIGMA, momentum=0.0,
                     weight_decay=0.0, grad_sample_mode=mode, secure_mode=True)
     settings.update(overrides)
     return DPSGDConfig(**settings)
@@ -67,19 +69,19 @@ def secure_epoch(examples: int, batch_size: int, mode: str = "fused", dist: Dist
     model = zero_gradient_model()
     before = model[1].weight.detach().clone()
     batches: list[torch.Tensor] = []
-    original = engine.dp_sgd.poisson_batch
+    original = privacy.sampling.poisson_batch
 
     def spy(*args):
         batches.append(original(*args))
         return batches[-1]
 
-    engine.dp_sgd.poisson_batch = spy
+    privacy.sampling.poisson_batch = spy
     try:
         trainer = DPSGDTrainer(model, zero_images(examples), secure_config(batch_size, mode, **overrides),
                                torch.device("cpu"), seed=None, dist=dist)
         trainer.train_epoch(progress=False)
     finally:
-        engine.dp_sgd.poisson_batch = original
+        privacy.sampling.poisson_batch = original
     return model[1].weight.detach() - before, batches
 
 
@@ -229,12 +231,12 @@ def test_secure_resume_states_hold_no_generator_and_resume():
 
 # --------------------------------------------------------------------------- torchrun: rank 0 draws for all
 def test_distributed_secure_optimizers_keep_the_rank_0_noise_gate():
-    assert engine.dp_sgd.SecureDistributedDPOptimizer.add_noise is DistributedDPOptimizer.add_noise
-    assert (engine.dp_sgd.SecureDistributedDPOptimizerFastGradientClipping.add_noise
+    assert privacy.optimizers.SecureDistributedDPOptimizer.add_noise is DistributedDPOptimizer.add_noise
+    assert (privacy.optimizers.SecureDistributedDPOptimizerFastGradientClipping.add_noise
             is DistributedDPOptimizerFastGradientClipping.add_noise)
-    for secure in (engine.dp_sgd.SecureDistributedDPOptimizer,
-                   engine.dp_sgd.SecureDistributedDPOptimizerFastGradientClipping):
-        assert engine.dp_sgd._OSNoise in secure.__mro__  # behind the gate, the OS noise
+    for secure in (privacy.optimizers.SecureDistributedDPOptimizer,
+                   privacy.optimizers.SecureDistributedDPOptimizerFastGradientClipping):
+        assert privacy.optimizers._OSNoise in secure.__mro__  # behind the gate, the OS noise
 
 
 NPROC = 2

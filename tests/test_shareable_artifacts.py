@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.statistics
-import engine.teacher
 import privacy
 import registry
 import save_dp_db_stats
+import stages.dp_statistics
+import stages.teacher
 import train_dp
-from engine.runtime import atomic_write_text
+from common.files import atomic_write_text
 from privacy.split import split_by_content
 
 QUIET = ["--device", "cpu", "--no_progress"]
@@ -51,7 +51,7 @@ def assert_no_local_paths(document, *local_roots: Path) -> None:
 
 def assert_shareable(checkpoint: dict, *local_roots: Path) -> None:
     assert "history" not in checkpoint and "args" not in checkpoint
-    assert checkpoint["test_acc_note"] == engine.teacher.TEST_ACC_NOTE  # the one accuracy allowed, labelled
+    assert checkpoint["test_acc_note"] == stages.teacher.TEST_ACC_NOTE  # the one accuracy allowed, labelled
     assert_no_local_paths({key: value for key, value in checkpoint.items() if key not in ("model", "dp_statistics")},
                           *local_roots)
 
@@ -80,20 +80,20 @@ def test_one_inserted_record_moves_no_other_record_across_the_split():
 
 def test_both_private_stages_use_the_same_training_part(tmp_path, monkeypatch):
     seen = {}
-    trainer_class = engine.teacher.DPSGDTrainer
+    trainer_class = stages.teacher.DPSGDTrainer
 
     def recording_trainer(model, train_set, *args, **kwargs):
         seen["teacher"] = train_set.tensors[0]
         return trainer_class(model, train_set, *args, **kwargs)
 
-    compute = engine.statistics.compute_dp_statistics
+    compute = stages.dp_statistics.compute_dp_statistics
 
     def recording_statistics(model, train_set, **kwargs):
         seen["statistics"] = train_set.tensors[0]
         return compute(model, train_set, **kwargs)
 
-    monkeypatch.setattr(engine.teacher, "DPSGDTrainer", recording_trainer)
-    monkeypatch.setattr(engine.statistics, "compute_dp_statistics", recording_statistics)
+    monkeypatch.setattr(stages.teacher, "DPSGDTrainer", recording_trainer)
+    monkeypatch.setattr(stages.dp_statistics, "compute_dp_statistics", recording_statistics)
     teacher = train_dp.run(TEACHER + ["--noise_multiplier", "1", "--val_split", "0.25",
                                       "--output", str(tmp_path / "teacher.dppt")])
     stats = save_dp_db_stats.run(["--teacher", str(teacher), "--epochs", "1", "--train_batch_size", "1000",

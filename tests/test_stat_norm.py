@@ -8,18 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from errors import DPImgSynError
-from synthesizer.stat_norm import (
-    StatNorm,
-    attach_stat_layers,
-    detach_stat_layers,
-    get_dp_statistics,
-    load_dp_statistics,
-    matching_loss,
-    per_sample_moments,
-    set_mode,
-    stat_layers,
-)
+from common.errors import DPImgSynError
+from synthesizer.stat_norm import (StatNorm, attach_stat_layers, detach_stat_layers, get_dp_statistics,
+                                   load_dp_statistics, matching_loss, per_sample_moments, set_mode, stat_layers)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -231,7 +222,7 @@ def test_shared_group_norm_gets_one_shared_wrapper():
 
 def test_registry_resnet18_wraps_every_norm_and_keeps_outputs():
     models = pytest.importorskip("models")
-    model = models.resnet18(10).eval()
+    model = models.MODELS["resnet18"](10).eval()
     reference_model = copy.deepcopy(model)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     layers = attach_stat_layers(model)

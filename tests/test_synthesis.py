@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import registry
-from engine.data import stack_items
-from engine.synthesis import load_teacher_for_synthesis
-from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+import stages.synthesis
+from common.batches import stack_items
+from stages.synthesis import load_teacher_for_synthesis
+from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.stat_norm import matching_loss
 
 
@@ -23,7 +24,7 @@ def _setup(tiny_pipeline):
 
 def test_zero_steps_release_the_public_images_unchanged(tiny_pipeline):
     teacher, images, low, high = _setup(tiny_pipeline)
-    result = optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 0, SynthesisWeights(), low, high,
+    result = optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 0, AlignmentConfig(), low, high,
                             torch.Generator().manual_seed(0), grayscale=True)
     assert torch.equal(result.images, images)
 
@@ -33,7 +34,7 @@ def test_steps_lower_the_statistics_loss_and_keep_valid_gray_pixels(tiny_pipelin
     with torch.no_grad():
         teacher(images)
         before = float(matching_loss(teacher))
-    result = optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 15, SynthesisWeights(), low, high,
+    result = optimize_batch(teacher, images, cyclic_targets(0, 60, 10), 15, AlignmentConfig(), low, high,
                             torch.Generator().manual_seed(0), grayscale=True)
     with torch.no_grad():
         teacher(result.images)
@@ -97,37 +98,38 @@ def test_bn_and_oh_weights_scale_their_own_parts_of_the_image_gradient(grayscale
     teacher.register_forward_pre_hook(watch_input_gradient)
     for bn, oh in [(1.0, 0.0), (0.0, 1.0), (10.0, 1.0), (10.0, 0.0), (2.5, 4.0)]:
         seen.clear()
-        weights = SynthesisWeights(bn=bn, oh=oh, tv=0.0, l2=0.0, lr=1e-3, jitter=False, flip=False)
+        weights = AlignmentConfig(statistics_weight=bn, class_weight=oh, smoothness_weight=0.0, image_norm_weight=0.0,
+                                  lr=1e-3, jitter=False, flip=False)
         result = optimize_batch(teacher, start, targets, 1, weights, -bound, bound, torch.Generator().manual_seed(0),
                                 grayscale=grayscale)
         assert len(seen) == 1, "the teacher's input gradient was not observed exactly once"
         expected = bn * grad_bn + oh * grad_oh
         torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-        assert result.losses["bn"] == pytest.approx(statistics_loss, rel=1e-5)
-        assert result.losses["oh"] == pytest.approx(class_loss, rel=1e-5)
+        assert result.losses["statistics"] == pytest.approx(statistics_loss, rel=1e-5)
+        assert result.losses["class"] == pytest.approx(class_loss, rel=1e-5)
         assert result.losses["total"] == pytest.approx(bn * statistics_loss + oh * class_loss, rel=1e-5)
 
 
 def test_synthesize_cli_hands_its_loss_weights_to_the_optimizer(tiny_pipeline, tmp_path, monkeypatch):
     """``--bn``/``--oh``/``--tv``/``--l2``/``--lr_g`` reach the optimizer: a flag dropped on the way (e.g. the
     weights built with ``oh=1.0``) would leave the release's recorded settings right and its images wrong."""
-    import engine.synthesis
     import synthesize
 
     out, _ = tiny_pipeline
     used = []
-    real = engine.synthesis.optimize_batch
+    real = stages.synthesis.optimize_batch
 
     def spy(teacher, start, targets, steps, weights, *args, **kwargs):
         used.append((steps, weights))
         return real(teacher, start, targets, steps, weights, *args, **kwargs)
 
-    monkeypatch.setattr(engine.synthesis, "optimize_batch", spy)
+    monkeypatch.setattr(stages.synthesis, "optimize_batch", spy)
     synthesize.run(["--teacher", str(out / "statistics.dppt"), "--public_set", "photos", "--num_samples", "10",
                     "--g_steps", "1", "--batch_size", "10", "--bn", "3", "--oh", "0.25", "--tv", "1e-4",
                     "--l2", "2e-8", "--lr_g", "0.05", "--output", str(tmp_path / "rel"), "--no_progress",
                     "--device", "cpu"])
-    assert len(used) == 1, "synthesis did not call optimize_batch as imported by engine.synthesis"
+    assert len(used) == 1, "synthesis did not call optimize_batch as imported by stages.synthesis"
     steps, weights = used[0]
     assert steps == 1
-    assert (weights.bn, weights.oh, weights.tv, weights.l2, weights.lr) == (3.0, 0.25, 1e-4, 2e-8, 0.05)
+    assert weights.term_weights() == {"statistics": 3.0, "class": 0.25, "smoothness": 1e-4, "image_norm": 2e-8}
+    assert weights.lr == 0.05

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.teacher
 import privacy
+import privacy.sampling
+import stages.teacher
 import train_dp
-from engine.dp_sgd import DPSGDConfig, DPSGDTrainer
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 from per_example import clipped_sum
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 
 
@@ -36,7 +37,7 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
 
     # Kill during the second epoch's evaluation: epoch 1 is checkpointed, epoch 2 is not.
     calls = {"n": 0}
-    original = engine.teacher.evaluate
+    original = stages.teacher.evaluate
 
     def dying_evaluate(*args, **kwargs):
         calls["n"] += 1
@@ -44,11 +45,11 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
             raise Killed()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine.teacher, "evaluate", dying_evaluate)
+    monkeypatch.setattr(stages.teacher, "evaluate", dying_evaluate)
     with pytest.raises(Killed):
         train_dp.run(flags() + ["--output", str(tmp_path / "resumed.dppt")])
     assert (tmp_path / "resumed.dppt.resume").exists() and not (tmp_path / "resumed.dppt").exists()
-    monkeypatch.setattr(engine.teacher, "evaluate", original)
+    monkeypatch.setattr(stages.teacher, "evaluate", original)
     resumed = torch.load(train_dp.run(flags() + ["--output", str(tmp_path / "resumed.dppt")]), weights_only=True)
     assert resumed["privacy"]["ledger"][0]["steps"] == ledger[0]["steps"]
     assert resumed["privacy"]["epsilon"] == payload["privacy"]["epsilon"]
@@ -94,7 +95,7 @@ def test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients(physical_batch
     reference = [param.detach().clone() for param in model.parameters()]
     norms, expected = clipped_sum(model, images, labels, max_norm)
     assert ((norms > max_norm) == (max_norm < 1)).all()
-    config = DPSGDConfig(epochs=1, batch_size=24, lr=1.0, max_norm=max_norm, noise_multiplier=1e-9,
+    config = DPSGDConfig(epochs=1, train_batch_size=24, lr=1.0, max_norm=max_norm, noise_multiplier=1e-9,
                          momentum=0.0, weight_decay=0.0, max_physical_batch_size=physical_batch,
                          grad_sample_mode=mode)
     DPSGDTrainer(model, TensorDataset(images, labels), config, torch.device("cpu"), seed=0).train_epoch(progress=False)
@@ -122,7 +123,7 @@ def test_dp_sgd_noise_is_sigma_c_over_the_expected_batch_once_per_step(mode, sin
     four accumulated chunks (noise per chunk would be twice as large)."""
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(24, 3, 16, 16, generator=generator), torch.randint(0, 10, (24,), generator=generator)
-    moved = weights_moved_by_one_epoch(images, labels, batch_size=24, max_norm=0.5, noise_multiplier=1e4,
+    moved = weights_moved_by_one_epoch(images, labels, train_batch_size=24, max_norm=0.5, noise_multiplier=1e4,
                                        max_physical_batch_size=6, grad_sample_mode=mode)
     assert float(moved.std()) == pytest.approx(1e4 * 0.5 / 24, rel=0.03)
     assert abs(float(moved.mean())) < 0.03 * 1e4 * 0.5 / 24
@@ -131,10 +132,9 @@ def test_dp_sgd_noise_is_sigma_c_over_the_expected_batch_once_per_step(mode, sin
 @pytest.mark.parametrize("mode", ["fused", "hooks"])
 def test_an_empty_poisson_batch_is_still_a_noisy_step(mode, monkeypatch, single_thread):
     """Each of the epoch's four steps draws an empty batch and still adds N(0, (sigma*C/B)^2)."""
-    import engine.dp_sgd
 
-    monkeypatch.setattr(engine.dp_sgd, "poisson_batch", lambda *args: torch.empty(0, dtype=torch.long))
-    moved = weights_moved_by_one_epoch(torch.randn(40, 3, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=10,
+    monkeypatch.setattr(privacy.sampling, "poisson_batch", lambda *args: torch.empty(0, dtype=torch.long))
+    moved = weights_moved_by_one_epoch(torch.randn(40, 3, 8, 8), torch.zeros(40, dtype=torch.long), train_batch_size=10,
                                        max_norm=2.0, noise_multiplier=1.0, grad_sample_mode=mode)
     assert float(moved.std()) == pytest.approx(2.0 / 10 * 4 ** 0.5, rel=0.03)  # four steps' noise
 
@@ -160,7 +160,7 @@ def batches_seen_by_dp_sgd(num_examples: int, batch_size: int, epochs: int, seed
         current.clear()
 
     inputs = torch.arange(num_examples, dtype=torch.float32).view(-1, 1)
-    config = DPSGDConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, max_norm=1.0, noise_multiplier=1.0,
+    config = DPSGDConfig(epochs=epochs, train_batch_size=batch_size, lr=1e-3, max_norm=1.0, noise_multiplier=1.0,
                          momentum=0.0, weight_decay=0.0)
     trainer = DPSGDTrainer(model, TensorDataset(inputs, torch.zeros(num_examples, dtype=torch.long)), config,
                            torch.device("cpu"), seed=seed)
@@ -214,6 +214,6 @@ def test_a_layer_that_mixes_the_examples_of_a_batch_is_refused_in_every_mode(mod
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, affine=False), torch.nn.Flatten(),
                                 torch.nn.Linear(2 * 6 * 6, 3))
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
-    config = DPSGDConfig(epochs=1, batch_size=4, lr=0.1, max_norm=1.0, noise_multiplier=1.0, grad_sample_mode=mode)
+    config = DPSGDConfig(epochs=1, train_batch_size=4, lr=0.1, max_norm=1.0, noise_multiplier=1.0, grad_sample_mode=mode)
     with pytest.raises(DPImgSynError, match="BatchNorm2d normalizes by batch statistics"):
         DPSGDTrainer(model, data, config, torch.device("cpu"), seed=0).train_epoch(progress=False)

@@ -14,7 +14,7 @@ clipped gradients before rank 0 adds the noise, once. The ledger is the single-p
 Randomness: by default the Poisson batches come from a generator seeded with ``seed`` and the noise
 from one seeded with ``seed + 1``, so a run (and its resume) is reproducible and the seed must stay
 secret. Secure mode (``DPSGDConfig.secure_mode``, no seed) draws both from the operating system
-(:data:`privacy.noise.OS_RANDOM`): the optimizers below replace Opacus's noise generator, whose
+(:data:`privacy.noise.OS_RANDOM`): :mod:`privacy.optimizers` replaces Opacus's noise generator, whose
 torch generator could be regenerated from its seed. Nothing random is saved then, and no run can be
 repeated. Under torchrun rank 0 draws each Poisson batch and broadcasts it; the noise stays on rank 0
 as in Opacus. Cost: 8 bytes of OS randomness per parameter per step, 8 per example per step.
@@ -30,19 +30,18 @@ import torch
 import torch.nn.functional as F
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
-                               DPOptimizerFastGradientClipping)
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from engine.data import batches_by_index
-from engine.distributed import Distributed
-from errors import DPImgSynError
+from common.batches import batches_by_index
+from common.cli import nonnegative_float, option, positive_float, positive_int
+from common.distributed import Distributed
+from common.errors import DPImgSynError
 from privacy.clipping import PerExampleClipper, refuse_batch_statistics
-from privacy.noise import OS_RANDOM, RandomSource, gaussian
-from privacy.sampling import poisson_batch, steps_per_epoch
+from privacy.noise import OS_RANDOM, RandomSource
+from privacy.optimizers import dp_optimizer_class
+from privacy.sampling import global_poisson_batch, steps_per_epoch
 
 FUSED = "fused"
 GRAD_SAMPLE_MODES = (FUSED, "hooks", "functorch", "ew")
@@ -53,67 +52,25 @@ POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits fo
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPSGDConfig:
-    """Hyper-parameters of stage 1 (paper defaults for the optimizer)."""
+    """The DP-SGD mechanism and its optimizer; the teacher stage's config extends it (paper defaults there)."""
 
-    epochs: int
-    batch_size: int
-    lr: float
-    max_norm: float
-    noise_multiplier: float
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    max_physical_batch_size: int = 256
-    grad_sample_mode: str = FUSED
-    secure_mode: bool = False
-
-
-class _OSNoise:
-    """Opacus's ``add_noise`` with the noise read from the operating system (secure mode).
-
-    Same contract as Opacus's: ``p.grad = p.summed_grad + N(0, (sigma * C)^2)`` once per logical
-    step, in the gradient's dtype; only the source differs. Listed before the Opacus class, so that
-    the distributed variants below still reach it through their rank-0-only ``add_noise``.
-    """
-
-    def add_noise(self) -> None:
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-        for param in self.params:
-            _check_processed_flag(param.summed_grad)
-            summed = param.summed_grad
-            param.grad = (summed + gaussian(summed.shape, std, OS_RANDOM, summed.device, summed.dtype)).view_as(param)
-            _mark_as_processed(param.summed_grad)
-
-
-class SecureDPOptimizer(_OSNoise, DPOptimizer):
-    """Opacus's ``DPOptimizer`` with OS noise."""
-
-
-class SecureDPOptimizerFastGradientClipping(_OSNoise, DPOptimizerFastGradientClipping):
-    """Opacus's ``DPOptimizerFastGradientClipping`` with OS noise."""
-
-
-class SecureDistributedDPOptimizer(DistributedDPOptimizer, SecureDPOptimizer):
-    """Rank 0 adds OS noise (Opacus's ``add_noise`` gate comes first in the MRO); the others add none."""
-
-
-class SecureDistributedDPOptimizerFastGradientClipping(DistributedDPOptimizerFastGradientClipping,
-                                                       SecureDPOptimizerFastGradientClipping):
-    """Rank 0 adds OS noise (Opacus's ``add_noise`` gate comes first in the MRO); the others add none."""
-
-
-# (fused clipper, distributed, secure) -> optimizer class
-OPTIMIZERS = {
-    (True, False, False): DPOptimizerFastGradientClipping,
-    (True, True, False): DistributedDPOptimizerFastGradientClipping,
-    (False, False, False): DPOptimizer,
-    (False, True, False): DistributedDPOptimizer,
-    (True, False, True): SecureDPOptimizerFastGradientClipping,
-    (True, True, True): SecureDistributedDPOptimizerFastGradientClipping,
-    (False, False, True): SecureDPOptimizer,
-    (False, True, True): SecureDistributedDPOptimizer,
-}
+    epochs: int = option(help="eta_train: DP-SGD epochs", parse=positive_int)
+    train_batch_size: int = option(help="Omega_train: expected (logical) Poisson batch size", parse=positive_int)
+    lr: float = option(help="gamma_train: SGD learning rate", parse=positive_float)
+    max_norm: float = option(help="C: per-sample gradient clipping norm", parse=positive_float)
+    noise_multiplier: float = option(help="sigma: noise std / C", parse=positive_float)
+    momentum: float = option(0.9, "SGD momentum", parse=nonnegative_float)
+    weight_decay: float = option(5e-4, "SGD weight decay", parse=nonnegative_float)
+    max_physical_batch_size: int = option(256, "largest chunk processed at once; bigger Poisson batches are "
+                                          "accumulated", parse=positive_int)
+    grad_sample_mode: str = option(FUSED, "per-example clipping: 'fused' computes norms and the clipped sum in one "
+                                   "backward pass (fastest); 'hooks', 'functorch', 'ew' store Opacus's per-sample "
+                                   "gradients (same guarantee, for layers 'fused' does not support)",
+                                   choices=GRAD_SAMPLE_MODES)
+    secure_mode: bool = option(False, "draw the Poisson sampling and the noise from the operating system's "
+                               "randomness (not seedable: a seed is refused; nothing can regenerate the noise)")
 
 
 class DPSGDTrainer:
@@ -138,8 +95,8 @@ class DPSGDTrainer:
         self.device = device
         self.num_workers = num_workers
         self.num_examples = len(train_set)
-        self.sample_rate = config.batch_size / self.num_examples
-        self.steps_per_epoch = steps_per_epoch(self.num_examples, config.batch_size)
+        self.sample_rate = config.train_batch_size / self.num_examples
+        self.steps_per_epoch = steps_per_epoch(self.num_examples, config.train_batch_size)
         replicated = DPDDP(self.model) if dist.enabled else self.model  # DPDDP copies rank 0's weights
         # Per-sample gradients of a summed loss are the gradients of each example's own loss: no
         # rescaling of every layer's backprops, as a mean loss would need. The optimizer still
@@ -153,7 +110,7 @@ class DPSGDTrainer:
             refuse_batch_statistics(self.model.named_modules())  # Opacus's validator lets affine-free ones pass
             self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
                                           loss_reduction="sum")
-        optimizer_class = OPTIMIZERS[self.clipper is not None, dist.enabled, config.secure_mode]
+        optimizer_class = dp_optimizer_class(self.clipper is not None, dist.enabled, config.secure_mode)
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
         self.noise_generator = None  # secure mode: the optimizer reads the OS instead
@@ -163,7 +120,7 @@ class DPSGDTrainer:
         # Each rank scales its share by B / world_size; the optimizer then averages over ranks.
         self.optimizer = optimizer_class(base, noise_multiplier=config.noise_multiplier,
                                          max_grad_norm=config.max_norm,
-                                         expected_batch_size=config.batch_size / dist.world_size,
+                                         expected_batch_size=config.train_batch_size / dist.world_size,
                                          generator=self.noise_generator, secure_mode=config.secure_mode)
         # A milestone at epoch 0 would cut the learning rate before the first step (epochs == 1),
         # and on short runs both milestones can fall on one epoch (a 100x cut): keep distinct ones.
@@ -175,18 +132,6 @@ class DPSGDTrainer:
             self.sample_generator.manual_seed(seed)
         self.epoch = 0
         self.steps_done = 0
-
-    def _poisson_batch(self) -> torch.Tensor:
-        """The global Poisson batch of one step, identical on every rank.
-
-        Seeded generators agree across ranks by construction; OS draws do not, so in secure mode
-        rank 0 draws and broadcasts.
-        """
-        if not self.config.secure_mode:
-            return poisson_batch(self.num_examples, self.sample_rate, self.sample_generator)
-        drawn = (poisson_batch(self.num_examples, self.sample_rate, self.sample_generator) if self.dist.is_main
-                 else torch.empty(0, dtype=torch.int64))
-        return self.dist.broadcast_tensor(drawn)
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still costs a step and still gets its noise."""
@@ -225,7 +170,8 @@ class DPSGDTrainer:
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
         """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
         self.wrapped.train()
-        index_batches = [self.dist.share(self._poisson_batch()) for _ in range(self.steps_per_epoch)]
+        index_batches = [self.dist.share(global_poisson_batch(self.num_examples, self.sample_rate, self.sample_generator,
+                                                            self.dist)) for _ in range(self.steps_per_epoch)]
         seen = 0
         sums = torch.zeros(2, device=self.device)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),

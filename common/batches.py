@@ -54,9 +54,8 @@ def stack_items(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([dataset[int(i)][0] for i in indices])
 
 
-def batches_by_index(
-    dataset: Dataset, index_batches: Iterable[torch.Tensor], num_workers: int = 0
-) -> Iterator[Batch | None]:
+def batches_by_index(dataset: Dataset, index_batches: Iterable[torch.Tensor], num_workers: int = 0
+                    ) -> Iterator[Batch | None]:
     """Yield ``(images, labels)`` for each index tensor; ``None`` for an empty batch."""
     tensors = in_memory_tensors(dataset)
     if tensors is not None:

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torchvision import datasets as tv
 
-from datasets.convert import RawTensors
-from datasets.files import ImageFiles, class_folders, labeled_tree, unlabeled_tree
+from sources.convert import RawTensors
+from sources.files import ImageFiles, class_folders, labeled_tree, unlabeled_tree
 
 HAIR_ATTRIBUTES = ("Black_Hair", "Blond_Hair", "Brown_Hair")
 GENDER_ATTRIBUTE = "Male"

@@ -17,8 +17,8 @@ from typing import Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from engine.runtime import resolve_device
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.runtime import resolve_device
 
 # Ranks wait for each other at collectives; a long wait (rank 0 evaluating, an uneven last shard)
 # must not be mistaken for a dead peer. torchrun stops every rank when one of them fails.

@@ -1,20 +1,18 @@
-"""Device choice, seeding, memory, logging and atomic writes shared by all stages."""
+"""Device choice, seeding, memory and logging shared by all stages."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import random
-import secrets
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from errors import DPImgSynError
+from common.errors import DPImgSynError
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -68,6 +66,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keyed_generator(*key: int) -> torch.Generator:
+    """A generator seeded by ``key`` alone (e.g. seed, shard): any part of a run is redrawn without saved state."""
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def rng_state() -> dict:
     """Every RNG state a resumable stage needs to continue bit-for-bit (plain, weights_only-safe)."""
     state = {
@@ -109,51 +113,3 @@ def setup_logging(log_file: str | os.PathLike | None, name: str = "dpimgsyn") ->
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     return logger
-
-
-def _new_temp_file(target: Path) -> Path:
-    """An empty, new file beside ``target`` with the permissions of any file the user creates.
-
-    ``tempfile.mkstemp`` would make it 0600 whatever the umask, and the rename keeps that mode.
-    """
-    while True:
-        candidate = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
-            return candidate
-        except FileExistsError:
-            continue
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
-
-    A killed process therefore never leaves a half-written artifact under the final name.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_temp_file(target)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically, through a file handle.
-
-    Given a path, torch names the archive inside the file after it -- here the random temp name --
-    so equal content would give different bytes; through a handle the name is fixed.
-    """
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from engine.data import sequential_batches
+from common.batches import sequential_batches
 
 
 @torch.no_grad()

@@ -22,19 +22,16 @@ from torch import Tensor
 
 import privacy
 import registry
-from engine.artifacts import model_from_checkpoint
-from engine.data import stack_items
-from engine.runtime import atomic_path, resolve_device, setup_logging
-from engine.synthesis import SAMPLING_SEED
-from errors import DPImgSynError
+from common.batches import stack_items
+from common.cli import RunOptions, option, positive_int
+from common.errors import DPImgSynError
+from common.files import atomic_path, sha256_file
+from common.runtime import resolve_device, setup_logging
 from evaluation import (build_card, frechet_distance, gallery_rows, nn_report, obfuscation_verdict,
                         penultimate_features, precision_recall, write_card)
+from registry import model_from_checkpoint
 from synthesizer import release as release_io
 
-DEFAULT_MAX_SYNTHETIC = 5000
-DEFAULT_MAX_PRIVATE = 5000
-DEFAULT_K_SSIM = 5
-DEFAULT_GALLERY_PAIRS = 16
 GALLERY_PAIRS_PER_ROW = 4
 PRECISION_RECALL_K = 3
 SUBSAMPLE_SEED = 0  # which images a capped evaluation uses; fixed so two releases are compared alike
@@ -75,7 +72,7 @@ def verified_teacher_path(metadata: dict, release: Path, teacher: str | os.PathL
     if not path.is_file():
         raise DPImgSynError(f"{origin} ({path}) is not a file; pass --teacher with the checkpoint the release "
                             f"was made with (sha256 {expected})")
-    actual = privacy.file_sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise DPImgSynError(f"{origin} ({path}) has sha256 {actual}, but the release was made with a teacher of "
                             f"sha256 {expected}; pass --teacher with the checkpoint synthesize.py used")
@@ -182,7 +179,7 @@ def load_image_sets(bundle: release_io.ReleaseDataset, dataset: str, public_set:
         raise DPImgSynError(f"{dataset!r} images have shape {tuple(private['private_train'].shape[1:])} but the "
                             f"release's have {image_shape}; pass the --dataset the release was made for")
     public = registry.aligned(public_set, dataset, data_root, **options)
-    public_order = registry.sampling_list(public_set, len(bundle), SAMPLING_SEED, available=len(public))
+    public_order = registry.sampling_list(public_set, len(bundle), registry.SAMPLING_SEED, len(public))
     return ImageSets(
         synthetic=torch.from_numpy(np.array(bundle.images[used["synthetic"]])),
         public_init=to_pixels(stack_items(public, public_order[used["synthetic"]]), mean, std),
@@ -262,29 +259,36 @@ def _finite_or_none(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def evaluate_release(
-    release: str | os.PathLike,
-    output: str | os.PathLike,
-    metrics_paths: Sequence[str | os.PathLike] = (),
-    device: str = "auto",
-    data_root: str | os.PathLike | None = None,
-    dataset: str | None = None,
-    teacher: str | os.PathLike | None = None,
-    public_set: str | None = None,
-    max_synthetic: int = DEFAULT_MAX_SYNTHETIC,
-    max_private: int = DEFAULT_MAX_PRIVATE,
-    k_ssim: int = DEFAULT_K_SSIM,
-    gallery_pairs: int = DEFAULT_GALLERY_PAIRS,
-) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(RunOptions):
+    """What to evaluate and how much of it (the figures of a capped evaluation use fixed random subsets)."""
+
+    release: str = option(help="release folder written by synthesize.py (only read)")
+    output: str = option(help="folder for the card and diagnostics (outside the release)")
+    metrics: tuple[str, ...] = option((), "metrics.json files of students trained on this release (default: not "
+                                      "measured)")
+    dataset: str | None = option(None, "private dataset to compare with (default: the release's; required for a "
+                                 "folder: set, which releases record by its folder name only)")
+    public_set: str | None = option(None, "the release's public set (default: the one it records; required for a "
+                                    "folder: set)")
+    teacher: str | None = option(None, "teacher .dppt (default: the file the release names, looked for beside the "
+                                 "release and in checkpoints/); must match the sha256 recorded in the release")
+    max_synthetic: int = option(5000, "evaluate at most this many release images, a fixed random subset",
+                                parse=positive_int)
+    max_private: int = option(5000, "use at most this many private train and test images each, a fixed random "
+                              "subset; the card says when it subsampled", parse=positive_int)
+    k_ssim: int = option(5, "SSIM is computed on this many L2-nearest candidates", parse=positive_int)
+    gallery_pairs: int = option(16, "closest synthetic/private pairs in the gallery", parse=positive_int)
+
+
+def evaluate_release(config: EvaluationConfig) -> dict:
     """Evaluate one release; write ``release_card.{md,json}``, the gallery and per-image distances.
 
     Every check that needs no private data (release checksums, its privacy block, the teacher's
     sha256, the students' metrics) runs before any private image is read. Returns the card, the
     written paths and the obfuscation verdict, for the pipeline's report.
     """
-    release, output = Path(release), Path(output)
-    if min(max_synthetic, max_private, k_ssim, gallery_pairs) < 1:
-        raise DPImgSynError("max_synthetic, max_private, k_ssim and gallery_pairs must be positive")
+    release, output = Path(config.release), Path(config.output)
     if output.resolve() == release.resolve() or release.resolve() in output.resolve().parents:
         raise DPImgSynError(f"--output {output} is inside the release {release}; the evaluation reads private "
                             "data and must never write into a release: choose a folder outside it")
@@ -293,24 +297,26 @@ def evaluate_release(
     block = privacy.require_privacy_block(metadata, f"release {release}", allow_non_private=True)
     if not metadata.get("dataset"):
         raise DPImgSynError(f"{release} does not record its private dataset; regenerate it with synthesize.py")
-    dataset = dataset or registry.local_dataset(metadata["dataset"], None, f"release {release}")
+    dataset = config.dataset or registry.local_dataset(metadata["dataset"], None, f"release {release}")
     if not metadata.get("public_set"):
         raise DPImgSynError(f"{release / release_io.METADATA_FILE} records no public_set, so the public "
                             "initialization cannot be regenerated; regenerate the release with synthesize.py")
-    public_set = public_set or registry.local_dataset(metadata["public_set"], None, f"release {release} (public set)")
-    teacher_path = verified_teacher_path(metadata, release, teacher)
-    students = student_results(metrics_paths, metadata)
-    compute = resolve_device(device)
+    public_set = config.public_set or registry.local_dataset(metadata["public_set"], None,
+                                                             f"release {release} (public set)")
+    teacher_path = verified_teacher_path(metadata, release, config.teacher)
+    students = student_results(config.metrics, metadata)
+    compute = resolve_device(config.device)
 
     print(announce(release, dataset), flush=True)
     logger = setup_logging(output / LOG_FILE)
     logger.info("evaluating %s against the private data of %s (teacher %s)", release, dataset, teacher_path)
     started = time.time()
     model, checkpoint = load_teacher(teacher_path, compute)
-    sets = load_image_sets(bundle, dataset, public_set, data_root, max_synthetic, max_private)
-    obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), k_ssim, compute)
+    sets = load_image_sets(bundle, dataset, public_set, config.data_root, config.max_synthetic,
+                           config.max_private)
+    obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), config.k_ssim, compute)
     fidelity_section = fidelity(model, sets, compute)
-    gallery = write_diagnostics(output, sets, synthetic_nn, gallery_pairs)
+    gallery = write_diagnostics(output, sets, synthetic_nn, config.gallery_pairs)
 
     internal = {
         "teacher_test_acc": _finite_or_none(checkpoint.get("test_acc")),

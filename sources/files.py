@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.functional import pil_to_tensor
 
-from datasets.convert import RawSource
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from sources.convert import RawSource
 
 
 class ImageFiles(RawSource):

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 import registry
-from engine.artifacts import require_same_settings, with_suffix_once
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from common.files import require_same_settings, sha256_file, with_suffix_once
 from privacy.accountant import DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
-from privacy.checkpoint import STAGES, dppt_payload, file_sha256, load_dppt, save_dppt, strip_wrapper_prefixes
+from privacy.checkpoint import STAGES, dppt_payload, load_dppt, save_dppt, strip_wrapper_prefixes
 from privacy.ledger import claimed_entry, non_private_entry, privacy_block
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics
 
@@ -470,7 +470,7 @@ def import_original(source: str | Path, output: str | Path, dataset: str, archit
     """
     source = Path(source)
     original = read_original(source)
-    origin = {"source_file": source.name, "source_sha256": file_sha256(source)}
+    origin = {"source_file": source.name, "source_sha256": sha256_file(source)}
     settings = {**origin, "dataset": dataset, "architecture": architecture, "stage": stage or original.layout,
                 "epsilon": epsilon, "delta": delta, "accountant": accountant}
     final = with_suffix_once(output, ".dppt")

@@ -1,7 +1,7 @@
 """Resolve a checkpoint argument that may be a URL: download it once, verify its SHA-256, keep it locally.
 
 A downloaded checkpoint is trusted for its privacy ledger, so its bytes must be exactly the
-published ones: the digest comes from ``--sha256`` or from :data:`engine.pretrained.PRETRAINED_SHA256`,
+published ones: the digest comes from ``--sha256`` or from :data:`PRETRAINED_SHA256`,
 a URL without a known digest is refused, and a file whose digest differs never reaches its final
 name (the download goes to a temporary file that is renamed only after the check).
 """
@@ -18,16 +18,20 @@ from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
-from engine.pretrained import PRETRAINED_SHA256
-from engine.runtime import atomic_path
-from errors import DPImgSynError
-from privacy.checkpoint import file_sha256
+from common.errors import DPImgSynError
+from common.files import atomic_path, sha256_file
 
 PRETRAINED_DIR = Path("checkpoints") / "pretrained_DP_models"
 URL_SCHEMES = ("http", "https", "file")
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+# Known SHA-256 digests of published pretrained checkpoints, by file name. To add an entry, in the same
+# change that publishes a checkpoint: compute the digest of the exact published file (``sha256sum FILE``)
+# and add ``"<file name as it appears at the end of the URL>": "<64 lowercase hex digits>",``. Never fill in
+# a digest computed from a download of unknown origin.
+PRETRAINED_SHA256: dict[str, str] = {}
 
 
 def is_url(value: str) -> bool:
@@ -108,7 +112,7 @@ def resolve_checkpoint(value: str | os.PathLike, sha256: str | None = None,
             wanted = normalized_sha256(sha256)
             if not path.is_file():
                 raise DPImgSynError(f"checkpoint {path} not found; check the path")
-            if (found := file_sha256(path)) != wanted:
+            if (found := sha256_file(path)) != wanted:
                 raise _mismatch(str(path), found, wanted)
         return path
     scheme = urlsplit(text).scheme.lower()
@@ -119,7 +123,7 @@ def resolve_checkpoint(value: str | os.PathLike, sha256: str | None = None,
     wanted = expected_sha256(name, sha256)
     target = Path(directory) / name
     if target.exists():
-        if (found := file_sha256(target)) != wanted:
+        if (found := sha256_file(target)) != wanted:
             raise DPImgSynError(f"{target} already exists with SHA-256 {found}, not the expected {wanted}; it is "
                                 "not replaced: move it away, or check the URL and --sha256")
         print(f"using {target} (already downloaded, SHA-256 verified)")

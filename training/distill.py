@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,9 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from engine.distributed import Distributed
-from engine.precision import autocast, channels_last
-from errors import DPImgSynError
+from common.cli import nonnegative_float, option, positive_float, positive_int
+from common.distributed import Distributed
+from common.errors import DPImgSynError
+from common.precision import autocast, channels_last
+from common.runtime import keyed_generator
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
@@ -40,19 +40,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     return loss
 
 
-@dataclass(frozen=True)
-class StudentConfig:
-    """Paper defaults: ResNet-18, batch 256, SGD 0.1/0.9/1e-4, 200 epochs, steps at 120/150/180."""
+@dataclass(frozen=True, kw_only=True)
+class DistillationConfig:
+    """The student's training; the defaults are the paper's (ResNet-18's recipe: batch 256, SGD 0.1/0.9/1e-4,
+    200 epochs, steps at 120/150/180, T = 100)."""
 
-    epochs: int = 200
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    temperature: float = 100.0
-    alpha: float = 1.0
-    beta: float = 0.0
-    augment: bool = False
+    epochs: int = option(200, "training epochs", parse=positive_int)
+    batch_size: int = option(256, "batch size (the global batch under torchrun)", parse=positive_int)
+    lr: float = option(0.1, "SGD learning rate (MultiStepLR at 60/75/90%%)", parse=positive_float)
+    momentum: float = option(0.9, "SGD momentum", parse=nonnegative_float)
+    weight_decay: float = option(1e-4, "SGD weight decay", parse=nonnegative_float)
+    temperature: float = option(100.0, "distillation temperature (paper: 100)", parse=positive_float, aliases=("T",))
+    alpha: float = option(1.0, "weight of the soft (KL) term", parse=nonnegative_float)
+    beta: float = option(0.0, "weight of the hard-label CE term", parse=nonnegative_float)
+    augment: bool = option(False, "random crop + flip of the released images")
 
     def milestones(self) -> list[int]:
         """120/150/180 of 200 epochs, scaled to the configured length."""
@@ -84,12 +85,6 @@ def _resident(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[
     return tuple(tensor.to(device) for tensor in tensors)
 
 
-def augmentation_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Crop/flip draws of one rank in one epoch: a resumed run redraws them without saved state."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 class StudentTrainer:
     """SGD + MultiStepLR over in-memory (images, soft labels, targets) tensors; resumable per epoch.
 
@@ -97,7 +92,7 @@ class StudentTrainer:
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor,
-                 targets: torch.Tensor, config: StudentConfig, device: torch.device, seed: int,
+                 targets: torch.Tensor, config: DistillationConfig, device: torch.device, seed: int,
                  dist: Distributed = Distributed(), bf16: bool = False) -> None:
         if config.batch_size % dist.world_size:
             raise DPImgSynError(f"--batch_size {config.batch_size} must be a multiple of the "
@@ -126,7 +121,7 @@ class StudentTrainer:
         self.sampler.set_epoch(self.epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         batches = order.split(self.config.batch_size // self.dist.world_size)
-        generator = augmentation_generator(self.seed, self.epoch, self.dist.rank)
+        generator = keyed_generator(self.seed, self.epoch, self.dist.rank)
         loss_sum = torch.zeros((), device=self.device)  # on the device: no step waits for a copy to the host
         seen = 0
         bar = tqdm(batches, desc=f"student epoch {self.epoch + 1}/{self.config.epochs}",

@@ -9,10 +9,9 @@ Rank 0 assembles it once every rank has written its shards.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import platform
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +21,46 @@ from tqdm import tqdm
 
 import privacy
 import registry
-from engine import distributed
-from engine.artifacts import model_from_checkpoint
-from engine.data import stack_items
-from engine.fetch import resolve_checkpoint
-from engine.precision import use_bf16
-from engine.runtime import setup_logging
-from errors import DPImgSynError
-from synthesizer.deepinversion import SynthesisWeights, cyclic_targets, optimize_batch
+from common import distributed
+from common.batches import stack_items
+from common.cli import RunOptions, nonnegative_int, option, positive_int
+from common.errors import DPImgSynError
+from common.files import sha256_file
+from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
+from common.runtime import keyed_generator, setup_logging
+from registry import model_from_checkpoint
+from stages.fetch import resolve_checkpoint
+from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.release import ReleaseWriter
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
-SAMPLING_SEED = 0  # which public images are used is fixed per (public set, count), as the original lists
+
+
+# The settings that fix a release's content (with the teacher's and the public set's identity).
+CONTENT_SETTINGS = ("num_samples", "k", "batch_size", "statistics_weight", "class_weight", "smoothness_weight",
+                    "image_norm_weight", "lr", "jitter", "flip", "targets", "seed", "non_private")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthesisConfig(AlignmentConfig, RunOptions):
+    """Stage 3's settings; the defaults are the paper's."""
+
+    teacher: str = option(help="stage-2 .dppt (teacher with DP statistics): a local path or an http(s)/file URL, "
+                          "downloaded to checkpoints/pretrained_DP_models/")
+    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)")
+    public_set: str = option(help="public dataset from the registry (e.g. tinyimagenet, photos)")
+    num_samples: int = option(60000, "number of images to release", parse=positive_int)
+    k: int = option(1, "optimization steps per batch (0 = public images as they are)", parse=nonnegative_int,
+                    aliases=("g_steps",))
+    batch_size: int = option(80, "images optimized together (paper: 80)", parse=positive_int)
+    batches_per_shard: int = option(25, "batches per resumable shard", parse=positive_int)
+    targets: str = option("cyclic", "cyclic: classes 0..C-1 repeated (paper); teacher: the teacher's prediction "
+                          "on the public image", choices=("cyclic", "teacher"))
+    non_private: bool = option(False, "ablation only: accept a teacher without DP statistics or ledger "
+                               "(epsilon = inf)")
+    seed: int = option(0, "seed of the jitter/flip draws (per shard)")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    output: str = option(help="release folder to create (or resume)")
 
 
 def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torch.device):
@@ -57,63 +84,51 @@ def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torc
     return model, checkpoint, block
 
 
-def shard_generator(seed: int, shard: int) -> torch.Generator:
-    """Per-shard randomness, so any shard can be (re)computed alone with identical results."""
-    digest = hashlib.sha256(f"{seed}:{shard}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def synthesize(args: argparse.Namespace) -> Path:
+def synthesize(config: SynthesisConfig) -> Path:
     """Run (or resume) stage 3 and return the release folder."""
-    dist, device = distributed.setup(args.device)
-    output = Path(args.output)
+    dist, device = distributed.setup(config.device)
+    output = Path(config.output)
     with dist.main_first():  # a URL is downloaded once
-        args.teacher = resolve_checkpoint(args.teacher, args.sha256, progress=not args.no_progress)
-    teacher, checkpoint, block = load_teacher_for_synthesis(args.teacher, args.non_private, device)
-    if args.g_steps > 0 and "dp_statistics" not in checkpoint:
-        raise DPImgSynError(f"--g_steps {args.g_steps} matches statistics, but {args.teacher} holds none; "
+        config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
+                                                                  progress=config.progress)))
+    teacher, checkpoint, block = load_teacher_for_synthesis(config.teacher, config.non_private, device)
+    if config.k > 0 and "dp_statistics" not in checkpoint:
+        raise DPImgSynError(f"--g_steps {config.k} matches statistics, but {config.teacher} holds none; "
                             "run save_dp_db_stats.py (or --g_steps 0)")
     private_name = checkpoint["dataset"]
     spec = registry.recorded_spec(private_name, checkpoint["num_classes"])
     with dist.main_first():
-        public = registry.aligned(args.public_set, spec, args.data_root, args.download)
-    indices = registry.sampling_list(args.public_set, args.num_samples, SAMPLING_SEED, available=len(public))
-    weights = SynthesisWeights(bn=args.bn, oh=args.oh, tv=args.tv, l2=args.l2, adv=0.0, lr=args.lr_g,
-                               flip=not args.no_flip)
+        public = registry.aligned(config.public_set, spec, config.data_root, config.download)
+    indices = registry.sampling_list(config.public_set, config.num_samples, registry.SAMPLING_SEED, len(public))
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
-    settings = {
-        "teacher_sha256": privacy.file_sha256(args.teacher), "public_set": registry.artifact_name(args.public_set),
-        "num_samples": args.num_samples, "g_steps": args.g_steps, "batch_size": args.batch_size,
-        "bn": args.bn, "oh": args.oh, "tv": args.tv, "l2": args.l2, "lr_g": args.lr_g,
-        "targets": args.targets, "flip": not args.no_flip, "seed": args.seed, "non_private": args.non_private,
-        "bf16": use_bf16(args.precision, device),
-    }
-    shard_size = args.batch_size * args.batches_per_shard
+    settings = {"teacher_sha256": sha256_file(config.teacher), "public_set": registry.artifact_name(config.public_set),
+                **{key: getattr(config, key) for key in CONTENT_SETTINGS}, "bf16": use_bf16(config.precision, device)}
+    shard_size = config.batch_size * config.batches_per_shard
     with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
-        writer = ReleaseWriter(output, num_samples=args.num_samples, shard_size=shard_size,
+        writer = ReleaseWriter(output, num_samples=config.num_samples, shard_size=shard_size,
                                image_shape=(spec.channels, spec.image_size, spec.image_size),
                                num_classes=checkpoint["num_classes"], settings=settings)
     logger = setup_logging(output.parent / f"{output.name}.log" if dist.is_main else None)
     logger.info("stage 3 (synthesis) settings: %s", settings)
     pending = [shard for shard in writer.pending_shards() if dist.owns(shard)]
     started = time.time()
-    bar = tqdm(total=len(pending) * shard_size, unit="img", desc=f"synthesis k={args.g_steps}",
-               disable=args.no_progress or not dist.is_main, dynamic_ncols=True)
+    bar = tqdm(total=sum(stop - start for start, stop in map(writer.shard_range, pending)), unit="img",
+               desc=f"synthesis k={config.k}", disable=not (config.progress and dist.is_main), dynamic_ncols=True)
     for shard in pending:
         start, stop = writer.shard_range(shard)
-        generator = shard_generator(args.seed, shard)
+        generator = keyed_generator(config.seed, shard)  # any shard is redone alone, identically
         parts: dict[str, list[torch.Tensor]] = {"images": [], "initial": [], "logits": [], "targets": []}
-        for batch_start in range(start, stop, args.batch_size):
-            batch_stop = min(batch_start + args.batch_size, stop)
+        for batch_start in range(start, stop, config.batch_size):
+            batch_stop = min(batch_start + config.batch_size, stop)
             x0 = stack_items(public, indices[batch_start:batch_stop]).to(device)
-            if args.targets == "teacher":
+            if config.targets == "teacher":
                 with torch.no_grad():
                     targets = teacher(x0).argmax(1)
             else:
                 targets = cyclic_targets(batch_start, batch_stop, checkpoint["num_classes"]).to(device)
-            result = optimize_batch(teacher, x0, targets, args.g_steps, weights, low, high, generator,
+            result = optimize_batch(teacher, x0, targets, config.k, config, low, high, generator,
                                     grayscale=spec.grayscale, bf16=settings["bf16"])
             parts["images"].append((result.images * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
             parts["initial"].append((x0 * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
@@ -132,15 +147,15 @@ def synthesize(args: argparse.Namespace) -> Path:
         return output
     metadata = {
         "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
-        "public_set": settings["public_set"], "k": args.g_steps, "settings": settings,
-        "teacher_file": Path(args.teacher).name, "teacher_sha256": settings["teacher_sha256"],
+        "public_set": settings["public_set"], "k": config.k, "settings": settings,
+        "teacher_file": Path(config.teacher).name, "teacher_sha256": settings["teacher_sha256"],
         "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "opacus": opacus.__version__, "numpy": np.__version__},
     }
     writer.finalize(metadata)
     elapsed = time.time() - started
-    print(f"release written to {output} ({args.num_samples} images, k={args.g_steps}, "
+    print(f"release written to {output} ({config.num_samples} images, k={config.k}, "
           f"epsilon {block['epsilon']:.3f}); preview: {output / 'preview.png'}")
     logger.info("synthesis finished in %.1fs", elapsed)
     dist.barrier()

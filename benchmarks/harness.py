@@ -11,7 +11,6 @@ held.
 """
 from __future__ import annotations
 
-import argparse
 import operator
 import re
 import statistics
@@ -30,8 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import registry  # noqa: E402
-from engine.cli import ArgumentParser, nonnegative_int, positive_int  # noqa: E402
-from engine.runtime import resolve_device, seed_everything  # noqa: E402
+from common.cli import ArgumentParser, HelpFormatter, nonnegative_int, positive_int  # noqa: E402
+from common.runtime import resolve_device, seed_everything  # noqa: E402
 
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge}
 FIGURE_LINE = re.compile(r"^(?P<name>[\w.-]+): ratio (?P<ratio>\d+\.\d\d) \(goal (?P<goal>[^)]*)\)"
@@ -40,15 +39,11 @@ _HIGH_WATER = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- arguments and set-up
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, and the docstring's usage examples kept as written."""
-
-
 def benchmark_parser(doc: str, repeats: int = 5) -> ArgumentParser:
     """The flags every benchmark has; the script adds its size flags. ``doc``: the script's docstring."""
     lines = doc.strip().splitlines()
     parser = ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]) or None,
-                            formatter_class=_HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--model", choices=list(registry.MODELS), default="small_cnn",
                         help="network under test (resnet18 for a GPU run)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

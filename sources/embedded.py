@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.convert import RawSource, RawTensors, View, normalize, resize_square, to_gray
-from errors import DPImgSynError
+from common.errors import DPImgSynError
+from sources.convert import RawSource, RawTensors, View, normalize, resize_square, to_gray
 
 MNIST5K_SEED = 5000
 MNIST5K_TRAIN_PER_CLASS = 400
@@ -114,7 +114,7 @@ def _pyramids(grayscale: bool) -> tuple[tuple[torch.Tensor, ...], ...]:
 
     A crop is resized from the smallest level that still has the output's resolution, so its
     cost does not grow with its size. Gray levels are the luma of the colour levels, exactly as
-    :func:`datasets.convert.to_view` computes it from a colour crop.
+    :func:`sources.convert.to_view` computes it from a colour crop.
     """
     pyramids = []
     for photo in source_photos():

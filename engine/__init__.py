@@ -1,1 +1,0 @@
-"""Shared machinery of the stage scripts: CLI helpers, seeding, logging, training loops."""

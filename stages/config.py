@@ -1,0 +1,117 @@
+"""A pipeline config: a YAML file read into the stages' own typed configs, errors naming the key.
+
+Each section holds the settings of one stage, under the names (or the paper's aliases) of its
+config's fields; the pipeline supplies what links the stages (the dataset, the artifacts' paths,
+the sigma the teacher calibrated). Unknown keys are errors, so a typo never silently falls back to
+a default. Everything is checked before any stage runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import RunOptions, config_from_mapping, option, positive_float, probability
+from common.errors import DPImgSynError
+from common.files import read_yaml
+from privacy import DEFAULT_DELTA
+from privacy.accountant import ACCOUNTANTS
+from stages.dp_statistics import StatisticsConfig
+from stages.paper import expand_row
+from stages.student import StudentConfig
+from stages.synthesis import SynthesisConfig
+from stages.teacher import TeacherConfig
+
+SECTIONS = ("teacher", "statistics", "synthesis", "student")
+PAPER_SEEDS = (111, 2023, 50173)
+UNSET = ""  # a path the pipeline fills in once the output folder is known
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings(RunOptions):
+    """The top level of a pipeline config: what every stage shares."""
+
+    output: str = option(help="output folder of the run")
+    dataset: str = option(help="private dataset from the registry")
+    model: str = option("resnet18", "teacher architecture from the registry")
+    delta: float = option(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
+    accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
+    target_epsilon: float | None = option(None, "total epsilon of both private stages (sigma is calibrated)",
+                                          parse=positive_float)
+    noise_multiplier: float | None = option(None, "the one sigma of both private stages", parse=positive_float)
+    evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated pipeline: its shared settings and one config per stage, paths still unset."""
+
+    settings: PipelineSettings
+    teacher: TeacherConfig
+    statistics: StatisticsConfig
+    synthesis: SynthesisConfig
+    ks: tuple[int, ...]  # one release per k
+    student: StudentConfig
+    seeds: tuple[int, ...]  # one student per release and seed
+
+
+def _int_list(section: dict, names: tuple[str, ...], where: str, default: tuple[int, ...] | None,
+              minimum: int | None = None) -> tuple[int, ...]:
+    """The list under the first of ``names`` in ``section`` (removed from it), checked element by element."""
+    name = next((key for key in names if key in section), names[0])
+    values = section.pop(name, default)
+    if values is None:
+        raise DPImgSynError(f"config: missing required key '{where}{name}'")
+    if not isinstance(values, list | tuple) or not all(
+            isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+            for value in values):
+        kind = "non-negative integers" if minimum == 0 else "integers"
+        raise DPImgSynError(f"config: key '{where}{name}' must be a list of {kind}")
+    return tuple(values)
+
+
+def _section(raw: dict, name: str) -> dict:
+    if not isinstance(raw[name], dict):
+        raise DPImgSynError(f"config: {name} must be a mapping")
+    return dict(raw[name])
+
+
+def validate_config(raw: dict) -> Pipeline:
+    """Check a config mapping against every stage's config; the result has every setting."""
+    if not isinstance(raw, dict):
+        raise DPImgSynError("config: top level must be a mapping")
+    missing = [name for name in SECTIONS if name not in raw]
+    if missing:
+        raise DPImgSynError(f"config: missing section {missing[0]!r}")
+    top = config_from_mapping(PipelineSettings, {key: value for key, value in raw.items() if key not in SECTIONS})
+    if (top.target_epsilon is None) == (top.noise_multiplier is None):
+        raise DPImgSynError("config: give exactly one of 'target_epsilon' and 'noise_multiplier'")
+    run = {"device": top.device, "data_root": top.data_root}
+    statistics = config_from_mapping(StatisticsConfig, raw["statistics"], "statistics.", required=(
+        "epochs", "train_batch_size", "max_norm"), fixed={**run, "teacher": UNSET, "output": UNSET,
+                                                         "dataset": top.dataset, "noise_multiplier": None})
+    if not float(statistics.epochs).is_integer():
+        raise DPImgSynError("config: key 'statistics.epochs' must be a whole number of epochs in a pipeline")
+    teacher = config_from_mapping(TeacherConfig, raw["teacher"], "teacher.", required=(
+        "epochs", "train_batch_size", "lr", "max_norm"), fixed={
+        **run, "dataset": top.dataset, "model": top.model, "delta": top.delta, "accountant": top.accountant,
+        "noise_multiplier": top.noise_multiplier or 1.0, "target_epsilon": top.target_epsilon,
+        "stats_epochs": int(statistics.epochs), "stats_batch_size": statistics.train_batch_size})
+    synthesis_section = _section(raw, "synthesis")
+    ks = _int_list(synthesis_section, ("k", "g_steps"), "synthesis.", None, minimum=0)
+    synthesis = config_from_mapping(SynthesisConfig, synthesis_section, "synthesis.", required=(
+        "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0})
+    student_section = _section(raw, "student")
+    seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
+    student = config_from_mapping(StudentConfig, student_section, "student.", fixed={
+        **run, "release": UNSET, "output": UNSET, "dataset": top.dataset, "seed": 0})
+    return Pipeline(top, teacher, statistics, synthesis, ks, student, seeds)
+
+
+def load_config(path: str | Path, row: str | None = None) -> Pipeline:
+    """A validated pipeline config: a plain config file, or one row of a multi-row file (paper.yaml)."""
+    raw = read_yaml(path)
+    if "rows" in raw:
+        return validate_config(expand_row(raw, row, path))
+    if row is not None:
+        raise DPImgSynError(f"--row given but {path} has no 'rows'")
+    return validate_config(raw)

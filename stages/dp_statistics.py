@@ -1,0 +1,201 @@
+"""Stage 2: DP normalization statistics of a DP teacher -> the statistics `.dppt`."""
+from __future__ import annotations
+
+import statistics as pystats
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import privacy
+import registry
+from common import distributed
+from common.batches import default_workers, stack_items
+from common.cli import RunOptions, option, positive_float, positive_int, probability
+from common.files import atomic_torch_save, resumed_state, sha256_file, with_suffix_once
+from common.runtime import setup_logging
+from privacy.checkpoint import completed_dppt
+from privacy.sampling import private_seed
+from privacy.split import split_by_content
+from registry import model_from_checkpoint
+from stages.fetch import resolve_checkpoint
+from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
+from synthesizer.stat_norm import attach_stat_layers
+
+PUBLIC_SCALE_IMAGES = 2000  # public images for pre-scaling and the public clipping norm
+# The seed is absent: it determines the noise and stays out of every artifact (see private_seed).
+CONTENT_SETTINGS = ("teacher_sha256", "dataset", "epochs", "train_batch_size", "max_norm", "noise_multiplier",
+                    "public_set", "clip_quantile", "non_private", "secure_mode")
+# Keys of teachers written by earlier versions that held exact, non-private numbers (per-epoch losses and
+# accuracies) or local paths: never copied into a statistics checkpoint.
+NOT_SHAREABLE_KEYS = ("history", "args")
+# The mechanism's settings when the teacher records no plan (imported or older teachers): Table 1's
+# most common statistics row and the paper's shared sigma.
+PLAN_KEYS = ("noise_multiplier", "epochs", "train_batch_size")
+UNPLANNED_DEFAULTS = {"noise_multiplier": 0.5, "epochs": 2, "train_batch_size": 64}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatisticsConfig(RunOptions):
+    """Stage 2's settings: sigma, epochs and batch size default to the plan stored in the teacher."""
+
+    teacher: str = option(help="stage-1 .dppt written by train_dp.py (or imported): a local path or an "
+                          "http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/")
+    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)")
+    dataset: str | None = option(None, "private dataset (default: the teacher's; must match it; required for a "
+                                 "folder: set, which checkpoints record by its folder name only)")
+    epochs: float | None = option(None, "eta_bn: passes over the data in expectation (default: the teacher's plan, "
+                                  "else 2)", parse=positive_float)
+    train_batch_size: int | None = option(None, "Omega_bn: expected Poisson batch size (default: the teacher's "
+                                          "plan, else 64)", parse=positive_int)
+    max_norm: float = option(1.0, "C: L2 clipping norm of each per-sample statistics vector", parse=positive_float)
+    noise_multiplier: float | None = option(None, "sigma: noise std / C (default: the teacher's plan, i.e. the "
+                                            "sigma train_dp.py calibrated for both stages, else 0.5)",
+                                            parse=positive_float)
+    public_set: str | None = option(None, "public set whose statistics pre-scale the coordinates before clipping "
+                                    "(cuts clipping bias at no privacy cost)")
+    clip_quantile: float | None = option(None, "with --public_set: take C as this quantile of the public "
+                                         "per-sample norms (overrides --max_norm)", parse=probability)
+    non_private: bool = option(False, "ablation only: exact statistics, no clipping or noise; the ledger records "
+                               "epsilon = inf")
+    report_bias: bool = option(False, "diagnostic: re-read the private data to print the DP statistics' error "
+                               "(not private; local only)")
+    seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it "
+                              "can regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
+    secure_mode: bool = option(False, "draw the Poisson sampling and the noise from the operating system's "
+                               "randomness (not seedable: --seed is refused; nothing can regenerate the noise)")
+    output: str = option(help="statistics .dppt path ('.dppt' appended when missing)")
+
+
+def load_teacher(path: str | Path, non_private: bool) -> tuple[dict, dict]:
+    """A stage-1 checkpoint and its privacy block; refuses ledger-less or other-stage files."""
+    checkpoint = privacy.load_dppt(path)
+    block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
+    privacy.check_dppt(checkpoint, stage="teacher")
+    return checkpoint, block
+
+
+def apply_plan(config: StatisticsConfig, checkpoint: dict) -> tuple[StatisticsConfig, dict | None]:
+    """The config with the mechanism settings left unset taken from the teacher's plan (else the
+    unplanned defaults), and the plan (``None`` for a teacher without one) to compare the result with."""
+    plan = checkpoint.get("plan") if isinstance(checkpoint.get("plan"), dict) else None
+    planned = plan["statistics"] if plan else UNPLANNED_DEFAULTS
+    return replace(config, **{key: planned[key] for key in PLAN_KEYS if getattr(config, key) is None}), plan
+
+
+def plan_report(plan: dict | None, config: StatisticsConfig, total_epsilon: float) -> str | None:
+    """Why the total epsilon differs from what stage 1 planned (``None`` when the run follows the plan)."""
+    if plan is None:
+        return ("the teacher records no plan for this stage (imported or older checkpoint): "
+                f"total epsilon {total_epsilon:.3f}")
+    deviations = [f"--{key} {getattr(config, key):g} instead of the planned {plan['statistics'][key]:g}"
+                  for key in PLAN_KEYS if getattr(config, key) != plan["statistics"][key]]
+    if not deviations:
+        return None
+    target = plan.get("target_epsilon")
+    wanted = f"target {target:g}" if target is not None else f"planned {plan['total_epsilon']:.3f}"
+    return f"total epsilon {total_epsilon:.3f} differs from stage 1's {wanted}: " + "; ".join(deviations)
+
+
+def capture_statistics(config: StatisticsConfig) -> Path:
+    """Run (or resume) stage 2; return the path of the statistics `.dppt` (written by rank 0 alone)."""
+    dist, device = distributed.setup(config.device)
+    seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+    with dist.main_first():  # a URL is downloaded once
+        config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
+                                                                  progress=config.progress)))
+    checkpoint, block = load_teacher(config.teacher, config.non_private)
+    dataset = registry.local_dataset(checkpoint["dataset"], config.dataset, f"teacher {config.teacher}")
+    config, plan = apply_plan(config, checkpoint)
+    output = with_suffix_once(config.output, ".dppt")
+    settings = {"teacher_sha256": sha256_file(config.teacher), **{
+        key: getattr(config, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"},
+        "dataset": checkpoint["dataset"],
+        "public_set": config.public_set and registry.artifact_name(config.public_set)}
+    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
+    logger.info("stage 2 (DP statistics) settings: %s", settings)
+    if completed_dppt(output, "statistics_settings", settings):
+        return output
+
+    model = model_from_checkpoint(checkpoint, config.teacher).to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    attach_stat_layers(model)
+    scales, max_norm = None, config.max_norm
+    if config.public_set:
+        with dist.main_first():
+            public = registry.aligned(config.public_set, dataset, config.data_root, config.download)
+        chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public))
+        public = stack_items(public, chosen)
+        scales = public_scales(model, public, device=device)
+        if config.clip_quantile is not None:
+            max_norm = public_clip_norm(model, public, scales, quantile=config.clip_quantile, device=device)
+            if dist.is_main:
+                print(f"clipping norm {max_norm:.4g} from the public set ({config.clip_quantile:g} quantile)")
+    with dist.main_first():
+        _, train_set, _ = registry.get_dataset(dataset, config.data_root, config.download)
+    # Exactly the records stage 1 trained on: the same content-keyed split (see privacy.split).
+    train_set, _ = split_by_content(train_set, checkpoint.get("settings", {}).get("val_split", 0.0))
+
+    resume_path = with_suffix_once(output, ".resume")
+    state = (resumed_state(resume_path, settings) or {}).get("state")
+    if state is not None and dist.is_main:
+        print(f"resuming DP statistics at step {state['step']}")
+
+    def checkpoint_fn(loop_state: dict) -> None:
+        if dist.is_main:
+            atomic_torch_save({"settings": settings, "state": loop_state}, resume_path)
+
+    started = time.time()
+    result = compute_dp_statistics(
+        model, train_set, epochs=config.epochs, batch_size=config.train_batch_size, max_norm=max_norm,
+        noise_multiplier=config.noise_multiplier, seed=None if seed is None else dist.broadcast_int(seed),
+        secure_mode=config.secure_mode, device=device, scales=scales, non_private=config.non_private,
+        progress=config.progress, state=state,
+        checkpoint_fn=checkpoint_fn, num_workers=default_workers(device), dist=dist)
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the statistics
+        return output
+    mechanism = dict(result.mechanism)
+    entry = (privacy.non_private_entry(mechanism.pop("name"), stage="statistics") if mechanism.get("non_private")
+             else privacy.mechanism_entry(mechanism.pop("name"), mechanism.pop("noise_multiplier"),
+                                          mechanism.pop("sample_rate"), mechanism.pop("steps"),
+                                          mechanism.pop("max_norm"), stage="statistics",
+                                          epochs=config.epochs, batch_size=config.train_batch_size, **mechanism))
+    new_block = privacy.privacy_block(list(block["ledger"]) + [entry], block["delta"], block["accountant"])
+    kept = {key: value for key, value in checkpoint.items() if key not in NOT_SHAREABLE_KEYS}
+    payload = {**kept, "stage": "statistics", "dp_statistics": result.stats, "privacy": new_block,
+               "statistics_settings": settings}
+    privacy.save_dppt(output, payload)
+    resume_path.unlink(missing_ok=True)
+    logger.info("DP statistics took %.1fs", time.time() - started)
+    summary = (f"DP statistics written to {output}: total epsilon {new_block['epsilon']:.3f} at delta "
+               f"{new_block['delta']:g} (teacher + statistics, {new_block['accountant']}); "
+               f"teacher test accuracy {checkpoint.get('test_acc', float('nan')):.4f}")
+    print(summary)
+    logger.info(summary)
+    deviation = None if config.non_private else plan_report(plan, config, new_block["epsilon"])
+    if deviation:
+        print(f"note: {deviation}")
+        logger.info("note: %s", deviation)
+    if config.report_bias:
+        report_bias(model, train_set, result.stats, device, logger, config.progress)
+    dist.barrier()
+    return output
+
+
+def report_bias(model, train_set, dp_stats: dict, device, logger, progress: bool) -> None:
+    """Local diagnostic: relative L2 error of the DP statistics against the exact ones.
+
+    It re-reads the private training set without any privacy protection, so its figures go to
+    the terminal and the local log only, never into an artifact or a release.
+    """
+    print("--report_bias: re-reading the private training set for a NON-PRIVATE diagnostic (do not publish)")
+    exact = compute_dp_statistics(model, train_set, epochs=1, batch_size=1, max_norm=1.0, noise_multiplier=1.0,
+                                  seed=0, device=device, non_private=True, progress=progress).stats
+    errors = relative_errors(dp_stats, exact)
+    for key in ("mean", "var"):
+        values = [layer[key] for layer in errors.values()]
+        line = (f"clipping+noise error of DP {key}s (relative L2 per layer): median {pystats.median(values):.3f}, "
+                f"max {max(values):.3f} over {len(values)} layers [non-private diagnostic]")
+        print(line)
+        logger.info(line)

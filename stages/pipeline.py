@@ -1,0 +1,158 @@
+"""The whole pipeline from one config: teacher -> DP statistics -> releases per k -> students.
+
+Each stage is called with its own typed config (the same function its CLI calls), in this process
+or, with ``nproc`` > 1, on that many processes through torchrun, which runs this module with the
+stage's name and its config written as JSON. Stages skip work whose artifacts already exist with the
+same settings, so a rerun after a crash continues.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import privacy
+from common.cli import main_guard
+from common.errors import DPImgSynError
+from common.files import atomic_write_text
+from evaluation.release import EvaluationConfig, evaluate_release
+from stages.config import Pipeline
+from stages.dp_statistics import StatisticsConfig, capture_statistics
+from stages.student import StudentConfig, train_student
+from stages.synthesis import SynthesisConfig, synthesize
+from stages.teacher import TeacherConfig, train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (stage function, its config class, the CLI that runs it alone)
+STAGES: dict[str, tuple[Callable[[Any], Any], type, str]] = {
+    "teacher": (train_teacher, TeacherConfig, "train_dp.py"),
+    "statistics": (capture_statistics, StatisticsConfig, "save_dp_db_stats.py"),
+    "synthesis": (synthesize, SynthesisConfig, "synthesize.py"),
+    "student": (train_student, StudentConfig, "train_student.py"),
+}
+
+
+def run_stage(name: str, config: Any, nproc: int = 1) -> None:
+    """Stage ``name`` with ``config``: in this process, or on ``nproc`` local processes via torchrun."""
+    function, _, script = STAGES[name]
+    if nproc == 1:
+        function(config)
+        return
+    launch = Path(config.output).parent / f".{Path(config.output).name}.{name}.json"
+    atomic_write_text(launch, json.dumps(dataclasses.asdict(config)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "stages.pipeline", name, str(launch)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = subprocess.run(command, check=False, env=environment).returncode
+    launch.unlink(missing_ok=True)
+    if code != 0:
+        raise DPImgSynError(f"{script} failed on {nproc} processes (its error is above); "
+                            "fix it and rerun the same command to continue")
+
+
+def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress: bool = True,
+                 nproc: int = 1) -> dict:
+    """Run every stage of ``pipeline`` (each on ``nproc`` processes); write and return ``report.json``'s content."""
+    if nproc < 1:
+        raise DPImgSynError(f"the number of processes must be at least 1, got {nproc}")
+    top = pipeline.settings
+    out = Path(output or top.output)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, stage: str, config: Any) -> None:
+        started = time.time()
+        run_stage(stage, replace(config, progress=progress), nproc)
+        seconds[name] = time.time() - started
+
+    teacher_path, stats_path = out / "teacher.dppt", out / "statistics.dppt"
+    timed("teacher", "teacher", replace(pipeline.teacher, output=str(teacher_path)))
+    teacher = privacy.load_dppt(teacher_path)
+    sigma = teacher["settings"]["noise_multiplier"]
+    timed("statistics", "statistics", replace(pipeline.statistics, teacher=str(teacher_path), output=str(stats_path),
+                                             noise_multiplier=sigma))
+    block = privacy.load_dppt(stats_path)["privacy"]
+
+    releases = {k: out / f"release_k{k}" for k in pipeline.ks}
+    for k, release in releases.items():
+        timed(f"synthesis_k{k}", "synthesis", replace(pipeline.synthesis, teacher=str(stats_path), k=k,
+                                                      output=str(release)))
+    results = []
+    for k, release in releases.items():
+        for seed in pipeline.seeds:
+            student_dir = out / f"student_k{k}_seed{seed}"
+            timed(f"student_k{k}_seed{seed}", "student", replace(pipeline.student, release=str(release), seed=seed,
+                                                                  output=str(student_dir)))
+            metrics = json.loads((student_dir / "metrics.json").read_text())
+            results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
+
+    evaluations = {}
+    if top.evaluate:
+        for k, release in releases.items():
+            started = time.time()
+            result = evaluate_release(EvaluationConfig(
+                release=str(release), output=str(out / f"evaluation_k{k}"), device=top.device,
+                data_root=top.data_root, dataset=top.dataset, public_set=pipeline.synthesis.public_set,
+                teacher=str(stats_path),
+                metrics=tuple(str(out / f"student_k{k}_seed{seed}" / "metrics.json") for seed in pipeline.seeds)))
+            seconds[f"evaluation_k{k}"] = time.time() - started
+            evaluations[str(k)] = {"card": str(result["card_markdown"]), "obfuscated": result["obfuscated"]}
+
+    report = {
+        "dataset": top.dataset, "public_set": pipeline.synthesis.public_set, "model": top.model,
+        "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
+        "noise_multiplier": sigma, "teacher_test_acc": teacher["test_acc"], "ledger": block["ledger"],
+        "results": results, "summary": summarize(results), "seconds": seconds,
+        "releases": {str(k): str(path) for k, path in releases.items()},
+        "evaluations": evaluations,
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_report(report))
+    return report
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean ± std (sample std; 0 for one seed) of the student accuracy per k, like the paper's table."""
+    summary = []
+    for k in sorted({row["k"] for row in results}):
+        accs = [row["student_test_acc"] for row in results if row["k"] == k]
+        summary.append({"k": k, "mean": statistics.fmean(accs),
+                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs)})
+    return summary
+
+
+def render_report(report: dict) -> str:
+    """A markdown report: privacy, teacher, and the student table (accuracies in %)."""
+    lines = [
+        f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
+        f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
+        f"noise multiplier {report['noise_multiplier']:.4f})",
+        f"- DP teacher test accuracy (final epoch): {100 * report['teacher_test_acc']:.2f}%", "",
+        "| Private dataset | epsilon | Public dataset | " + " | ".join(
+            f"DP-ImgSyn({row['k']})" for row in report["summary"]) + " |",
+        "|---|---|---|" + "---|" * len(report["summary"]),
+        f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | " + " | ".join(
+            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" for row in report["summary"]) + " |", "",
+        *[f"- release k={k}: {'obfuscated' if row['obfuscated'] else 'NOT obfuscated'} "
+          f"(internal card, not for publication: {row['card']})" for k, row in report["evaluations"].items()],
+        "", "Seconds per stage: " + ", ".join(f"{name} {value:.0f}" for name, value in report["seconds"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _launched(argv: list[str] | None) -> None:
+    """Under torchrun: one stage with the config the pipeline wrote as JSON."""
+    name, path = argv if argv is not None else sys.argv[1:]
+    function, config_class, _ = STAGES[name]
+    function(config_class(**json.loads(Path(path).read_text())))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_guard(_launched)())

@@ -1,0 +1,103 @@
+"""Stage 4 orchestration: a student distilled from a release, evaluated on the private test split."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+import registry
+from common import distributed
+from common.cli import RunOptions, nonnegative_int, option
+from common.errors import DPImgSynError
+from common.files import atomic_torch_save, atomic_write_text, require_same_settings, resumed_history
+from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
+from common.runtime import seed_everything, setup_logging
+from synthesizer import release as release_io
+from training.accuracy import evaluate
+from training.distill import DistillationConfig, StudentTrainer
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig(DistillationConfig, RunOptions):
+    """Stage 4's settings: a student trained on the release alone (the paper's recipe by default)."""
+
+    release: str = option(help="release folder written by synthesize.py")
+    dataset: str | None = option(None, "private dataset for the test split (default: the release's; required for "
+                                 "a folder: set, which releases record by its folder name only)")
+    model: str = option("resnet18", "student architecture from the registry")
+    eval_every: int = option(0, "log test accuracy every N epochs (information only; 0 = final epoch only)",
+                             parse=nonnegative_int)
+    seed: int = option(111, "seed of init and batch order")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    output: str = option(help="folder for metrics.json and student.pt")
+
+
+def train_student(config: StudentConfig) -> dict:
+    """Run (or resume) stage 4; returns the metrics rank 0 writes to ``<output>/metrics.json``.
+
+    Under torchrun the other ranks train their share and return ``{}``.
+    """
+    dist, device = distributed.setup(config.device)
+    bundle = release_io.load(config.release, verify=True)  # a swapped or damaged array is refused
+    recorded = bundle.metadata.get("dataset")
+    if not recorded:
+        raise DPImgSynError(f"{config.release} does not record its private dataset; regenerate it with "
+                            "synthesize.py")
+    dataset = config.dataset or registry.local_dataset(recorded, None, f"release {config.release}")
+    output = Path(config.output)
+    bf16 = use_bf16(config.precision, device)
+    settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": recorded, "model": config.model,
+                "seed": config.seed, "bf16": bf16,
+                **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
+    metrics_path = output / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        require_same_settings(metrics_path, metrics.get("settings", {}), settings)
+        if dist.is_main:
+            print(f"{metrics_path} already complete (student test accuracy {metrics['student_test_acc']:.4f})")
+        return metrics
+    logger = setup_logging(output / "train_student.log" if dist.is_main else None)
+    logger.info("stage 4 (student) settings: %s", settings)
+    with dist.main_first():  # only rank 0 evaluates; it alone may download the test split
+        test_set = registry.get_split(dataset, "test", config.data_root, config.download) if dist.is_main else None
+
+    seed_everything(config.seed)
+    images, soft_labels, targets = bundle.tensors()
+    mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
+    images = (images - mean) / std
+    model = registry.get_model(config.model, soft_labels.shape[1])
+    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, config.seed, dist, bf16)
+    resume_path = output / "student.resume"
+    history = resumed_history(resume_path, settings, trainer)
+    if history and dist.is_main:
+        print(f"resuming student after epoch {trainer.epoch}")
+    started = time.time()
+    while trainer.epoch < config.epochs:
+        stats = trainer.train_epoch(progress=config.progress)
+        if not dist.is_main:
+            continue
+        if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
+            stats["test_acc"] = evaluate(trainer.model, test_set, device)
+        history.append(stats)
+        logger.info("epoch %s", stats)
+        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path)
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the student
+        return {}
+    final_acc = evaluate(trainer.model, test_set, device)
+    atomic_torch_save({"model": trainer.model.state_dict(), "architecture": config.model,
+                       "num_classes": soft_labels.shape[1], "dataset": dataset}, output / "student.pt")
+    metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
+               "release": str(Path(config.release)), "k": bundle.metadata.get("k"),
+               "public_set": bundle.metadata.get("public_set"), "seed": config.seed,
+               "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"),
+               "seconds": time.time() - started, "history": history, "settings": settings}
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+    resume_path.unlink(missing_ok=True)
+    print(f"student test accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
+    dist.barrier()
+    return metrics

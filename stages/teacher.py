@@ -1,0 +1,177 @@
+"""Stage 1: data, model, calibration, resumable DP-SGD, the teacher `.dppt`."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import privacy
+import registry
+from common import distributed
+from common.batches import default_workers
+from common.cli import RunOptions, fraction, option, positive_float, positive_int, probability
+from common.errors import DPImgSynError
+from common.files import atomic_torch_save, resumed_history, with_suffix_once
+from common.runtime import rng_state, seed_everything, setup_logging
+from privacy.accountant import ACCOUNTANTS
+from privacy.checkpoint import completed_dppt
+from privacy.sampling import private_seed
+from privacy.split import split_by_content
+from training.accuracy import evaluate
+from training.dp_sgd import DPSGDConfig, DPSGDTrainer
+
+# Settings that determine the teacher's content; a rerun must match them to resume.
+# The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
+# leaves the local resume file (see private_seed).
+CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm",
+                    "noise_multiplier", "val_split", "delta", "accountant",
+                    "grad_sample_mode", "secure_mode", "target_epsilon", "stats_epochs", "stats_batch_size")
+# Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
+NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
+TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(DPSGDConfig, RunOptions):
+    """Stage 1's settings; the defaults are the paper's (Table 1's rows are presets of train_dp.py)."""
+
+    dataset: str | None = option(None, "private dataset from the registry (e.g. mnist, mnist5k, folder:PATH)")
+    model: str = option("resnet18", "architecture from the registry")
+    epochs: int = option(14, "eta_train: DP-SGD epochs", parse=positive_int)
+    train_batch_size: int = option(128, "Omega_train: expected (logical) Poisson batch size", parse=positive_int)
+    lr: float = option(0.01, "gamma_train: SGD learning rate", parse=positive_float)
+    max_norm: float = option(1.0, "C: per-sample gradient clipping norm", parse=positive_float)
+    noise_multiplier: float = option(0.5, "sigma: noise std / C (ignored with target_epsilon)", parse=positive_float)
+    target_epsilon: float | None = option(None, "calibrate sigma so that DP-SGD plus the planned DP statistics "
+                                          "stage total this epsilon", parse=positive_float)
+    stats_epochs: int = option(2, "eta_bn of the planned DP statistics stage (calibration, and stored as "
+                               "save_dp_db_stats.py's default)", parse=positive_int)
+    stats_batch_size: int = option(64, "Omega_bn of the planned DP statistics stage (calibration, and stored as "
+                                   "save_dp_db_stats.py's default)", parse=positive_int)
+    delta: float = option(privacy.DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
+    accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
+    val_split: float = option(0.0, "expected fraction of the private training records held out for validation; a "
+                              "record's side is fixed by a hash of its content, both private stages train on the "
+                              "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)
+    seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it can "
+                              "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
+    suffix: str = option("", "free text in the default output name")
+    output: str | None = option(None, "teacher .dppt path (default "
+                                "checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt)")
+
+
+def default_output(config: TeacherConfig) -> Path:
+    """The original code's naming: ``checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt``."""
+    dataset = config.dataset.replace("folder:", "folder_").replace("/", "_")
+    return Path("checkpoints") / f"{dataset}_{config.model}_nm_{config.noise_multiplier:g}_{config.suffix}_.dppt"
+
+
+def pipeline_plan(num_examples: int, config: TeacherConfig) -> list[tuple[float, int]]:
+    """(sample rate, steps) of the whole pipeline's private mechanisms: DP-SGD, then DP statistics."""
+    return [privacy.poisson_plan(num_examples, config.train_batch_size, config.epochs),
+            privacy.poisson_plan(num_examples, config.stats_batch_size, config.stats_epochs)]
+
+
+def statistics_plan(num_examples: int, config: TeacherConfig) -> dict:
+    """The planned DP-statistics stage, stored in the teacher: ``save_dp_db_stats.py``'s defaults.
+
+    Public facts only (hyper-parameters, N, the epsilon they compose to), so the teacher can be
+    shared with its plan, and stage 2 run by hand meets the budget that stage 1 calibrated for.
+    """
+    mechanisms = [(config.noise_multiplier, rate, steps) for rate, steps in pipeline_plan(num_examples, config)]
+    return {"target_epsilon": config.target_epsilon, "delta": config.delta, "accountant": config.accountant,
+            "total_epsilon": privacy.compute_epsilon(mechanisms, config.delta, config.accountant),
+            "statistics": {"noise_multiplier": config.noise_multiplier, "epochs": config.stats_epochs,
+                           "train_batch_size": config.stats_batch_size}}
+
+
+def _teacher_entry(config: TeacherConfig, sample_rate: float, steps: int) -> dict:
+    return privacy.mechanism_entry(
+        "dp_sgd", config.noise_multiplier, sample_rate, steps, config.max_norm,
+        epochs=config.epochs, batch_size=config.train_batch_size, stage="teacher")
+
+
+def train_teacher(config: TeacherConfig) -> Path:
+    """Run (or resume) stage 1 and return the path of the final `.dppt` (written by rank 0 alone)."""
+    dist, device = distributed.setup(config.device)
+    seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+    with dist.main_first():  # one download (--download), shared by all ranks
+        num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download)
+    train_set, val_set = split_by_content(train_set, config.val_split)
+    num_examples = len(train_set)
+    if config.train_batch_size > num_examples:
+        raise DPImgSynError(f"--train_batch_size {config.train_batch_size} exceeds the {num_examples} training "
+                            "examples")
+    if config.delta >= 1 / num_examples and dist.is_main:
+        logging.getLogger("dpimgsyn").warning("delta %.3g >= 1/N = %.3g: a weak guarantee", config.delta,
+                                              1 / num_examples)
+
+    if config.target_epsilon is not None:
+        config = replace(config, noise_multiplier=privacy.calibrate_noise_multiplier(
+            config.target_epsilon, config.delta, pipeline_plan(num_examples, config), config.accountant))
+        if dist.is_main:
+            print(f"calibrated noise multiplier {config.noise_multiplier:.4f} for total epsilon "
+                  f"{config.target_epsilon} over DP-SGD + DP statistics")
+
+    output = with_suffix_once(config.output or default_output(config), ".dppt")
+    settings = {key: getattr(config, key) for key in CONTENT_SETTINGS}
+    settings["dataset"] = registry.artifact_name(config.dataset)
+    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
+    logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
+    if completed_dppt(output, "settings", settings):
+        return output
+
+    # One sampling/noise stream for all ranks; in secure mode the seed only initializes the model.
+    init_seed = dist.broadcast_int(private_seed(None) if seed is None else seed)
+    seed_everything(init_seed)
+    seed = None if seed is None else init_seed
+    model = registry.get_model(config.model, num_classes)
+    workers = default_workers(device)
+    trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers, dist=dist)
+    resume_path = with_suffix_once(output, ".resume")
+    history = resumed_history(resume_path, settings, trainer)
+    if history and dist.is_main:
+        print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
+
+    started = time.time()
+    while trainer.epoch < config.epochs:
+        stats = trainer.train_epoch(progress=config.progress)
+        if not dist.is_main:
+            continue  # the other ranks wait for rank 0 at the next step's all-reduce
+        stats["test_acc"] = evaluate(trainer.model, test_set, device, num_workers=workers)
+        if val_set is not None:
+            stats["val_acc"] = evaluate(trainer.model, val_set, device, num_workers=workers)
+        stats["epsilon"] = privacy.compute_epsilon(
+            [(config.noise_multiplier, trainer.sample_rate, trainer.steps_done)], config.delta, config.accountant)
+        stats["epoch"] = trainer.epoch
+        history.append(stats)
+        validation = f"  val acc {stats['val_acc']:.4f}" if "val_acc" in stats else ""
+        line = (f"epoch {trainer.epoch}/{config.epochs}  loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}"
+                f"{validation}  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
+        print(line, flush=True)
+        logger.info(line)
+        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
+                           "history": history}, resume_path)
+
+    if not dist.is_main:
+        dist.barrier()  # return once rank 0 has written the teacher
+        return output
+    ledger = [_teacher_entry(config, trainer.sample_rate, trainer.steps_done)]
+    block = privacy.privacy_block(ledger, config.delta, config.accountant)
+    final_acc = history[-1]["test_acc"] if history else float("nan")
+    # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
+    # private data outside the mechanism and stay in the local log.
+    payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), config.model, num_classes,
+                                   settings["dataset"], block, settings=settings,
+                                   plan=statistics_plan(num_examples, config), test_acc=final_acc,
+                                   test_acc_note=TEST_ACC_NOTE)
+    privacy.save_dppt(output, payload)
+    resume_path.unlink(missing_ok=True)
+    logger.info("DP-SGD took %.1fs", time.time() - started)
+    summary = (f"teacher written to {output}: test accuracy {final_acc:.4f} (final epoch), "
+               f"epsilon {block['epsilon']:.3f} at delta {config.delta:g} ({config.accountant})")
+    print(summary)
+    logger.info(summary)
+    dist.barrier()
+    return output
