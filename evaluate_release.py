@@ -13,7 +13,16 @@ Example:
 The teacher is the checkpoint the release names (found beside the release or in checkpoints/,
 verified by its sha256); pass --teacher if it is elsewhere. Fidelity uses the DP teacher's
 penultimate features, not Inception: the figures are comparable only between releases evaluated
-with the same teacher.
+with the same teacher. --seeds (without --metrics) trains students here, as train_student.py would.
+
+Any method's release, e.g. DPImageBench's gen.npz, is evaluated the same way:
+  python evaluate_release.py --release gen.npz --dataset mnist --output eval/other_method \
+      --teacher runs/demo/statistics.dppt --seeds 111 2023 50173
+The .npz holds images x (float32 N x C x H x W in [0, 1], or uint8 N x H x W x C) and labels y,
+already at the private set's size (C = 1 is repeated for a gray set). Students (--model, the
+student stage's recipe) train from scratch on its hard labels (cross-entropy; --T, --alpha and --beta
+do not apply); fidelity uses --teacher's features, else the first student's. The card says what
+could not be computed: the file carries no DP ledger, so its privacy is unknown.
 """
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ original code's per-pair transform copies.
 
 Privacy: normalization constants are fixed public values (the constants below), never computed
 from data; :func:`dataset_info` and :func:`aligned` never open a private split, and every split
-that is opened is recorded in :data:`OPENED_SPLITS` so tests can prove it.
+that is opened is recorded in :data:`OPENED_SPLITS` so tests can prove it. The one thing read from a
+user's ``folder:`` set without a mechanism is its images' *format* when its view is not given
+(:func:`folder_view`: the file headers' sizes and colour modes, never a pixel), a public fact like N;
+artifacts record the view, so later stages read nothing to know it.
 
 Layout expected under the data root (``--data_root``, else ``$DPIMGSYN_DATA``, else ``./data``)::
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,12 +42,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import models
+from common.cli import option, positive_int
 from common.errors import DPImgSynError
 from common.files import atomic_path
 from sources import embedded, paper
 from sources.convert import RawSource, RawTensors, View, view_of
-from sources.files import class_folders, labeled_tree
+from sources.files import class_folders, image_formats, labeled_tree, list_images
 
+REPOSITORY_ROOT = Path(__file__).resolve().parent
+SAMPLING_DIR = REPOSITORY_ROOT / "Random_Sampling_List"  # whatever the working folder
 DATA_ROOT_ENV = "DPIMGSYN_DATA"
 DEFAULT_DATA_ROOT = "data"
 FOLDER_PREFIX = "folder:"
@@ -145,8 +152,33 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
 
 MODELS = models.MODELS  # each architecture registers itself where it is defined (models/)
 
-FOLDER_OPTIONS = {"image_size": 32, "channels": 3}
+FOLDER_OPTIONS = ("image_size", "channels")  # the view of a folder: set; artifacts record it under VIEW_KEY
 FOLDER_CHANNELS = (1, 3)
+VIEW_KEY = "view"
+# What a folder: set meant before views were given and recorded: artifacts without a record were made so.
+LEGACY_FOLDER_VIEW = {"image_size": 32, "channels": 3}
+GRAY_MODES = ("1", "L", "LA", "I", "I;16")  # PIL modes of gray files: such a set gets 1 channel
+INFER_MAX_FILES = 1000  # headers read to infer a view, evenly spread over the sorted training files
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderViewOptions:
+    """The view of a ``folder:`` set, for every stage config that opens one (flags and pipeline keys)."""
+
+    image_size: int | None = option(None, "folder: sets only: side of the square images the models see (default: "
+                                    "the one the teacher records; for the teacher, inferred from the training "
+                                    "images' format: their most common shorter side)", parse=positive_int)
+    channels: int | None = option(None, "folder: sets only: 1 (gray) or 3 (colour) (default: the teacher's record; "
+                                  "for the teacher, 1 if every training image is a gray file, else 3)",
+                                  parse=positive_int)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """Where the fixed lists of public images are kept, for every stage config that draws public images."""
+
+    sampling_dir: str | None = option(None, "folder of the public sampling lists (default: Random_Sampling_List/ "
+                                      "of the repository, whatever the working folder)")
 
 OPENED_SPLITS: list[tuple[str, str]] = []
 
@@ -172,43 +204,142 @@ def _folder_loader(path: Path) -> Loader:
     return load
 
 
-def _folder_spec(name: str, folder_opts: dict, num_classes: int | None = None) -> DatasetSpec:
-    """A user's ImageFolder tree; its class count is the number of class folders in ``train/``
-    unless ``num_classes`` is known already (an artifact's record, read without the files)."""
-    options = dict(FOLDER_OPTIONS, **folder_opts)
-    image_size, channels = options["image_size"], options["channels"]
-    if not isinstance(image_size, int) or image_size < 1:
+FOLDER_HINT = "A folder dataset needs <path>/train/<class>/* and <path>/test/<class>/* image files."
+
+
+def _folder_path(name: str) -> Path:
+    if not name[len(FOLDER_PREFIX):]:
+        raise DPImgSynError(f"{FOLDER_PREFIX} needs a path, e.g. {FOLDER_PREFIX}/data/my_images")
+    return Path(name[len(FOLDER_PREFIX):]).expanduser().absolute()
+
+
+def _folder_spec(name: str, view: dict, num_classes: int | None = None) -> DatasetSpec:
+    """A user's ImageFolder tree seen through ``view`` (``image_size``, ``channels``); its class count is the
+    number of class folders in ``train/`` unless ``num_classes`` is known already (an artifact's record)."""
+    image_size, channels = view["image_size"], view["channels"]
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DPImgSynError(f"image size of {name} must be a positive integer, got {image_size!r}")
     if channels not in FOLDER_CHANNELS:
         raise DPImgSynError(f"channels of {name} must be one of {FOLDER_CHANNELS}, got {channels!r}")
-    if not name[len(FOLDER_PREFIX):]:
-        raise DPImgSynError(f"{FOLDER_PREFIX} needs a path, e.g. {FOLDER_PREFIX}/data/my_images")
-    path = Path(name[len(FOLDER_PREFIX):]).expanduser().absolute()
+    path = _folder_path(name)
     if num_classes is None:
         num_classes = len(class_folders(path / "train"))
     return DatasetSpec(
         name, num_classes, image_size, channels, channels == 1,
         HALF_NORM[0][:channels], HALF_NORM[1][:channels], "both", _folder_loader(path),
-        folders=(str(path / "train"),),
-        hint="A folder dataset needs <path>/train/<class>/* and <path>/test/<class>/* image files.",
+        family=FOLDER_PREFIX + str(path.resolve()), folders=(str(path / "train"),), hint=FOLDER_HINT,
     )
 
 
-def dataset_info(name: str, **folder_opts) -> DatasetSpec:
-    """The spec of ``name`` without touching any image (safe to call on the private set anywhere).
+def infer_folder_view(name: str) -> tuple[dict, int]:
+    """The view of a ``folder:`` set read from its training images' headers, and how many files were read.
 
-    ``folder_opts`` (``image_size``, ``channels``; ``None`` means default) shape ``folder:`` sets
-    only; every other dataset has a fixed shape and ignores them.
+    Image size: the most common shorter side (the smaller on a tie), i.e. the side itself when all
+    images are equal squares. Channels: 1 when every file is gray (mode L and kin), else 3. Only the
+    file format is read, never a pixel: a public fact like the number of images N.
     """
+    folder = _folder_path(name) / "train"
+    paths = list_images(folder) if folder.is_dir() else []
+    if not paths:
+        raise DPImgSynError(f"dataset {name!r} has no training images below {folder}. {FOLDER_HINT}")
+    chosen = paths[::-(-len(paths) // INFER_MAX_FILES)]
+    formats = image_formats(chosen)
+    sides = Counter(min(width, height) for width, height, _ in formats)
+    image_size = max(sides, key=lambda side: (sides[side], -side))
+    channels = 1 if all(mode in GRAY_MODES for _, _, mode in formats) else 3
+    return {"image_size": image_size, "channels": channels}, len(chosen)
+
+
+def _check_options(folder_opts: dict) -> None:
     unknown = set(folder_opts) - set(FOLDER_OPTIONS)
     if unknown:
         raise DPImgSynError(f"unknown dataset option(s) {', '.join(sorted(unknown))}; "
                             f"valid: {', '.join(FOLDER_OPTIONS)}")
+
+
+def dataset_info(name: str, **folder_opts) -> DatasetSpec:
+    """The spec of ``name`` without opening any of its images (safe to call on the private set anywhere).
+
+    ``folder_opts`` (``image_size``, ``channels``; ``None`` means unset) shape ``folder:`` sets only;
+    every other dataset has a fixed shape and ignores them. An unset one is inferred from the training
+    files' headers (:func:`infer_folder_view`); stages call :func:`folder_view` once instead.
+    """
+    _check_options(folder_opts)
     if name.startswith(FOLDER_PREFIX):
-        return _folder_spec(name, {key: value for key, value in folder_opts.items() if value is not None})
+        given = {key: value for key, value in folder_opts.items() if value is not None}
+        view = given if len(given) == len(FOLDER_OPTIONS) else {**infer_folder_view(name)[0], **given}
+        return _folder_spec(name, view)
     if name not in DATASETS:
         raise DPImgSynError(f"unknown dataset {name!r}; valid names: {_valid_names()}")
     return DATASETS[name]
+
+
+def source_spec(name: str) -> DatasetSpec:
+    """The spec of a set used only for its images and role (a public set aligned to a private view)."""
+    return _folder_spec(name, LEGACY_FOLDER_VIEW) if name.startswith(FOLDER_PREFIX) else dataset_info(name)
+
+
+def describe_view(spec: DatasetSpec) -> str:
+    """``48 x 48 x 1`` (side x side x channels)."""
+    return f"{spec.image_size} x {spec.image_size} x {spec.channels}"
+
+
+def _refuse_other_view(spec: DatasetSpec, image_size: int | None, channels: int | None, what: str,
+                       fix: str) -> None:
+    """One line when a given image size or channel count differs from the view ``spec`` already has."""
+    for key, value in (("image_size", image_size), ("channels", channels)):
+        if value is not None and value != getattr(spec, key):
+            raise DPImgSynError(f"{what} sees {spec.name} as {describe_view(spec)} images, but {key} {value} was "
+                                f"given: {fix}")
+
+
+def folder_view(name: str, image_size: int | None = None, channels: int | None = None) -> tuple[dict, str | None]:
+    """The ``folder_opts`` a stage that opens ``name`` by itself passes everywhere, and a note to print.
+
+    A ``folder:`` set gets both options, each given or inferred (:func:`infer_folder_view`); the note
+    says what was inferred (``None`` when nothing was). Any other set has its own fixed view, so it gets
+    ``{}``, and a given value that differs from that view is refused.
+    """
+    if not name.startswith(FOLDER_PREFIX):
+        _refuse_other_view(dataset_info(name), image_size, channels, "the registry",
+                           "image_size and channels shape folder: sets only; drop them")
+        return {}, None
+    given = {key: value for key, value in (("image_size", image_size), ("channels", channels)) if value is not None}
+    if len(given) == len(FOLDER_OPTIONS):
+        _folder_spec(name, given, num_classes=0)
+        return given, None
+    inferred, files = infer_folder_view(name)
+    view = {**inferred, **given}
+    spec = _folder_spec(name, view, num_classes=0)
+    what = " and ".join(key.replace("_", " ") for key in FOLDER_OPTIONS if key not in given)
+    note = (f"{artifact_name(name)}: images seen as {describe_view(spec)} ({'gray' if spec.grayscale else 'colour'}); "
+            f"{what} inferred from the format of {files} training files (public, like N); "
+            f"pass --image_size/--channels to choose")
+    return view, note
+
+
+def recorded_view(recorded: str, record: dict | None, image_size: int | None = None, channels: int | None = None,
+                  what: str = "the artifact") -> dict:
+    """The ``folder_opts`` of the set an artifact records (``{}`` for registry sets); given values must agree.
+
+    ``record`` is the artifact's :data:`VIEW_KEY` entry; a ``folder:`` artifact without one predates
+    recorded views and was made with :data:`LEGACY_FOLDER_VIEW`.
+    """
+    if not recorded.startswith(FOLDER_PREFIX):
+        _refuse_other_view(dataset_info(recorded), image_size, channels, what,
+                           "image_size and channels shape folder: sets only; drop them")
+        return {}
+    complete = isinstance(record, dict) and all(isinstance(record.get(key), int) for key in FOLDER_OPTIONS)
+    view = {key: int(record[key]) for key in FOLDER_OPTIONS} if complete else dict(LEGACY_FOLDER_VIEW)
+    spec = _folder_spec(recorded, view, num_classes=0)
+    _refuse_other_view(spec, image_size, channels, what,
+                       "drop --image_size/--channels (later stages take the view the teacher records)")
+    return view
+
+
+def shape_view(image_shape) -> dict:
+    """The ``folder_opts`` of images of shape (C, H, W), e.g. a release's images."""
+    return {"image_size": int(image_shape[-1]), "channels": int(image_shape[0])}
 
 
 def artifact_name(name: str) -> str:
@@ -218,13 +349,14 @@ def artifact_name(name: str) -> str:
     return FOLDER_PREFIX + Path(name[len(FOLDER_PREFIX):]).expanduser().absolute().name
 
 
-def recorded_spec(recorded: str, num_classes: int) -> DatasetSpec:
+def recorded_spec(recorded: str, num_classes: int, view: dict | None = None) -> DatasetSpec:
     """The spec of the private set an artifact names, without opening its files (synthesis reads none).
 
-    A ``folder:`` set is recorded by its folder name only, so its class count comes from the artifact.
+    A ``folder:`` set is recorded by its folder name only, so its class count and its view (the
+    :func:`recorded_view` of the artifact's record) come from the artifact.
     """
     if recorded.startswith(FOLDER_PREFIX):
-        return _folder_spec(recorded, {}, num_classes)
+        return _folder_spec(recorded, view or recorded_view(recorded, None), num_classes)
     return dataset_info(recorded)
 
 
@@ -266,6 +398,12 @@ def get_split(name: str, split: str, data_root=None, download: bool = False, **f
     return view_of(_open_source(spec, split, data_root, download), spec.view)
 
 
+def train_size(name: str, data_root=None, download: bool = False) -> int:
+    """The number of training images of a set (a public fact), without converting any of them."""
+    source = _open_source(source_spec(name), "train", data_root, download)
+    return len(source.labels) if isinstance(source, RawTensors) else len(source)
+
+
 def get_dataset(name: str, data_root=None, download: bool = False,
                 **folder_opts) -> tuple[int, Dataset, Dataset | None]:
     """``(num_classes, train_set, test_set)``; public-only sets have no test set (``None``)."""
@@ -274,18 +412,45 @@ def get_dataset(name: str, data_root=None, download: bool = False,
     return spec.num_classes, get_split(name, "train", data_root, download, **folder_opts), test
 
 
-def get_model(name: str, num_classes: int) -> nn.Module:
-    """A fresh, Opacus-ready model for ``num_classes`` outputs."""
+def check_model_input(name: str, image_size: int) -> None:
+    """Refuse, in one line, images smaller than the architecture ``name`` can look at."""
+    if name not in MODELS:
+        raise DPImgSynError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    minimum = models.MIN_SIZES.get(name, 1)
+    if image_size < minimum:
+        raise DPImgSynError(f"model {name!r} needs images of at least {minimum} x {minimum} (its pooling and strides "
+                            f"shrink the side {minimum}-fold), got {image_size} x {image_size}; pass --image_size "
+                            f"{minimum} or more, or choose another model")
+
+
+def get_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
+    """A fresh, Opacus-ready model for ``num_classes`` outputs on ``in_channels``-channel images.
+
+    ``image_size`` (the side of the images it will see), when given, is checked against the
+    architecture's minimum (:func:`check_model_input`).
+    """
     if name not in MODELS:
         raise DPImgSynError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise DPImgSynError(f"a model needs a positive number of classes, got {num_classes!r}")
-    return MODELS[name](num_classes)
+    if in_channels not in FOLDER_CHANNELS:
+        raise DPImgSynError(f"a model takes images of {' or '.join(map(str, FOLDER_CHANNELS))} channels, "
+                            f"got {in_channels!r}")
+    if image_size is not None:
+        check_model_input(name, image_size)
+    return MODELS[name](num_classes, in_channels)
+
+
+def checkpoint_channels(checkpoint: dict) -> int:
+    """Input channels of a checkpoint's model: its recorded view's, else 3 (every registry set, and folder
+    sets before views were recorded)."""
+    record = checkpoint.get(VIEW_KEY)
+    return int(record["channels"]) if isinstance(record, dict) and "channels" in record else 3
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
     """The checkpoint's architecture with its weights; weights that do not fit are a user error."""
-    model = get_model(checkpoint["architecture"], checkpoint["num_classes"])
+    model = get_model(checkpoint["architecture"], checkpoint["num_classes"], checkpoint_channels(checkpoint))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -301,9 +466,10 @@ def aligned(public_name: str, private_name: str | DatasetSpec, data_root=None, d
 
     Gray if the private set is gray, the private image size, the private normalization constants,
     the private channel count. Only the private set's *spec* is used: no private image is opened.
-    ``folder_opts`` describe the private set when it is a ``folder:`` set.
+    ``folder_opts`` describe the private set when it is a ``folder:`` set. A ``folder:`` set may be the
+    public side too (the images of its ``train/`` class folders, labels unused).
     """
-    public = dataset_info(public_name)
+    public = source_spec(public_name)  # only its images are used: a folder: public set needs no view
     private = private_name if isinstance(private_name, DatasetSpec) else dataset_info(private_name, **folder_opts)
     private_name = private.name
     if public.role == "private":
@@ -317,15 +483,18 @@ def aligned(public_name: str, private_name: str | DatasetSpec, data_root=None, d
     return view_of(_open_source(public, "train", data_root, download), private.view, label=PUBLIC_LABEL)
 
 
-def sampling_list_path(public_name: str, count: int, seed: int,
-                       directory: str | os.PathLike = "Random_Sampling_List") -> Path:
-    """Where :func:`sampling_list` keeps the list (names like ``folder:/x`` are made file-safe)."""
-    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", public_name).strip("_")
-    return Path(directory) / f"{safe_name}_{count}_{seed}.npy"
+def sampling_list_path(public_name: str, count: int, seed: int, directory: str | os.PathLike | None = None) -> Path:
+    """Where :func:`sampling_list` keeps the list: ``directory``, else the repository's :data:`SAMPLING_DIR`.
+
+    The file name is recorded in release metadata, so a ``folder:`` set appears by its folder name only,
+    made file-safe (``folder:/data/pets`` -> ``folder_pets_<count>_<seed>.npy``).
+    """
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", artifact_name(public_name)).strip("_")
+    return Path(directory if directory is not None else SAMPLING_DIR) / f"{safe_name}_{count}_{seed}.npy"
 
 
 def sampling_list(public_name: str, count: int, seed: int, available: int,
-                  directory: str | os.PathLike = "Random_Sampling_List") -> np.ndarray:
+                  directory: str | os.PathLike | None = None) -> np.ndarray:
     """Deterministic indices of ``count`` public images, stored as ``<public>_<count>_<seed>.npy``.
 
     Drawn without replacement when ``count <= available``, else as whole shuffled passes over the

@@ -4,6 +4,10 @@
 Stages whose artifacts already exist with the same settings are skipped, so rerunning the
 same command after an interruption continues where it stopped.
 
+A config whose target_epsilon is a list (and/or with top-level seeds: one whole run per seed)
+is a sweep: one run folder per (epsilon, seed), and results.csv, report.md and
+accuracy_vs_epsilon.png over all of them.
+
 Examples:
   python run_pipeline.py --config configs/demo.yaml
   python run_pipeline.py --config configs/paper.yaml --row mnist_eps1_tinyimagenet
@@ -13,7 +17,8 @@ from __future__ import annotations
 
 from common.cli import ArgumentParser, main_guard, positive_int
 from stages.config import load_config
-from stages.pipeline import render_report, run_pipeline
+from evaluation.report import render_report
+from stages.pipeline import run_pipeline
 
 
 def build_parser() -> ArgumentParser:
@@ -33,6 +38,10 @@ def run(argv: list[str] | None = None) -> dict:
     report = run_pipeline(load_config(args.config, args.row), args.output, progress=not args.no_progress,
                           nproc=args.nproc)
     print()
+    if "table" in report:  # a sweep: one run folder per (epsilon, seed)
+        print(report["table"])
+        print(f"runs: {', '.join(run['run'] for run in report['runs'])}; results.csv, accuracy_vs_epsilon.png")
+        return report
     print(render_report(report))
     print("previews: " + ", ".join(f"{path}/preview.png" for path in report["releases"].values()))
     return report

@@ -5,14 +5,16 @@ on an existing path are a user error, and nothing already on disk is overwritten
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -80,6 +82,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str] | None = None) -> None:
+    """A CSV of ``rows`` (columns: ``columns``, else every key in order of appearance), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or dict.fromkeys(key for row in rows for key in row)),
+                            lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -1,9 +1,11 @@
 """The release card: a publishable part and an internal part that must never be published.
 
 The publishable part may only carry what the release itself already discloses (its DP privacy
-ledger, its size and per-class counts, its preview). Everything measured against private data —
-accuracies, nearest-neighbour obfuscation figures, feature-space fidelity, the gallery of closest
-pairs — goes to the internal part, which the data owner reads before deciding to publish.
+ledger, its size, its per-class counts by the teacher's labels and how often those labels agree
+with the synthesis targets, both computed from DP outputs only, and its preview). Everything
+measured against private data — accuracies, nearest-neighbour obfuscation figures, feature-space
+fidelity, the gallery of closest pairs — goes to the internal part, which the data owner reads
+before deciding to publish.
 :func:`build_card` enforces the split with an allow-list, so a private figure cannot slip into the
 publishable part by a misplaced key.
 """
@@ -24,8 +26,13 @@ from common.files import atomic_write_text
 CARD_FORMAT = "dp-imgsyn-release-card/1"
 
 PUBLISHABLE_FIELDS: tuple[str, ...] = ("release", "dataset", "public_set", "k", "num_images", "counts_per_class",
-                                       "epsilon", "delta", "accountant", "ledger", "preview_path")
-"""Every key of the publishable part — and the only keys it may hold."""
+                                       "label_target_agreement", "epsilon", "delta", "accountant", "ledger",
+                                       "preview_path")
+"""Every key of the publishable part — and the only keys it may hold. ``counts_per_class`` counts the
+teacher's labels; ``label_target_agreement`` is the fraction of images whose label is their target."""
+
+OPTIONAL_PUBLISHABLE_FIELDS: tuple[str, ...] = ("label_target_agreement",)
+"""Publishable keys a release may lack (e.g. a release without synthesis targets); recorded as ``None``."""
 
 INTERNAL_FIELDS: tuple[str, ...] = ("teacher_test_acc", "student_test_acc", "obfuscation", "fidelity", "gallery_path")
 """Keys the internal part must hold (``None`` means not measured); more keys are allowed."""
@@ -84,7 +91,7 @@ def build_card(publishable: Mapping[str, Any], internal: Mapping[str, Any]) -> d
     ``publishable`` must hold exactly :data:`PUBLISHABLE_FIELDS`; ``internal`` must hold at least
     :data:`INTERNAL_FIELDS`, where ``None`` is recorded as "not measured".
     """
-    missing = [key for key in PUBLISHABLE_FIELDS if key not in publishable]
+    missing = [key for key in PUBLISHABLE_FIELDS if key not in publishable and key not in OPTIONAL_PUBLISHABLE_FIELDS]
     unexpected = [key for key in publishable if key not in PUBLISHABLE_FIELDS]
     if unexpected:
         raise DPImgSynError(
@@ -99,11 +106,12 @@ def build_card(publishable: Mapping[str, Any], internal: Mapping[str, Any]) -> d
             f"the internal part of the release card lacks {missing_internal}; pass None for what was not measured"
         )
     internal_part = {key: NOT_MEASURED if value is None else value for key, value in internal.items()}
-    internal_part.update({"warning": NOT_FOR_PUBLICATION, "fidelity_note": FIDELITY_NOTE})
+    internal_part["warning"] = NOT_FOR_PUBLICATION
+    internal_part.setdefault("fidelity_note", FIDELITY_NOTE)  # a foreign release may use other features
     return _jsonable(
         {
             "format": CARD_FORMAT,
-            "publishable": {key: publishable[key] for key in PUBLISHABLE_FIELDS},
+            "publishable": {key: publishable.get(key) for key in PUBLISHABLE_FIELDS},
             "internal": internal_part,
         }
     )
@@ -157,6 +165,15 @@ def _epsilon_text(epsilon: Any) -> str:
     return "inf (non-private run: no DP guarantee)" if str(epsilon) == "inf" else _format(epsilon)
 
 
+def _agreement_text(public: Mapping[str, Any]) -> str:
+    """The targets' agreement rate, and a reminder that the labels, not the targets, describe the images."""
+    rate = public.get("label_target_agreement")
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+        return "not recorded"
+    return (f"{100 * rate:.1f}% (targets are the classes the synthesis aimed at; train on the labels "
+            "or soft labels, not on the targets)")
+
+
 def render_card_markdown(card: Mapping[str, Any]) -> str:
     """Human-readable card; its first line warns that the internal part is not for publication."""
     public, internal = card["publishable"], card["internal"]
@@ -174,15 +191,20 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
         f"- Public initialization: {public['public_set']}",
         f"- Alignment steps k: {public['k']}",
         f"- Images: {public['num_images']}",
+        "- Privacy: privacy unknown (the release carries no DP ledger)" if public["ledger"] is None else
         f"- Privacy: epsilon = {_epsilon_text(public['epsilon'])}, delta = {_format(public['delta'])} "
         f"({public['accountant']} accountant)",
         "",
         "### Privacy ledger",
         "",
-        *(_table(public["ledger"]) if public["ledger"] else ["(empty ledger)", ""]),
-        "### Images per class",
+        *(_table(public["ledger"]) if public["ledger"] else ["(no ledger)" if public["ledger"] is None
+                                                             else "(empty ledger)", ""]),
+        "### Images per class (the teacher's labels)" if public["ledger"] is not None else
+        "### Images per class (the release's own labels)",
         "",
         *_table([{str(label): count for label, count in public["counts_per_class"].items()}]),
+        f"- Agreement of the teacher's labels with the synthesis targets: {_agreement_text(public)}",
+        "",
         "### Preview",
         "",
         f"![preview of synthetic images]({public['preview_path']})",

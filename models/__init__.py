@@ -5,11 +5,12 @@ ResNets) and passes it through ``make_private_ready``, so the model trained by s
 one whose normalization inputs stage 2 measures and the one stage 3 inverts are the same
 GroupNorm network the paper used.
 
-Adding an architecture: a module here whose constructor is decorated ``@register_model``, and its
-import below.
+Adding an architecture: a module here whose constructor ``name(num_classes, in_channels=3)`` is
+decorated ``@register_model`` (``@register_model(min_size=S)`` when it needs images of at least S x S),
+and its import below.
 """
 from models import small, cifar_resnet, imagenet_resnet  # noqa: F401  (each registers its constructors)
 from models.private_ready import make_private_ready
-from models.zoo import MODELS, register_model
+from models.zoo import MIN_SIZES, MODELS, register_model
 
-__all__ = ["MODELS", "make_private_ready", "register_model"]
+__all__ = ["MIN_SIZES", "MODELS", "make_private_ready", "register_model"]

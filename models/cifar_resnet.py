@@ -17,6 +17,7 @@ from models.zoo import register_model
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGES_STRIDE = 8  # product of STAGE_STRIDES: the last stage sees side / 8
 
 
 class BasicBlock(nn.Module):
@@ -73,22 +74,22 @@ def build_resnet(stem: nn.Module, depth: int, num_classes: int) -> nn.Module:
     return make_private_ready(ResNet(stem, BLOCKS_PER_STAGE[depth], num_classes))
 
 
-def cifar_stem() -> nn.Module:
+def cifar_stem(in_channels: int = 3) -> nn.Module:
     """3x3 convolution at stride 1, no max-pool: a 32x32 input stays 32x32 in stage 1."""
     return nn.Sequential(
-        nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=False),
+        nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, 1, 1, bias=False),
         nn.BatchNorm2d(STAGE_WIDTHS[0]),
         nn.ReLU(),
     )
 
 
-@register_model
-def resnet18(num_classes: int) -> nn.Module:
+@register_model(min_size=STAGES_STRIDE)
+def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     """CIFAR-style ResNet-18 with GroupNorm (the paper's teacher and student)."""
-    return build_resnet(cifar_stem(), 18, num_classes)
+    return build_resnet(cifar_stem(in_channels), 18, num_classes)
 
 
-@register_model
-def resnet34(num_classes: int) -> nn.Module:
+@register_model(min_size=STAGES_STRIDE)
+def resnet34(num_classes: int, in_channels: int = 3) -> nn.Module:
     """CIFAR-style ResNet-34 with GroupNorm."""
-    return build_resnet(cifar_stem(), 34, num_classes)
+    return build_resnet(cifar_stem(in_channels), 34, num_classes)

@@ -16,6 +16,8 @@ from models.zoo import register_model
 CONV_WIDTHS = (16, 32, 64)
 GROUPS_PER_NORM = 4
 POOLED_SIDE = 2
+# Two 2x2 average pools, then the adaptive pool needs at least POOLED_SIDE pixels a side to average.
+MIN_SIDE = POOLED_SIDE * 2 ** (len(CONV_WIDTHS) - 1)
 
 
 def _conv_block(in_channels: int, out_channels: int, pool: nn.Module) -> nn.Sequential:
@@ -30,9 +32,9 @@ def _conv_block(in_channels: int, out_channels: int, pool: nn.Module) -> nn.Sequ
 class SmallCNN(nn.Module):
     """conv-GN-tanh-pool x3, then a linear classifier on a 2x2 adaptive pool of any input size."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        in_widths = (3,) + CONV_WIDTHS[:-1]
+        in_widths = (in_channels,) + CONV_WIDTHS[:-1]
         pools = [nn.AvgPool2d(2) for _ in CONV_WIDTHS[:-1]] + [nn.AdaptiveAvgPool2d(POOLED_SIDE)]
         self.features = nn.Sequential(*(
             _conv_block(in_width, out_width, pool)
@@ -44,7 +46,7 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-@register_model
-def small_cnn(num_classes: int) -> nn.Module:
+@register_model(min_size=MIN_SIDE)
+def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     """The small DP-SGD network; already Opacus-ready (it has no BatchNorm to replace)."""
-    return make_private_ready(SmallCNN(num_classes))
+    return make_private_ready(SmallCNN(num_classes, in_channels))

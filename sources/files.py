@@ -33,6 +33,18 @@ class ImageFiles(RawSource):
         return pixels.float().div_(255), self.labels[index]
 
 
+def image_formats(paths: list[str]) -> list[tuple[int, int, str]]:
+    """(width, height, PIL mode) of each file, read from its header: no pixel is decoded."""
+    formats = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                formats.append((*image.size, image.mode))
+        except (OSError, ValueError) as exc:
+            raise DPImgSynError(f"cannot read the image {path}: {exc}") from None
+    return formats
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 

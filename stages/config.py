@@ -20,6 +20,7 @@ from stages.paper import expand_row
 from stages.student import StudentConfig
 from stages.synthesis import SynthesisConfig
 from stages.teacher import TeacherConfig
+from synthesizer.export import FORMATS
 
 SECTIONS = ("teacher", "statistics", "synthesis", "student")
 PAPER_SEEDS = (111, 2023, 50173)
@@ -35,10 +36,12 @@ class PipelineSettings(RunOptions):
     model: str = option("resnet18", "teacher architecture from the registry")
     delta: float = option(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
     accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
-    target_epsilon: float | None = option(None, "total epsilon of both private stages (sigma is calibrated)",
-                                          parse=positive_float)
+    target_epsilon: float | None = option(None, "total epsilon of both private stages (sigma is calibrated); a "
+                                          "list sweeps over several, one run folder each", parse=positive_float)
     noise_multiplier: float | None = option(None, "the one sigma of both private stages", parse=positive_float)
     evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
+    exports: tuple[str, ...] = option((), f"export every release in these formats ({', '.join(FORMATS)}) "
+                                      "to export_k<k>_<format>/")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Pipeline:
     ks: tuple[int, ...]  # one release per k
     student: StudentConfig
     seeds: tuple[int, ...]  # one student per release and seed
+    epsilons: tuple[float | None, ...] = (None,)  # a sweep's target epsilons (None: the settings' own)
+    replicates: tuple[int | None, ...] = (None,)  # whole-pipeline seeds of a sweep (None: the stages' own)
 
 
 def _int_list(section: dict, names: tuple[str, ...], where: str, default: tuple[int, ...] | None,
@@ -82,7 +87,18 @@ def validate_config(raw: dict) -> Pipeline:
     missing = [name for name in SECTIONS if name not in raw]
     if missing:
         raise DPImgSynError(f"config: missing section {missing[0]!r}")
-    top = config_from_mapping(PipelineSettings, {key: value for key, value in raw.items() if key not in SECTIONS})
+    top_level = {key: value for key, value in raw.items() if key not in SECTIONS}
+    replicates = _int_list(top_level, ("seeds",), "", (), minimum=0) if "seeds" in top_level else ()
+    epsilons = top_level.get("target_epsilon")
+    if isinstance(epsilons, list):  # a sweep: each value is checked as the one target would be
+        if not epsilons:
+            raise DPImgSynError("config: key 'target_epsilon' must be a number or a non-empty list of numbers")
+        for value in epsilons:
+            config_from_mapping(PipelineSettings, {**top_level, "target_epsilon": value})
+        top_level["target_epsilon"] = epsilons[0]
+    top = config_from_mapping(PipelineSettings, top_level)
+    if any(fmt not in FORMATS for fmt in top.exports):
+        raise DPImgSynError(f"config: key 'exports' must list formats among {', '.join(FORMATS)}, got {top.exports}")
     if (top.target_epsilon is None) == (top.noise_multiplier is None):
         raise DPImgSynError("config: give exactly one of 'target_epsilon' and 'noise_multiplier'")
     run = {"device": top.device, "data_root": top.data_root}
@@ -104,7 +120,11 @@ def validate_config(raw: dict) -> Pipeline:
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
     student = config_from_mapping(StudentConfig, student_section, "student.", fixed={
         **run, "release": UNSET, "output": UNSET, "dataset": top.dataset, "seed": 0})
-    return Pipeline(top, teacher, statistics, synthesis, ks, student, seeds)
+    if replicates and (any(raw[name].get("seed") is not None for name in SECTIONS[:3]) or "seeds" in raw["student"]):
+        raise DPImgSynError("config: give either the top-level 'seeds' (one whole run per seed) or the stages' own "
+                            "seeds, not both")
+    return Pipeline(top, teacher, statistics, synthesis, ks, student, seeds,
+                    tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,))
 
 
 def load_config(path: str | Path, row: str | None = None) -> Pipeline:

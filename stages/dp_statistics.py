@@ -11,7 +11,7 @@ import registry
 from common import distributed
 from common.batches import default_workers, stack_items
 from common.cli import RunOptions, option, positive_float, positive_int, probability
-from common.files import atomic_torch_save, resumed_state, sha256_file, with_suffix_once
+from common.files import atomic_torch_save, atomic_write_csv, resumed_state, sha256_file, with_suffix_once
 from common.runtime import setup_logging
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
@@ -22,6 +22,7 @@ from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public
 from synthesizer.stat_norm import attach_stat_layers
 
 PUBLIC_SCALE_IMAGES = 2000  # public images for pre-scaling and the public clipping norm
+NON_PRIVATE_SCOPE = "error figures: non-private diagnostic, local only"
 # The seed is absent: it determines the noise and stays out of every artifact (see private_seed).
 CONTENT_SETTINGS = ("teacher_sha256", "dataset", "epochs", "train_batch_size", "max_norm", "noise_multiplier",
                     "public_set", "clip_quantile", "non_private", "secure_mode")
@@ -35,7 +36,7 @@ UNPLANNED_DEFAULTS = {"noise_multiplier": 0.5, "epochs": 2, "train_batch_size": 
 
 
 @dataclass(frozen=True, kw_only=True)
-class StatisticsConfig(RunOptions):
+class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, RunOptions):
     """Stage 2's settings: sigma, epochs and batch size default to the plan stored in the teacher."""
 
     teacher: str = option(help="stage-1 .dppt written by train_dp.py (or imported): a local path or an "
@@ -105,6 +106,8 @@ def capture_statistics(config: StatisticsConfig) -> Path:
                                                                   progress=config.progress)))
     checkpoint, block = load_teacher(config.teacher, config.non_private)
     dataset = registry.local_dataset(checkpoint["dataset"], config.dataset, f"teacher {config.teacher}")
+    view = registry.recorded_view(checkpoint["dataset"], checkpoint.get(registry.VIEW_KEY), config.image_size,
+                                  config.channels, f"teacher {config.teacher}")
     config, plan = apply_plan(config, checkpoint)
     output = with_suffix_once(config.output, ".dppt")
     settings = {"teacher_sha256": sha256_file(config.teacher), **{
@@ -123,8 +126,9 @@ def capture_statistics(config: StatisticsConfig) -> Path:
     scales, max_norm = None, config.max_norm
     if config.public_set:
         with dist.main_first():
-            public = registry.aligned(config.public_set, dataset, config.data_root, config.download)
-        chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public))
+            public = registry.aligned(config.public_set, dataset, config.data_root, config.download, **view)
+        chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public),
+                                        config.sampling_dir)
         public = stack_items(public, chosen)
         scales = public_scales(model, public, device=device)
         if config.clip_quantile is not None:
@@ -132,7 +136,7 @@ def capture_statistics(config: StatisticsConfig) -> Path:
             if dist.is_main:
                 print(f"clipping norm {max_norm:.4g} from the public set ({config.clip_quantile:g} quantile)")
     with dist.main_first():
-        _, train_set, _ = registry.get_dataset(dataset, config.data_root, config.download)
+        _, train_set, _ = registry.get_dataset(dataset, config.data_root, config.download, **view)
     # Exactly the records stage 1 trained on: the same content-keyed split (see privacy.split).
     train_set, _ = split_by_content(train_set, checkpoint.get("settings", {}).get("val_split", 0.0))
 
@@ -177,25 +181,30 @@ def capture_statistics(config: StatisticsConfig) -> Path:
     if deviation:
         print(f"note: {deviation}")
         logger.info("note: %s", deviation)
+    row = {**result.mechanism, "total_epsilon": new_block["epsilon"], "delta": new_block["delta"]}
     if config.report_bias:
-        report_bias(model, train_set, result.stats, device, logger, config.progress)
+        row.update(report_bias(model, train_set, result.stats, device, logger, config.progress))
+    atomic_write_csv(with_suffix_once(output.with_suffix(""), ".metrics.csv"), [row])  # beside the log: local only
     dist.barrier()
     return output
 
 
-def report_bias(model, train_set, dp_stats: dict, device, logger, progress: bool) -> None:
+def report_bias(model, train_set, dp_stats: dict, device, logger, progress: bool) -> dict:
     """Local diagnostic: relative L2 error of the DP statistics against the exact ones.
 
     It re-reads the private training set without any privacy protection, so its figures go to
-    the terminal and the local log only, never into an artifact or a release.
+    the terminal, the local log and metrics.csv (labelled non-private) only, never into an artifact.
     """
     print("--report_bias: re-reading the private training set for a NON-PRIVATE diagnostic (do not publish)")
     exact = compute_dp_statistics(model, train_set, epochs=1, batch_size=1, max_norm=1.0, noise_multiplier=1.0,
                                   seed=0, device=device, non_private=True, progress=progress).stats
     errors = relative_errors(dp_stats, exact)
+    errors_row = {}
     for key in ("mean", "var"):
         values = [layer[key] for layer in errors.values()]
         line = (f"clipping+noise error of DP {key}s (relative L2 per layer): median {pystats.median(values):.3f}, "
                 f"max {max(values):.3f} over {len(values)} layers [non-private diagnostic]")
         print(line)
         logger.info(line)
+        errors_row[f"{key}_error_median"] = pystats.median(values)
+    return {**errors_row, "scope": NON_PRIVATE_SCOPE}

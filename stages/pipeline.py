@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -23,11 +22,14 @@ from common.cli import main_guard
 from common.errors import DPImgSynError
 from common.files import atomic_write_text
 from evaluation.release import EvaluationConfig, evaluate_release
+from evaluation.report import (plot_accuracy_vs_epsilon, render_report, result_rows, summarize, sweep_table,
+                               write_results_csv)
 from stages.config import Pipeline
 from stages.dp_statistics import StatisticsConfig, capture_statistics
 from stages.student import StudentConfig, train_student
 from stages.synthesis import SynthesisConfig, synthesize
 from stages.teacher import TeacherConfig, train_teacher
+from synthesizer.export import export_release
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (stage function, its config class, the CLI that runs it alone)
@@ -59,11 +61,54 @@ def run_stage(name: str, config: Any, nproc: int = 1) -> None:
 
 def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress: bool = True,
                  nproc: int = 1) -> dict:
-    """Run every stage of ``pipeline`` (each on ``nproc`` processes); write and return ``report.json``'s content."""
+    """Run every stage of ``pipeline`` (each on ``nproc`` processes); write and return ``report.json``'s content.
+
+    A sweep (several target epsilons, or whole-pipeline seeds) runs one folder per (epsilon, seed)
+    and returns the sweep's summary; every run and the sweep write ``results.csv`` and
+    ``accuracy_vs_epsilon.png``.
+    """
     if nproc < 1:
         raise DPImgSynError(f"the number of processes must be at least 1, got {nproc}")
+    out = Path(output or pipeline.settings.output)
+    if pipeline.epsilons == (None,) and pipeline.replicates == (None,):
+        return run_once(pipeline, out, progress, nproc)
+    rows, runs = [], []
+    for epsilon in pipeline.epsilons:
+        for seed in pipeline.replicates:
+            name = "_".join(part for part in (epsilon is not None and f"eps{epsilon:g}",
+                                              seed is not None and f"seed{seed}") if part)
+            report = run_once(specialized(pipeline, epsilon, seed), out / name, progress, nproc)
+            rows += result_rows(report, name, seed)
+            runs.append({"run": name, "epsilon": report["epsilon"], "seed": seed, "target_epsilon": epsilon})
+    summary = {"dataset": pipeline.settings.dataset, "public_set": pipeline.synthesis.public_set, "runs": runs,
+               "results": rows, "table": sweep_table(rows)}
+    write_results(out, rows, f"{summary['dataset']} <- {summary['public_set']}")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "report.md", f"# DP-ImgSyn sweep: {summary['dataset']} (private) <- "
+                      f"{summary['public_set']} (public)\n\nTest accuracy (%), final epoch: mean ± std over runs "
+                      f"and seeds (n).\n\n{summary['table']}")
+    return summary
+
+
+def specialized(pipeline: Pipeline, epsilon: float | None, seed: int | None) -> Pipeline:
+    """One run of a sweep: its target epsilon, and its seed for every stage (students: that seed alone)."""
+    teacher, statistics, synthesis = pipeline.teacher, pipeline.statistics, pipeline.synthesis
+    if epsilon is not None:
+        teacher = replace(teacher, target_epsilon=epsilon)
+    if seed is None:
+        return replace(pipeline, teacher=teacher, epsilons=(None,), replicates=(None,))
+    return replace(pipeline, teacher=replace(teacher, seed=seed), statistics=replace(statistics, seed=seed),
+                   synthesis=replace(synthesis, seed=seed), seeds=(seed,), epsilons=(None,), replicates=(None,))
+
+
+def write_results(out: Path, rows: list[dict], title: str) -> None:
+    write_results_csv(out / "results.csv", rows)
+    plot_accuracy_vs_epsilon(out / "accuracy_vs_epsilon.png", rows, title)
+
+
+def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
+    """One run: every stage once per release and student seed; ``report.json`` and its table."""
     top = pipeline.settings
-    out = Path(output or top.output)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -84,6 +129,8 @@ def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress:
     for k, release in releases.items():
         timed(f"synthesis_k{k}", "synthesis", replace(pipeline.synthesis, teacher=str(stats_path), k=k,
                                                       output=str(release)))
+        for fmt in top.exports:  # the release as other tools read it (no private data: post-processing)
+            export_release(release, fmt, out / f"export_k{k}_{fmt}", progress=progress)
     results = []
     for k, release in releases.items():
         for seed in pipeline.seeds:
@@ -100,7 +147,7 @@ def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress:
             result = evaluate_release(EvaluationConfig(
                 release=str(release), output=str(out / f"evaluation_k{k}"), device=top.device,
                 data_root=top.data_root, dataset=top.dataset, public_set=pipeline.synthesis.public_set,
-                teacher=str(stats_path),
+                teacher=str(stats_path), sampling_dir=pipeline.synthesis.sampling_dir,
                 metrics=tuple(str(out / f"student_k{k}_seed{seed}" / "metrics.json") for seed in pipeline.seeds)))
             seconds[f"evaluation_k{k}"] = time.time() - started
             evaluations[str(k)] = {"card": str(result["card_markdown"]), "obfuscated": result["obfuscated"]}
@@ -115,36 +162,8 @@ def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress:
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_report(report))
+    write_results(out, result_rows(report, out.name), f"{top.dataset} <- {pipeline.synthesis.public_set}")
     return report
-
-
-def summarize(results: list[dict]) -> list[dict]:
-    """Mean ± std (sample std; 0 for one seed) of the student accuracy per k, like the paper's table."""
-    summary = []
-    for k in sorted({row["k"] for row in results}):
-        accs = [row["student_test_acc"] for row in results if row["k"] == k]
-        summary.append({"k": k, "mean": statistics.fmean(accs),
-                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs)})
-    return summary
-
-
-def render_report(report: dict) -> str:
-    """A markdown report: privacy, teacher, and the student table (accuracies in %)."""
-    lines = [
-        f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
-        f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
-        f"noise multiplier {report['noise_multiplier']:.4f})",
-        f"- DP teacher test accuracy (final epoch): {100 * report['teacher_test_acc']:.2f}%", "",
-        "| Private dataset | epsilon | Public dataset | " + " | ".join(
-            f"DP-ImgSyn({row['k']})" for row in report["summary"]) + " |",
-        "|---|---|---|" + "---|" * len(report["summary"]),
-        f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | " + " | ".join(
-            f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" for row in report["summary"]) + " |", "",
-        *[f"- release k={k}: {'obfuscated' if row['obfuscated'] else 'NOT obfuscated'} "
-          f"(internal card, not for publication: {row['card']})" for k, row in report["evaluations"].items()],
-        "", "Seconds per stage: " + ", ".join(f"{name} {value:.0f}" for name, value in report["seconds"].items()),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _launched(argv: list[str] | None) -> None:

@@ -12,7 +12,8 @@ import registry
 from common import distributed
 from common.cli import RunOptions, nonnegative_int, option
 from common.errors import DPImgSynError
-from common.files import atomic_torch_save, atomic_write_text, require_same_settings, resumed_history
+from common.files import (atomic_torch_save, atomic_write_csv, atomic_write_text, require_same_settings,
+                          resumed_history)
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
 from common.runtime import seed_everything, setup_logging
 from synthesizer import release as release_io
@@ -21,7 +22,7 @@ from training.distill import DistillationConfig, StudentTrainer
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudentConfig(DistillationConfig, RunOptions):
+class StudentConfig(DistillationConfig, registry.FolderViewOptions, RunOptions):
     """Stage 4's settings: a student trained on the release alone (the paper's recipe by default)."""
 
     release: str = option(help="release folder written by synthesize.py")
@@ -47,6 +48,11 @@ def train_student(config: StudentConfig) -> dict:
         raise DPImgSynError(f"{config.release} does not record its private dataset; regenerate it with "
                             "synthesize.py")
     dataset = config.dataset or registry.local_dataset(recorded, None, f"release {config.release}")
+    # The test split is seen as the release's images are (the teacher's view of a folder: set).
+    view = registry.recorded_view(recorded, bundle.metadata.get(registry.VIEW_KEY)
+                                  or registry.shape_view(bundle.images.shape[1:]), config.image_size,
+                                  config.channels, f"release {config.release}")
+    registry.check_model_input(config.model, bundle.images.shape[-1])
     output = Path(config.output)
     bf16 = use_bf16(config.precision, device)
     settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": recorded, "model": config.model,
@@ -62,35 +68,43 @@ def train_student(config: StudentConfig) -> dict:
     logger = setup_logging(output / "train_student.log" if dist.is_main else None)
     logger.info("stage 4 (student) settings: %s", settings)
     with dist.main_first():  # only rank 0 evaluates; it alone may download the test split
-        test_set = registry.get_split(dataset, "test", config.data_root, config.download) if dist.is_main else None
+        test_set = (registry.get_split(dataset, "test", config.data_root, config.download, **view)
+                    if dist.is_main else None)
 
     seed_everything(config.seed)
-    images, soft_labels, targets = bundle.tensors()
+    images, soft_labels, _ = bundle.tensors()  # the targets are the synthesis aims, not labels
     mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
-    model = registry.get_model(config.model, soft_labels.shape[1])
-    trainer = StudentTrainer(model, images, soft_labels, targets.long(), config, device, config.seed, dist, bf16)
+    model = registry.get_model(config.model, soft_labels.shape[1], images.shape[1], images.shape[-1])
+    trainer = StudentTrainer(model, images, soft_labels, bundle.labels_tensor(), config, device, config.seed, dist,
+                             bf16)
     resume_path = output / "student.resume"
     history = resumed_history(resume_path, settings, trainer)
     if history and dist.is_main:
         print(f"resuming student after epoch {trainer.epoch}")
     started = time.time()
-    while trainer.epoch < config.epochs:
-        stats = trainer.train_epoch(progress=config.progress)
+
+    def after_epoch(stats: dict) -> None:
+        """Rank 0 logs the epoch (metrics.csv, the log) and saves the resume state."""
         if not dist.is_main:
-            continue
+            return
         if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
             stats["test_acc"] = evaluate(trainer.model, test_set, device)
         history.append(stats)
-        logger.info("epoch %s", stats)
+        test = f"  test acc {stats['test_acc']:.4f} (test split)" if "test_acc" in stats else ""
+        logger.info("epoch %d/%d  loss %.4f%s", stats["epoch"], config.epochs, stats["loss"], test)
+        atomic_write_csv(output / "metrics.csv", history, ("epoch", "loss", "test_acc"))
         atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path)
+
+    trainer.fit(config.progress, after_epoch)
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the student
         return {}
     final_acc = evaluate(trainer.model, test_set, device)
     atomic_torch_save({"model": trainer.model.state_dict(), "architecture": config.model,
-                       "num_classes": soft_labels.shape[1], "dataset": dataset}, output / "student.pt")
+                       "num_classes": soft_labels.shape[1], "dataset": dataset,
+                       **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
     metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
                "release": str(Path(config.release)), "k": bundle.metadata.get("k"),
                "public_set": bundle.metadata.get("public_set"), "seed": config.seed,

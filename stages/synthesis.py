@@ -25,7 +25,7 @@ from common import distributed
 from common.batches import stack_items
 from common.cli import RunOptions, nonnegative_int, option, positive_int
 from common.errors import DPImgSynError
-from common.files import sha256_file
+from common.files import atomic_write_csv, sha256_file
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
 from common.runtime import keyed_generator, setup_logging
 from registry import model_from_checkpoint
@@ -34,15 +34,13 @@ from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_
 from synthesizer.release import ReleaseWriter
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
-
-
 # The settings that fix a release's content (with the teacher's and the public set's identity).
 CONTENT_SETTINGS = ("num_samples", "k", "batch_size", "statistics_weight", "class_weight", "smoothness_weight",
                     "image_norm_weight", "lr", "jitter", "flip", "targets", "seed", "non_private")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SynthesisConfig(AlignmentConfig, RunOptions):
+class SynthesisConfig(AlignmentConfig, registry.FolderViewOptions, registry.SamplingOptions, RunOptions):
     """Stage 3's settings; the defaults are the paper's."""
 
     teacher: str = option(help="stage-2 .dppt (teacher with DP statistics): a local path or an http(s)/file URL, "
@@ -96,10 +94,14 @@ def synthesize(config: SynthesisConfig) -> Path:
         raise DPImgSynError(f"--g_steps {config.k} matches statistics, but {config.teacher} holds none; "
                             "run save_dp_db_stats.py (or --g_steps 0)")
     private_name = checkpoint["dataset"]
-    spec = registry.recorded_spec(private_name, checkpoint["num_classes"])
+    view = registry.recorded_view(private_name, checkpoint.get(registry.VIEW_KEY), config.image_size,
+                                  config.channels, f"teacher {config.teacher}")
+    spec = registry.recorded_spec(private_name, checkpoint["num_classes"], view)
     with dist.main_first():
         public = registry.aligned(config.public_set, spec, config.data_root, config.download)
-    indices = registry.sampling_list(config.public_set, config.num_samples, registry.SAMPLING_SEED, len(public))
+    indices = registry.sampling_list(config.public_set, config.num_samples, registry.SAMPLING_SEED, len(public),
+                                     config.sampling_dir)
+    sampling_file = registry.sampling_list_path(config.public_set, config.num_samples, registry.SAMPLING_SEED).name
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
@@ -116,6 +118,7 @@ def synthesize(config: SynthesisConfig) -> Path:
     started = time.time()
     bar = tqdm(total=sum(stop - start for start, stop in map(writer.shard_range, pending)), unit="img",
                desc=f"synthesis k={config.k}", disable=not (config.progress and dist.is_main), dynamic_ncols=True)
+    loss_rows: list[dict] = []  # the last step's loss terms of every batch this process optimized
     for shard in pending:
         start, stop = writer.shard_range(shard)
         generator = keyed_generator(config.seed, shard)  # any shard is redone alone, identically
@@ -136,18 +139,22 @@ def synthesize(config: SynthesisConfig) -> Path:
             parts["targets"].append(targets.cpu())
             bar.update(batch_stop - batch_start)
             bar.set_postfix({name: f"{value:.3g}" for name, value in result.losses.items()})
+            loss_rows.append({"shard": shard, "first_image": batch_start, **result.losses})
         writer.write_shard(shard, images=torch.cat(parts["images"]).numpy(),
                            soft_labels=torch.cat(parts["logits"]).numpy(),
                            targets=torch.cat(parts["targets"]).numpy().astype(np.int64),
                            initial_images=torch.cat(parts["initial"]).numpy())
     bar.close()
+    if dist.is_main and loss_rows:  # beside the release's log, never inside the release
+        atomic_write_csv(output.parent / f"{output.name}.metrics.csv", loss_rows)
     dist.barrier()  # every rank's shards are on disk
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has assembled the release
         return output
     metadata = {
         "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
-        "public_set": settings["public_set"], "k": config.k, "settings": settings,
+        "public_set": settings["public_set"], "sampling_list": sampling_file, "k": config.k, "settings": settings,
+        **({registry.VIEW_KEY: view} if view else {}),
         "teacher_file": Path(config.teacher).name, "teacher_sha256": settings["teacher_sha256"],
         "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
         "software": {"python": platform.python_version(), "torch": torch.__version__,

@@ -12,7 +12,7 @@ from common import distributed
 from common.batches import default_workers
 from common.cli import RunOptions, fraction, option, positive_float, positive_int, probability
 from common.errors import DPImgSynError
-from common.files import atomic_torch_save, resumed_history, with_suffix_once
+from common.files import atomic_torch_save, atomic_write_csv, resumed_history, with_suffix_once
 from common.runtime import rng_state, seed_everything, setup_logging
 from privacy.accountant import ACCOUNTANTS
 from privacy.checkpoint import completed_dppt
@@ -30,10 +30,11 @@ CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max
 # Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
 NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
 TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
+METRICS_COLUMNS = ("epoch", "loss", "train_acc", "val_acc", "test_acc", "epsilon", "scope")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherConfig(DPSGDConfig, RunOptions):
+class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
     """Stage 1's settings; the defaults are the paper's (Table 1's rows are presets of train_dp.py)."""
 
     dataset: str | None = option(None, "private dataset from the registry (e.g. mnist, mnist5k, folder:PATH)")
@@ -96,8 +97,15 @@ def train_teacher(config: TeacherConfig) -> Path:
     """Run (or resume) stage 1 and return the path of the final `.dppt` (written by rank 0 alone)."""
     dist, device = distributed.setup(config.device)
     seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+    # The view of a folder: set (given, or inferred from its files' format): recorded, so later stages reuse it.
+    view, note = registry.folder_view(config.dataset, config.image_size, config.channels)
+    spec = registry.dataset_info(config.dataset, **view)
+    registry.check_model_input(config.model, spec.image_size)
+    if note and dist.is_main:
+        print(note)
     with dist.main_first():  # one download (--download), shared by all ranks
-        num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download)
+        num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download,
+                                                                **view)
     train_set, val_set = split_by_content(train_set, config.val_split)
     num_examples = len(train_set)
     if config.train_batch_size > num_examples:
@@ -117,6 +125,7 @@ def train_teacher(config: TeacherConfig) -> Path:
     output = with_suffix_once(config.output or default_output(config), ".dppt")
     settings = {key: getattr(config, key) for key in CONTENT_SETTINGS}
     settings["dataset"] = registry.artifact_name(config.dataset)
+    settings.update(view)  # a folder: set's image_size and channels (nothing for registry sets)
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
     if completed_dppt(output, "settings", settings):
@@ -126,10 +135,11 @@ def train_teacher(config: TeacherConfig) -> Path:
     init_seed = dist.broadcast_int(private_seed(None) if seed is None else seed)
     seed_everything(init_seed)
     seed = None if seed is None else init_seed
-    model = registry.get_model(config.model, num_classes)
+    model = registry.get_model(config.model, num_classes, spec.channels, spec.image_size)
     workers = default_workers(device)
     trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers, dist=dist)
     resume_path = with_suffix_once(output, ".resume")
+    metrics_path = with_suffix_once(output.with_suffix(""), ".metrics.csv")  # beside the log: local only
     history = resumed_history(resume_path, settings, trainer)
     if history and dist.is_main:
         print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
@@ -151,6 +161,7 @@ def train_teacher(config: TeacherConfig) -> Path:
                 f"{validation}  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
         print(line, flush=True)
         logger.info(line)
+        atomic_write_csv(metrics_path, [{**row, "scope": NON_PRIVATE_NOTE} for row in history], METRICS_COLUMNS)
         atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
                            "history": history}, resume_path)
 
@@ -165,7 +176,7 @@ def train_teacher(config: TeacherConfig) -> Path:
     payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), config.model, num_classes,
                                    settings["dataset"], block, settings=settings,
                                    plan=statistics_plan(num_examples, config), test_acc=final_acc,
-                                   test_acc_note=TEST_ACC_NOTE)
+                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}))
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)

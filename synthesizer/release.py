@@ -5,8 +5,16 @@ atomically with its sha256 beside it, and a shard counts as done only if that ch
 partial or corrupted shards are regenerated. :meth:`ReleaseWriter.finalize` concatenates the shards
 into the final arrays and writes ``metadata.json`` last; its presence marks a complete release.
 
+Three kinds of label travel with the images: ``soft_labels.npy`` (the teacher's logits),
+``labels.npy`` (the teacher's hard labels, their argmax, computed here from the soft labels) and
+``targets.npy`` (the classes the synthesis *optimized towards*, e.g. cyclic 0..C-1). Only the
+first two say what the teacher sees in an image, so class counts count ``labels``; the targets
+are kept for analysis, with the rate at which the teacher agrees with them.
+
 Reading needs nothing but numpy and torch: :func:`load` memory-maps the arrays and returns a torch
-``Dataset`` of ``(image, soft_label, target)``.
+``Dataset`` of ``(image, soft_label, target)`` whose ``labels`` array holds the teacher's labels.
+Releases of format version 1 (no ``labels.npy``, class counts of the targets) are read too: their
+labels and counts are derived from the soft labels on loading.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ from common.errors import DPImgSynError
 from common.files import atomic_path, atomic_write_text, sha256_file
 
 FORMAT = "dpimgsyn.release"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no labels.npy, counts.per_class counted the targets
 METADATA_FILE = "metadata.json"
 PREVIEW_FILE = "preview.png"
 SHARDS_DIR = ".shards"
@@ -39,7 +48,8 @@ ARRAY_FILES: dict[str, tuple[np.dtype, str]] = {
     "soft_labels.npy": (np.dtype(np.float32), "soft_labels"),
     "targets.npy": (np.dtype(np.int64), "targets"),
 }
-RELEASE_FILES = (*ARRAY_FILES, PREVIEW_FILE)
+LABELS_FILE = "labels.npy"  # derived by finalize() from the soft labels, not written by shards
+RELEASE_FILES = (*ARRAY_FILES, LABELS_FILE, PREVIEW_FILE)
 # Keys finalize() adds to the caller's metadata; the caller must not use them.
 RESERVED_METADATA_KEYS = ("format", "version", "counts", "files", "release_settings")
 PREVIEW_MAX_CLASSES = 16
@@ -84,9 +94,9 @@ def _read_metadata(out_dir: Path) -> dict | None:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise DPImgSynError(f"{path} is not the metadata of a DP-ImgSyn release "
                             f"(expected \"format\": \"{FORMAT}\"); point to a release folder")
-    if metadata.get("version") != VERSION:
-        raise DPImgSynError(f"{path} has release format version {metadata.get('version')!r}; this "
-                            f"code reads version {VERSION}: use the matching version of the code")
+    if metadata.get("version") not in READABLE_VERSIONS:
+        raise DPImgSynError(f"{path} has release format version {metadata.get('version')!r}; this code reads "
+                            f"versions {', '.join(map(str, READABLE_VERSIONS))}: use the matching version of the code")
     return metadata
 
 
@@ -96,6 +106,33 @@ def is_complete(out_dir: str | Path) -> bool:
         return _read_metadata(Path(out_dir)) is not None
     except DPImgSynError:
         return False
+
+
+def teacher_labels(soft_labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The teacher's hard labels: the argmax of its logits (int64; ties go to the lowest class)."""
+    return np.asarray(_to_numpy(soft_labels)).argmax(axis=1).astype(np.int64)
+
+
+class _Counts:
+    """The release's ``counts``: images per class by the teacher's labels, per optimization target,
+    and the fraction of images whose label equals their target. All of it is computed from the
+    teacher's outputs on public-derived images, i.e. from DP outputs only, so it may be published."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.per_class = np.zeros(num_classes, dtype=np.int64)
+        self.targets_per_class = np.zeros(num_classes, dtype=np.int64)
+        self.agreeing = 0
+
+    def add(self, labels: np.ndarray, targets: np.ndarray) -> None:
+        self.per_class += np.bincount(labels, minlength=len(self.per_class))
+        self.targets_per_class += np.bincount(targets, minlength=len(self.per_class))
+        self.agreeing += int(np.count_nonzero(np.asarray(labels) == np.asarray(targets)))
+
+    def as_metadata(self) -> dict:
+        total = int(self.per_class.sum())
+        return {"num_samples": total, "per_class": self.per_class.tolist(),
+                "targets_per_class": self.targets_per_class.tolist(),
+                "label_target_agreement": self.agreeing / total if total else 0.0}
 
 
 def _check_pixels(name: str, array: np.ndarray) -> None:
@@ -266,23 +303,25 @@ class ReleaseWriter:
                                 f"(first: {pending[:5]}); rerun the same command to regenerate them")
         self._remove_stale_temp_files()
 
-        per_class = np.zeros(self.num_classes, dtype=np.int64)
+        counts = _Counts(self.num_classes)
         preview: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        full_shapes = {**self._expected_shapes(self.num_samples), "labels": (self.num_samples,)}
+        outputs = {**ARRAY_FILES, LABELS_FILE: (np.dtype(np.int64), "labels")}
         with ExitStack() as stack:
-            full_shapes = self._expected_shapes(self.num_samples)
             streams = {
                 name: stack.enter_context(
                     _NpyStream(stack.enter_context(atomic_path(self.out_dir / name)), dtype, full_shapes[key]))
-                for name, (dtype, key) in ARRAY_FILES.items()
+                for name, (dtype, key) in outputs.items()
             }
             for index in range(self.num_shards):
                 shard = self._load_shard(index)
                 if shard is None:
                     raise DPImgSynError(f"shard {index} of {self.out_dir} changed while finalizing; "
                                         "rerun the same command to regenerate it")
-                for name, (_, key) in ARRAY_FILES.items():
+                shard["labels"] = teacher_labels(shard["soft_labels"])
+                for name, (_, key) in outputs.items():
                     streams[name].append(shard[key])
-                per_class += np.bincount(shard["targets"], minlength=self.num_classes)
+                counts.add(shard["labels"], shard["targets"])
                 self._collect_preview(preview, shard, preview_per_class)
             files = {name: stream.hexdigest() for name, stream in streams.items()}
 
@@ -295,7 +334,7 @@ class ReleaseWriter:
             **metadata,
             "format": FORMAT,
             "version": VERSION,
-            "counts": {"num_samples": self.num_samples, "per_class": per_class.tolist()},
+            "counts": counts.as_metadata(),
             "files": files,
             "release_settings": self.identity,
         }
@@ -358,14 +397,21 @@ class _NpyStream:
 class ReleaseDataset(Dataset):
     """A release as a torch Dataset of ``(image CxHxW float32 in [0,1], soft_label, target)``.
 
+    ``labels`` holds the teacher's hard labels (what a classifier trained on the release should
+    learn); ``targets`` the classes the synthesis optimized towards. The item keeps the target in
+    third place so that existing training loops stay unchanged; ``labels[index]`` is beside it.
     Arrays are memory-mapped, so opening a release costs almost nothing and workers of a
     ``DataLoader`` share the page cache instead of copying the data (pickling reopens the files).
     """
 
     def __init__(self, root: str | Path, metadata: dict) -> None:
         self.root = Path(root)
+        self.images, self.soft_labels, self.targets, self.labels = _open_arrays(self.root, metadata)
+        if _is_legacy(metadata):  # version 1 counted the targets: present its counts in today's meaning
+            counts = _Counts(self.num_classes)
+            counts.add(self.labels, np.asarray(self.targets))
+            metadata = {**metadata, "counts": counts.as_metadata()}
         self.metadata = metadata
-        self.images, self.soft_labels, self.targets = _open_arrays(self.root, metadata)
 
     @property
     def num_classes(self) -> int:
@@ -389,11 +435,28 @@ class ReleaseDataset(Dataset):
         return tuple(_read_into_tensor(self.root / name, mapped)
                      for name, mapped in zip(ARRAY_FILES, (self.images, self.soft_labels, self.targets)))
 
+    def labels_tensor(self) -> torch.Tensor:
+        """The teacher's hard labels in memory (int64): the labels to train on with a hard-label loss."""
+        if isinstance(self.labels, np.memmap):
+            return _read_into_tensor(self.root / LABELS_FILE, self.labels)
+        return torch.from_numpy(np.array(self.labels, dtype=np.int64))
+
     def __getstate__(self) -> dict:
         return {"root": self.root, "metadata": self.metadata}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["root"], state["metadata"])
+
+
+def _is_legacy(metadata: dict) -> bool:
+    """Format version 1: no ``labels.npy``, and ``counts.per_class`` counted the targets."""
+    return metadata.get("version") == 1
+
+
+def _array_files(metadata: dict) -> dict[str, np.dtype]:
+    """The array files a release of this metadata's version holds, with their dtypes."""
+    files = {name: dtype for name, (dtype, _) in ARRAY_FILES.items()}
+    return files if _is_legacy(metadata) else {**files, LABELS_FILE: np.dtype(np.int64)}
 
 
 def _read_into_tensor(path: Path, mapped: np.memmap) -> torch.Tensor:
@@ -408,10 +471,14 @@ def _read_into_tensor(path: Path, mapped: np.memmap) -> torch.Tensor:
     return tensor
 
 
-def _open_arrays(root: Path, metadata: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Memory-map the three arrays and check them against each other and the metadata."""
+def _open_arrays(root: Path, metadata: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Memory-map the arrays and check them against each other and the metadata.
+
+    Returns ``(images, soft_labels, targets, labels)``; a version-1 release's labels are the argmax
+    of its soft labels, computed here.
+    """
     arrays = {}
-    for name, (dtype, _) in ARRAY_FILES.items():
+    for name, dtype in _array_files(metadata).items():
         path = root / name
         if not path.is_file():
             raise DPImgSynError(f"{path} is missing; the release is incomplete: regenerate it or "
@@ -429,10 +496,10 @@ def _open_arrays(root: Path, metadata: dict) -> tuple[np.ndarray, np.ndarray, np
     counts = metadata.get("counts")
     if not isinstance(counts, dict) or not isinstance(counts.get("per_class"), list):
         raise DPImgSynError(f"{root / METADATA_FILE} lacks \"counts\"; regenerate the release")
-    expected_ndim = {"images.npy": 4, "soft_labels.npy": 2, "targets.npy": 1}
-    for name, ndim in expected_ndim.items():
-        if arrays[name].ndim != ndim:
-            raise DPImgSynError(f"{root / name} has {arrays[name].ndim} dimensions, expected {ndim}; "
+    expected_ndim = {"images.npy": 4, "soft_labels.npy": 2, "targets.npy": 1, LABELS_FILE: 1}
+    for name, array in arrays.items():
+        if array.ndim != expected_ndim[name]:
+            raise DPImgSynError(f"{root / name} has {array.ndim} dimensions, expected {expected_ndim[name]}; "
                                 "regenerate the release")
     for name, array in arrays.items():
         if array.shape[0] != counts.get("num_samples"):
@@ -443,14 +510,22 @@ def _open_arrays(root: Path, metadata: dict) -> tuple[np.ndarray, np.ndarray, np
     if soft_labels.shape[1] != num_classes:
         raise DPImgSynError(f"{root / 'soft_labels.npy'} has {soft_labels.shape[1]} columns but the "
                             f"release has {num_classes} classes; regenerate the release")
-    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
-        raise DPImgSynError(f"{root / 'targets.npy'} holds labels outside [0, {num_classes}); "
-                            "regenerate the release")
-    return images, soft_labels, targets
+    labels = arrays[LABELS_FILE] if LABELS_FILE in arrays else teacher_labels(soft_labels)
+    for name, values in (("targets.npy", targets), (LABELS_FILE, labels)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise DPImgSynError(f"{root / name} holds labels outside [0, {num_classes}); "
+                                "regenerate the release")
+    return images, soft_labels, targets, labels
 
 
 def load(path: str | Path, verify: bool = False) -> ReleaseDataset:
-    """Open a release folder (memory-mapped); ``verify`` also checks every file's sha256."""
+    """Open a release folder (memory-mapped); ``verify`` also checks every file's sha256, that the
+    labels are the argmax of the soft labels, and that the recorded counts are those of the arrays.
+
+    A version-1 release loads with its labels derived from the soft labels and its ``metadata``'s
+    ``counts`` recomputed in today's meaning: ``per_class`` by the teacher's labels, plus
+    ``targets_per_class`` and ``label_target_agreement``.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DPImgSynError(f"{root} is not a folder; pass the release folder written by synthesize.py")
@@ -460,16 +535,19 @@ def load(path: str | Path, verify: bool = False) -> ReleaseDataset:
                             "release: rerun synthesize.py with the same --output to finish it")
     if verify:
         _verify_checksums(root, metadata)
-    return ReleaseDataset(root, metadata)
+    dataset = ReleaseDataset(root, metadata)
+    if verify:
+        _verify_labels(dataset)
+    return dataset
 
 
 def _verify_checksums(root: Path, metadata: dict) -> None:
-    files = metadata.get("files")
-    if not isinstance(files, dict) or not set(ARRAY_FILES) <= set(files):
-        raise DPImgSynError(f"{root / METADATA_FILE} lacks checksums for {', '.join(ARRAY_FILES)}; "
+    files, required = metadata.get("files"), _array_files(metadata)
+    if not isinstance(files, dict) or not set(required) <= set(files):
+        raise DPImgSynError(f"{root / METADATA_FILE} lacks checksums for {', '.join(required)}; "
                             "cannot verify: regenerate the release")
     for name, digest in files.items():
-        if name not in RELEASE_FILES:
+        if name not in (*required, PREVIEW_FILE):
             raise DPImgSynError(f"{root / METADATA_FILE} lists an unexpected file {name!r}; "
                                 "the metadata was tampered with: download the release again")
         path = root / name
@@ -478,6 +556,20 @@ def _verify_checksums(root: Path, metadata: dict) -> None:
         if sha256_file(path) != digest:
             raise DPImgSynError(f"{path} does not match its sha256 in metadata.json; the file is "
                                 "corrupt or was modified: regenerate the release or download it again")
+
+
+def _verify_labels(dataset: ReleaseDataset) -> None:
+    """Labels that mean what they say: the soft labels' argmax, counted as the metadata records."""
+    root, labels = dataset.root, np.asarray(dataset.labels)
+    if not np.array_equal(labels, teacher_labels(dataset.soft_labels)):
+        raise DPImgSynError(f"{root / LABELS_FILE} is not the argmax of soft_labels.npy; the release is "
+                            "inconsistent: regenerate it or download it again")
+    counts = _Counts(dataset.num_classes)
+    counts.add(labels, np.asarray(dataset.targets))
+    recorded = dataset.metadata["counts"]
+    if any(recorded.get(key) != value for key, value in counts.as_metadata().items()):  # floats survive JSON exactly
+        raise DPImgSynError(f"the counts in {root / METADATA_FILE} are not those of its labels and targets; "
+                            "the metadata was altered: regenerate the release or download it again")
 
 
 def save_image_grid(path: str | Path, rows: Sequence[np.ndarray | torch.Tensor], *,

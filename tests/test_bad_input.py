@@ -14,7 +14,7 @@ artifacts are only ever read. Every row asserts:
 
 ``{pipe}`` in a row is the pipeline's folder, ``{work}`` the test's own folder. Arguments given twice
 take their last value (argparse), so a row appends its bad flag to the stage's valid base arguments.
-README.md's table "When something is wrong" lists each kind of row with the message users see.
+docs/errors.md's table "When something is wrong" lists each kind of row with the message users see.
 """
 from __future__ import annotations
 

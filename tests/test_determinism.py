@@ -25,6 +25,7 @@ passed their random temp name (``.teacher.dppt.k3j9x.tmp``), so equal checkpoint
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import shutil
@@ -52,7 +53,7 @@ ARTIFACTS = ["teacher.dppt", "statistics.dppt", f"{RELEASE}/images.npy", f"{RELE
              f"{RELEASE}/targets.npy", f"{RELEASE}/metadata.json", f"{RELEASE}/preview.png",
              f"{STUDENT}/student.pt"]
 # Files whose bytes carry wall-clock time; the JSON ones are compared without their "seconds" key.
-TIMED_FILES = {"report.json", "report.md", f"{STUDENT}/metrics.json"}
+TIMED_FILES = {"report.json", "report.md", f"{STUDENT}/metrics.json", "results.csv"}
 # Keys (paths into the payload) that record a file system location, or a hash of a file that does.
 PATH_KEYS = {
     f"{STUDENT}/metrics.json": [("release",), ("seconds",)],
@@ -122,6 +123,14 @@ def test_same_folder_every_artifact_is_byte_identical(three_runs):
     assert different == []
     for name in ("report.json", f"{STUDENT}/metrics.json"):  # equal but for wall-clock seconds
         assert without(load(first / name), [("seconds",)]) == without(load(second / name), [("seconds",)])
+    assert results_without_time(first) == results_without_time(second)
+
+
+def results_without_time(folder: Path) -> list[dict]:
+    """results.csv but its wall-clock minutes and the run folder's name."""
+    with open(folder / "results.csv") as handle:
+        return [{key: value for key, value in row.items() if key not in ("run_minutes", "run")}
+                for row in csv.DictReader(handle)]
 
 
 def test_other_folder_differs_only_in_path_keys(three_runs):
@@ -131,6 +140,8 @@ def test_other_folder_differs_only_in_path_keys(three_runs):
         if name in PATH_KEYS:
             assert_same_payload(without(load(second / name), PATH_KEYS[name]),
                                 without(load(elsewhere / name), PATH_KEYS[name]), name)
+        elif name == "results.csv":
+            assert results_without_time(second) == results_without_time(elsewhere)
         elif name != "report.md":
             assert sha256(second / name) == sha256(elsewhere / name), name
     left, right = (load(folder / STUDENT / "student.pt")["model"] for folder in (second, elsewhere))

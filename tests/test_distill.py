@@ -107,3 +107,77 @@ def test_student_cli_and_pipeline_hand_T_to_the_trainer(tiny_pipeline, tiny_conf
         train_student.run(["--release", str(out / "release_k3"), "--model", "small_cnn", "--epochs", "1",
                            "--T", "7.5", "--output", str(tmp_path / "student"), "--no_progress", "--device", "cpu"])
     assert len(configs) == 1 and configs[0].temperature == 7.5
+
+
+def _tiny_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(16, 3, 2, 2, generator=generator), 5 * torch.randn(16, 5, generator=generator),
+            torch.randint(0, 5, (16,), generator=generator))
+
+
+def test_a_release_without_soft_labels_trains_on_cross_entropy_over_its_labels():
+    """Another method's release has hard labels only: one step moves the weights by -lr * grad CE(s, y).
+
+    Guards against the hard-label recipe keeping a distillation term, or another recipe than the stage's.
+    """
+    from torch import nn
+
+    from training.distill import StudentTrainer, hard_label_config
+
+    images, _, targets = _tiny_problem()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    reference = copy.deepcopy(model)
+    stage = DistillationConfig(epochs=1, batch_size=16, lr=0.5, momentum=0.0, weight_decay=0.0, temperature=4.0)
+    config = hard_label_config(stage)
+    assert (config.alpha, config.beta) == (0.0, 1.0) and type(config) is DistillationConfig
+    assert config == DistillationConfig(**{**vars(stage), "alpha": 0.0, "beta": 1.0}), "the rest of the recipe stays"
+
+    expected_loss = torch.nn.functional.cross_entropy(reference(images), targets)
+    grads = torch.autograd.grad(expected_loss, list(reference.parameters()))
+    expected = [param.detach() - 0.5 * grad for param, grad in zip(reference.parameters(), grads)]
+    stats = StudentTrainer(model, images, None, targets, config, torch.device("cpu"), seed=0).train_epoch(
+        progress=False)
+    assert stats["loss"] == pytest.approx(float(expected_loss.detach()), rel=1e-5)
+    for after, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(after.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_distillation_term_without_soft_labels_is_refused():
+    from torch import nn
+
+    from common.errors import DPImgSynError
+    from training.distill import StudentTrainer
+
+    images, _, targets = _tiny_problem()
+    with pytest.raises(DPImgSynError, match="alpha must be 0"):
+        StudentTrainer(nn.Sequential(nn.Flatten(), nn.Linear(12, 5)), images, None, targets,
+                       DistillationConfig(epochs=1), torch.device("cpu"), seed=0)
+    with pytest.raises(DPImgSynError, match="needs soft labels"):
+        kd_loss(torch.randn(4, 5), None, targets[:4], 4.0)
+
+
+def test_fit_trains_the_epochs_left_and_a_resumed_run_ends_where_a_whole_one_does():
+    """``fit`` is the training loop the stage and the evaluation share: every epoch once, resumable."""
+    from torch import nn
+
+    from training.distill import StudentTrainer
+
+    images, soft_labels, targets = _tiny_problem()
+    config = DistillationConfig(epochs=3, batch_size=8, lr=0.1, temperature=4.0)
+
+    def trainer() -> StudentTrainer:
+        torch.manual_seed(1)
+        return StudentTrainer(nn.Sequential(nn.Flatten(), nn.Linear(12, 5)), images, soft_labels, targets, config,
+                              torch.device("cpu"), seed=3)
+
+    whole, seen, after_two = trainer(), [], {}
+    history = whole.fit(progress=False, after_epoch=lambda stats: (
+        seen.append(stats), after_two.update(copy.deepcopy(whole.state_dict())) if stats["epoch"] == 2 else None))
+    assert [stats["epoch"] for stats in history] == [1, 2, 3] and seen == history and whole.epoch == 3
+    resumed = trainer()
+    resumed.load_state_dict(after_two)
+    assert [stats["epoch"] for stats in resumed.fit(progress=False)] == [3]
+    for name, tensor in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert whole.fit(progress=False) == [], "a finished trainer trains no more"

@@ -118,7 +118,8 @@ def test_distributed_student_trains_above_chance_and_writes_one_result(runs, tmp
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["student_test_acc"] > 0.15  # ten classes: chance is 0.1 (the one-epoch teacher reaches ~0.4)
     assert metrics["epochs"] == len(metrics["history"]) == 3
-    assert sorted(path.name for path in output.iterdir()) == ["metrics.json", "student.pt", "train_student.log"]
+    assert sorted(path.name for path in output.iterdir()) == ["metrics.csv", "metrics.json", "student.pt",
+                                                              "train_student.log"]
 
 
 def test_a_failing_distributed_stage_is_one_project_error(tmp_path):

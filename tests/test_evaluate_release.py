@@ -59,7 +59,9 @@ def test_card_has_every_field_and_the_release_is_untouched(evaluated_k3):
     public = card["publishable"]
     assert public["epsilon"] == pytest.approx(report["epsilon"]) and public["delta"] == report["delta"]
     assert [entry["name"] for entry in public["ledger"]] == ["dp_sgd", "dp_statistics"]
-    assert public["counts_per_class"] == {str(label): 40 for label in range(10)} and public["k"] == 3
+    recorded = json.loads((out / "release_k3" / METADATA_FILE).read_text())["counts"]["per_class"]
+    assert public["counts_per_class"] == {str(label): count for label, count in enumerate(recorded)}
+    assert sum(public["counts_per_class"].values()) == 400 and public["k"] == 3
     assert (eval_dir / public["preview_path"]).resolve() == (out / "release_k3" / "preview.png").resolve()
 
     internal = card["internal"]
@@ -168,7 +170,7 @@ def test_missing_or_mismatched_teacher_is_a_one_line_error(tiny_pipeline, tmp_pa
     assert not (tmp_path / "eval").exists() and registry.OPENED_SPLITS == [], "refused before reading private data"
 
 
-@pytest.mark.parametrize("case", ["output_inside_release", "metrics_of_another_release"])
+@pytest.mark.parametrize("case", ["output_inside_release", "metrics_of_another_release", "metrics_and_seeds"])
 def test_refusals_happen_before_any_private_data_is_read(tiny_pipeline, tmp_path, capsys, case):
     out, _ = tiny_pipeline
     release = out / "release_k3"
@@ -176,12 +178,32 @@ def test_refusals_happen_before_any_private_data_is_read(tiny_pipeline, tmp_path
         "output_inside_release": ["--output", str(release / "eval")],
         "metrics_of_another_release": ["--output", str(tmp_path / "eval"),
                                        "--metrics", str(out / "student_k0_seed1" / "metrics.json")],
+        "metrics_and_seeds": ["--output", str(tmp_path / "eval"), "--seeds", "1",
+                              "--metrics", str(out / "student_k3_seed1" / "metrics.json")],
     }[case]
     expected = {"output_inside_release": "must never write into a release",
-                "metrics_of_another_release": "trained on another release"}[case]
+                "metrics_of_another_release": "trained on another release",
+                "metrics_and_seeds": "not both"}[case]
     registry.reset_opened_splits()
     with pytest.raises(SystemExit) as exit_info:
         evaluate_release.main(["--release", str(release), *argv])
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
     assert registry.OPENED_SPLITS == [] and not (release / "eval").exists()
+
+
+def test_seeds_train_the_student_that_train_student_trains(tiny_pipeline, tiny_config, tmp_path):
+    """``--seeds`` trains students here with the student stage's trainer and recipe: the pipeline's student settings
+    and seed give exactly the accuracy its ``train_student`` run reported (same trainer, same seed, same device)."""
+    out, _ = tiny_pipeline
+    student = tiny_config["student"]
+    recipe = ["--model", student["model"], "--epochs", str(student["epochs"]), "--batch_size",
+              str(student["batch_size"]), "--lr", str(student["lr"]), "--T", str(student["T"])]
+    result = evaluate_release.run(["--release", str(out / "release_k3"), "--output", str(tmp_path / "eval"),
+                                   "--device", "cpu", "--max_synthetic", "100", "--max_private", "300",
+                                   "--seeds", str(student["seeds"][0]), *recipe])
+    metrics = json.loads((out / f"student_k3_seed{student['seeds'][0]}" / "metrics.json").read_text())
+    internal = result["card"]["internal"]
+    assert [(row["k"], row["seed"]) for row in internal["student_test_acc"]] == [(3, student["seeds"][0])]
+    assert internal["student_test_acc"][0]["student_test_acc"] == metrics["student_test_acc"]
+    assert internal["student_test_acc_summary"]["n"] == 1 and "std" not in internal["student_test_acc_summary"]

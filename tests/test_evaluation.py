@@ -324,6 +324,7 @@ def _card_inputs(**internal_overrides) -> tuple[dict, dict]:
         "k": 2,
         "num_images": 20,
         "counts_per_class": {str(label): 2 for label in range(10)},
+        "label_target_agreement": 0.25,
         "epsilon": 1.25,
         "delta": 1e-5,
         "accountant": "prv",
@@ -396,6 +397,18 @@ def test_card_refuses_private_figures_in_the_publishable_part() -> None:
         build_card({key: value for key, value in publishable.items() if key != "ledger"}, internal)
     with pytest.raises(DPImgSynError, match="None for what was not measured"):
         build_card(publishable, {key: value for key, value in internal.items() if key != "fidelity"})
+
+
+def test_card_counts_the_teachers_labels_and_shows_the_targets_agreement() -> None:
+    publishable, internal = _card_inputs()
+    markdown = render_card_markdown(build_card(publishable, internal))
+    public_part = markdown[:markdown.index("## Internal")]
+    assert "### Images per class (the teacher's labels)" in public_part
+    assert "- Agreement of the teacher's labels with the synthesis targets: 25.0%" in public_part
+    # A release without targets (e.g. evaluated from another tool) has no agreement rate: recorded as None.
+    card = build_card({key: value for key, value in publishable.items() if key != "label_target_agreement"}, internal)
+    assert card["publishable"]["label_target_agreement"] is None
+    assert "synthesis targets: not recorded" in render_card_markdown(card)
 
 
 def test_card_of_non_private_run_is_strict_json_and_says_so(tmp_path) -> None:

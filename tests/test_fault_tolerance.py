@@ -9,6 +9,8 @@ the uninterrupted run's.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -99,6 +101,13 @@ def _load_png(path: Path) -> None:
         image.load()
 
 
+def _load_csv(path: Path) -> None:
+    """A complete CSV: a header and rows of as many fields, ending with a newline (written atomically)."""
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    assert text.endswith("\n") and rows and all(len(row) == len(rows[0]) for row in rows), text
+
+
 def _load_sha256(path: Path) -> None:
     digest = path.read_text().strip()
     assert len(digest) == 64 and int(digest, 16) >= 0, digest
@@ -114,6 +123,7 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
     ".npz": _load_npz,
     ".png": _load_png,
     ".sha256": _load_sha256,
+    ".csv": _load_csv,
 }
 UNCHECKED_SUFFIXES = (".log", ".tmp")  # logs are append-only text; ".tmp" are never final names
 

@@ -64,6 +64,19 @@ def test_output_is_one_logit_row_per_image(name: str, side: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NORM_LAYERS))
+def test_models_take_the_channel_count_and_their_smallest_image(name: str) -> None:
+    """``name(num_classes, in_channels)``: a gray set's model sees one channel; the smallest side it declares works."""
+    torch.manual_seed(0)
+    model = models.MODELS[name](NUM_CLASSES, 1).eval()
+    first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    assert first.in_channels == 1
+    side = models.MIN_SIZES[name]
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, side, side)).shape == (2, NUM_CLASSES)
+    assert [p.shape[1:] for p in model.parameters()][1:] == [p.shape[1:] for p in built(name).parameters()][1:]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NORM_LAYERS))
 def test_every_model_is_groupnorm_and_opacus_valid(name: str) -> None:
     model = built(name)
     assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())

@@ -25,6 +25,13 @@ def test_report_contract(tiny_pipeline):
     assert "DP-ImgSyn(3)" in (out / "report.md").read_text()
     assert saved["teacher_test_acc"] > 0.5
     assert max(row["student_test_acc"] for row in saved["results"]) > 0.15  # chance is 0.10
+    # every run also writes the results as a CSV and a plot, and every release in the configured exports
+    assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 2 and (out / "accuracy_vs_epsilon.png").is_file()
+    for k in (0, 3):
+        exported = np.load(out / f"export_k{k}_npz" / "dataset.npz")
+        assert exported["x"].shape == (400, 32, 32, 1) and exported["x"].dtype == np.uint8  # mnist stays gray
+    assert (out / "teacher.metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,train_acc")
+    assert (out / "student_k3_seed1" / "metrics.csv").read_text().count("\n") == 1 + 4  # header + 4 epochs
 
 
 def test_epsilon_is_the_ledgers(tiny_pipeline, tiny_config):

@@ -11,7 +11,7 @@ from privacy import calibrate_noise_multiplier, compute_epsilon, poisson_plan
 from stages.paper import get_preset, load_presets, preset_plan
 
 DELTA = 1e-5
-# Table 1 order; PRV at delta 1e-5 over DP-SGD and DP statistics composed (the README quotes them).
+# Table 1 order; PRV at delta 1e-5 over DP-SGD and DP statistics composed (docs/paper.md quotes them).
 TABLE1_EPSILONS = {
     "mnist_eps1": 0.92, "mnist_eps10": 8.17, "fmnist_eps1": 0.81, "fmnist_eps10": 9.30,
     "celeba_hair_eps1": 1.04, "celeba_hair_eps10": 10.05, "celeba_gender_eps1": 1.01,

@@ -93,10 +93,12 @@ def test_out_of_order_shards_round_trip(tmp_path: Path) -> None:
         assert stored.dtype == data[key].dtype
     assert dataset.images.shape == (NUM_SAMPLES, *IMAGE_SHAPE)
     # The arrays are byte-for-byte what np.save writes, so any numpy user can read them.
-    for name in ("images", "soft_labels", "targets"):
+    expected = {**data, "labels": data["soft_labels"].argmax(axis=1).astype(np.int64)}
+    for name in ("images", "soft_labels", "targets", "labels"):
         buffer = io.BytesIO()
-        np.save(buffer, data[name])
+        np.save(buffer, expected[name])
         assert (out_dir / f"{name}.npy").read_bytes() == buffer.getvalue()
+    np.testing.assert_array_equal(dataset.labels, expected["labels"])
 
     image, soft_label, target = dataset[4]
     assert image.dtype == torch.float32 and image.shape == IMAGE_SHAPE
@@ -105,10 +107,13 @@ def test_out_of_order_shards_round_trip(tmp_path: Path) -> None:
 
     metadata = json.loads((out_dir / "metadata.json").read_text())
     assert metadata["privacy"] == METADATA["privacy"] and metadata["k"] == 5
-    assert metadata["format"] == "dpimgsyn.release" and metadata["version"] == 1
-    assert metadata["counts"] == {"num_samples": 10, "per_class": [4, 3, 3]}
+    assert metadata["format"] == "dpimgsyn.release" and metadata["version"] == 2
+    labels = data["soft_labels"].argmax(axis=1)
+    assert metadata["counts"] == {"num_samples": 10, "per_class": np.bincount(labels, minlength=3).tolist(),
+                                  "targets_per_class": [4, 3, 3],
+                                  "label_target_agreement": float(np.mean(labels == data["targets"]))}
     assert metadata["release_settings"]["settings"] == SETTINGS
-    assert set(metadata["files"]) == {"images.npy", "soft_labels.npy", "targets.npy", "preview.png"}
+    assert set(metadata["files"]) == {"images.npy", "soft_labels.npy", "targets.npy", "labels.npy", "preview.png"}
     for name, digest in metadata["files"].items():
         assert hashlib.sha256((out_dir / name).read_bytes()).hexdigest() == digest
 
@@ -334,10 +339,11 @@ def rewrite_soft_labels_narrow(out_dir: Path) -> None:
     (rewrite_soft_labels_short, False, "soft_labels.npy holds 9 samples"),
     (rewrite_soft_labels_narrow, False, "soft_labels.npy has 2 columns"),
     (lambda d: corrupt_truncate(d / "targets.npy"), False, "targets.npy cannot be read"),
+    (lambda d: (d / "labels.npy").unlink(), False, "labels.npy is missing"),
     (lambda d: corrupt_flip_byte(d / "images.npy"), True, "images.npy does not match its sha256"),
     (lambda d: (d / "preview.png").unlink(), True, "preview.png is missing"),
 ], ids=["no_images", "no_metadata", "bad_metadata", "short_soft_labels", "narrow_soft_labels",
-        "truncated_targets", "checksum", "no_preview"])
+        "truncated_targets", "no_labels", "checksum", "no_preview"])
 def test_load_reports_damage_naming_the_file(release, damage, verify: bool, named: str) -> None:
     out_dir, _ = release
     damage(out_dir)
@@ -367,3 +373,89 @@ def test_finalize_refuses_reserved_metadata_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         writer.finalize({"counts": 1})
     assert not is_complete(tmp_path / "release")
+
+
+# --------------------------------------------------------------------------- labels that mean what they say
+
+def release_with_disagreeing_teacher(out_dir: Path) -> dict[str, np.ndarray]:
+    """Targets cycle 0, 1, 2, ...; the teacher calls almost everything class 0 (as on a real k = 0 run)."""
+    data = make_data()
+    teacher = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    data["soft_labels"] = (np.eye(NUM_CLASSES, dtype=np.float32)[teacher] * 5.0
+                           + 0.1 * data["soft_labels"]).astype(np.float32)
+    writer = make_writer(out_dir)
+    write(writer, data, range(writer.num_shards))
+    writer.finalize(METADATA)
+    return data
+
+
+def as_version_1(out_dir: Path) -> None:
+    """Turn a release into what format version 1 wrote: no labels.npy, per_class counting the targets."""
+    metadata = json.loads((out_dir / "metadata.json").read_text())
+    (out_dir / "labels.npy").unlink()
+    del metadata["files"]["labels.npy"]
+    targets = np.load(out_dir / "targets.npy")
+    metadata.update(version=1, counts={"num_samples": len(targets),
+                                       "per_class": np.bincount(targets, minlength=NUM_CLASSES).tolist()})
+    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
+
+
+def test_counts_follow_the_teacher_and_record_the_targets_agreement(tmp_path: Path) -> None:
+    release_with_disagreeing_teacher(tmp_path / "release")
+    dataset = load(tmp_path / "release", verify=True)
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(dataset.targets, np.arange(10) % 3)
+    # agreeing: images 0, 3 and 6 (target 0, label 0)
+    assert dataset.metadata["counts"] == {"num_samples": 10, "per_class": [8, 1, 1], "targets_per_class": [4, 3, 3],
+                                          "label_target_agreement": 0.3}
+    assert json.loads((tmp_path / "release" / "metadata.json").read_text())["counts"] == dataset.metadata["counts"]
+    _, soft_label, target = dataset[9]  # the item keeps the optimization target, labels sit beside it
+    assert target == 0 and int(dataset.labels[9]) == 2 and int(soft_label.argmax()) == 2
+    assert dataset.labels_tensor().dtype == torch.int64
+    assert dataset.labels_tensor().tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+
+
+def test_verify_refuses_labels_or_counts_that_do_not_match(tmp_path: Path) -> None:
+    out_dir = tmp_path / "release"
+    release_with_disagreeing_teacher(out_dir)
+    metadata = json.loads((out_dir / "metadata.json").read_text())
+    np.save(out_dir / "labels.npy", np.load(out_dir / "targets.npy"))  # the old mistake: targets as labels
+    forged = {**metadata, "files": {**metadata["files"],
+                                    "labels.npy": hashlib.sha256((out_dir / "labels.npy").read_bytes()).hexdigest()}}
+    (out_dir / "metadata.json").write_text(json.dumps(forged))
+    load(out_dir)  # cheap opening checks shapes only
+    with pytest.raises(DPImgSynError, match="labels.npy is not the argmax of soft_labels.npy"):
+        load(out_dir, verify=True)
+
+    other = tmp_path / "other"
+    release_with_disagreeing_teacher(other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    metadata["counts"]["per_class"] = metadata["counts"]["targets_per_class"]
+    (other / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(DPImgSynError, match="counts in .* are not those of its labels"):
+        load(other, verify=True)
+
+
+def test_version_1_release_still_loads_with_labels_from_its_soft_labels(tmp_path: Path) -> None:
+    out_dir = tmp_path / "release"
+    data = release_with_disagreeing_teacher(out_dir)
+    as_version_1(out_dir)
+    dataset = load(out_dir, verify=True)
+    np.testing.assert_array_equal(dataset.labels, data["soft_labels"].argmax(axis=1))
+    assert dataset.metadata["version"] == 1
+    assert dataset.metadata["counts"] == {"num_samples": 10, "per_class": [8, 1, 1], "targets_per_class": [4, 3, 3],
+                                          "label_target_agreement": 0.3}
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone.metadata["counts"] == dataset.metadata["counts"]
+    np.testing.assert_array_equal(clone.labels, dataset.labels)
+    assert dataset.labels_tensor().tolist() == data["soft_labels"].argmax(axis=1).tolist()
+    assert make_writer(out_dir).finalize(METADATA) == out_dir  # a finished version-1 release stays as it is
+    assert not (out_dir / "labels.npy").exists()
+
+
+def test_unknown_release_version_refused(release) -> None:
+    out_dir, _ = release
+    metadata = json.loads((out_dir / "metadata.json").read_text())
+    (out_dir / "metadata.json").write_text(json.dumps({**metadata, "version": 3}))
+    with pytest.raises(DPImgSynError, match="version 3; this code reads versions 1, 2"):
+        load(out_dir)

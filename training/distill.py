@@ -2,14 +2,17 @@
 
 Soft labels come from the bundle (the teacher's logits on the final images), so no teacher
 forward pass is needed per step and the student never needs the teacher or private
-training data.
+training data. A release without soft labels (another method's images and hard labels) trains
+the same way on cross-entropy alone (:func:`hard_label_config`), so both the student stage and the
+evaluation of any release use this one trainer.
 
 Under torchrun the student is wrapped in DistributedDataParallel and a DistributedSampler deals
 each rank its part of every epoch; ``batch_size`` stays the global batch (split over the ranks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +30,14 @@ from common.runtime import keyed_generator
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
             temperature: float, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + beta * CE(s, targets)."""
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + beta * CE(s, targets); alpha = 0 needs no teacher logits."""
     loss = student_logits.new_zeros(())
     if alpha:
+        if teacher_logits is None:
+            raise DPImgSynError("the distillation term (alpha > 0) needs soft labels; train on hard labels with "
+                                "alpha 0 and beta 1")
         soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                         F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
         loss = loss + alpha * temperature * temperature * soft
@@ -60,6 +66,12 @@ class DistillationConfig:
         return [int(round(self.epochs * f)) for f in (0.6, 0.75, 0.9)]
 
 
+def hard_label_config(config: DistillationConfig) -> DistillationConfig:
+    """The same recipe on hard labels: cross-entropy only (alpha 0, beta 1), for releases without soft labels."""
+    recipe = DistillationConfig(**{field.name: getattr(config, field.name) for field in fields(DistillationConfig)})
+    return replace(recipe, alpha=0.0, beta=1.0)
+
+
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Batched random crop (reflect padding) and horizontal flip on tensors, one draw per image."""
     n, _, h, w = images.shape
@@ -75,28 +87,33 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
-def _resident(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+def _resident(tensors: tuple[torch.Tensor | None, ...], device: torch.device) -> tuple[torch.Tensor | None, ...]:
     """The release on the accelerator when it takes under a quarter of its free memory: no copy per step."""
     if device.type != "cuda":
         return tensors
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    if sum(tensor.nbytes for tensor in tensors) > free_bytes // 4:
+    if sum(tensor.nbytes for tensor in tensors if tensor is not None) > free_bytes // 4:
         return tensors
-    return tuple(tensor.to(device) for tensor in tensors)
+    return tuple(tensor if tensor is None else tensor.to(device) for tensor in tensors)
 
 
 class StudentTrainer:
     """SGD + MultiStepLR over in-memory (images, soft labels, targets) tensors; resumable per epoch.
 
-    ``model`` stays the bare network (weights, evaluation); ``network`` is what trains (DDP under torchrun).
+    ``soft_labels`` may be ``None`` for a release of images and hard labels only; the config must then
+    not weigh the distillation term (:func:`hard_label_config`). ``model`` stays the bare network
+    (weights, evaluation); ``network`` is what trains (DDP under torchrun).
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor,
+    def __init__(self, model: nn.Module, images: torch.Tensor, soft_labels: torch.Tensor | None,
                  targets: torch.Tensor, config: DistillationConfig, device: torch.device, seed: int,
                  dist: Distributed = Distributed(), bf16: bool = False) -> None:
         if config.batch_size % dist.world_size:
             raise DPImgSynError(f"--batch_size {config.batch_size} must be a multiple of the "
                                 f"{dist.world_size} processes (it is the global batch)")
+        if soft_labels is None and config.alpha:
+            raise DPImgSynError("a release without soft labels trains on hard labels only: alpha must be 0 "
+                                "(and beta > 0)")
         self.model = channels_last(model.to(device), device, bf16)
         self.bf16 = bf16
         self.network = self.model
@@ -130,7 +147,7 @@ class StudentTrainer:
             x = self.images[indices].to(self.device, non_blocking=True)
             if self.config.augment:
                 x = random_crop_flip(x, generator)
-            t = self.soft_labels[indices].to(self.device, non_blocking=True)
+            t = None if self.soft_labels is None else self.soft_labels[indices].to(self.device, non_blocking=True)
             y = self.targets[indices].to(self.device, non_blocking=True)
             with autocast(self.device, self.bf16):
                 logits = self.network(channels_last(x, self.device, self.bf16))
@@ -144,8 +161,22 @@ class StudentTrainer:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
         self.scheduler.step()
         self.epoch += 1
-        totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=self.device)]))
+        totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(),
+                                                       torch.tensor(float(seen), device=self.device)]))
         return {"epoch": self.epoch, "loss": totals[0].item() / max(totals[1].item(), 1)}
+
+    def fit(self, progress: bool = True, after_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        """Train the remaining epochs (all of them, or those left after a resume); returns each epoch's stats.
+
+        ``after_epoch`` sees every epoch's stats as they come, e.g. to log them or save a resume file.
+        """
+        history = []
+        while self.epoch < self.config.epochs:
+            stats = self.train_epoch(progress=progress)
+            if after_epoch is not None:
+                after_epoch(stats)
+            history.append(stats)
+        return history
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.model.state_dict(),

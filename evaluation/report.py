@@ -1,0 +1,114 @@
+"""What a pipeline run (or a sweep of runs) reports: a table, a CSV of every result and a plot.
+
+Accuracies are on the private *test* split, final epoch: reported, never used to choose anything.
+A mean over one value is printed without "± 0.00", and every mean says how many values it has.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from common.files import atomic_path, atomic_write_csv
+
+CSV_COLUMNS = ("epsilon", "delta", "seed", "method", "k", "student_seed", "accuracy", "run_minutes", "run")
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def percent(values: list[float]) -> str:
+    """``86.70 ± 0.12 (n=3)``; one value prints as ``86.70`` (no ± 0.00)."""
+    mean, std, count = mean_std(values)
+    return f"{100 * mean:.2f}" if count == 1 else f"{100 * mean:.2f} ± {100 * std:.2f} (n={count})"
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean ± std (sample std; 0 for one seed) of the student accuracy per k, like the paper's table."""
+    summary = []
+    for k in sorted({row["k"] for row in results}):
+        mean, std, count = mean_std([row["student_test_acc"] for row in results if row["k"] == k])
+        summary.append({"k": k, "mean": mean, "std": std, "seeds": count})
+    return summary
+
+
+def render_report(report: dict) -> str:
+    """A markdown report of one run: privacy, teacher, and the student table (accuracies in %)."""
+    accuracies = {k: [row["student_test_acc"] for row in report["results"] if row["k"] == k]
+                  for k in sorted({row["k"] for row in report["results"]})}
+    lines = [
+        f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
+        f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
+        f"noise multiplier {report['noise_multiplier']:.4f})",
+        f"- DP teacher test accuracy (final epoch): {100 * report['teacher_test_acc']:.2f}%", "",
+        "| Private dataset | epsilon | Public dataset | " + " | ".join(f"DP-ImgSyn({k})" for k in accuracies) + " |",
+        "|---|---|---|" + "---|" * len(accuracies),
+        f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | "
+        + " | ".join(percent(values) for values in accuracies.values()) + " |", "",
+        *[f"- release k={k}: {'obfuscated' if row['obfuscated'] else 'NOT obfuscated'} "
+          f"(internal card, not for publication: {row['card']})" for k, row in report["evaluations"].items()],
+        "", "Seconds per stage: " + ", ".join(f"{name} {value:.0f}" for name, value in report["seconds"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def result_rows(report: dict, run: str, seed: int | None = None) -> list[dict]:
+    """One CSV row for the teacher and one per student of a run's report."""
+    common = {"epsilon": report["epsilon"], "delta": report["delta"], "seed": "" if seed is None else seed,
+              "run_minutes": round(sum(report["seconds"].values()) / 60, 2), "run": run}
+    rows = [{**common, "method": "teacher", "k": "", "student_seed": "", "accuracy": report["teacher_test_acc"]}]
+    rows += [{**common, "method": f"DP-ImgSyn({row['k']})", "k": row["k"], "student_seed": row["seed"],
+              "accuracy": row["student_test_acc"]} for row in report["results"]]
+    return rows
+
+
+def write_results_csv(path: Path, rows: list[dict]) -> None:
+    atomic_write_csv(path, rows, CSV_COLUMNS)
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    return ["teacher"] + sorted({row["method"] for row in rows} - {"teacher"}, key=lambda m: int(m[10:-1]))
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown: one line per target epsilon, one column per method (mean ± std over runs and seeds, n)."""
+    epsilons = sorted({round(row["epsilon"], 2) for row in rows})
+    methods = _methods(rows)
+    lines = ["| epsilon | " + " | ".join(methods) + " | minutes per run |", "|---|" + "---|" * (len(methods) + 1)]
+    for epsilon in epsilons:
+        here = [row for row in rows if round(row["epsilon"], 2) == epsilon]
+        minutes = mean_std(list({row["run"]: row["run_minutes"] for row in here}.values()))[0]
+        cells = [percent([row["accuracy"] for row in here if row["method"] == method]) if any(
+            row["method"] == method for row in here) else "—" for method in methods]
+        lines.append(f"| {epsilon:g} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_epsilon(path: Path, rows: list[dict], title: str) -> None:
+    """Accuracy (%) against epsilon (log scale), one line per method: mean ± std, n at every point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for method in _methods(rows):
+        points = sorted({row["epsilon"] for row in rows if row["method"] == method})
+        stats = [mean_std([row["accuracy"] for row in rows if row["method"] == method and row["epsilon"] == eps])
+                 for eps in points]
+        axes.errorbar(points, [100 * mean for mean, _, _ in stats], yerr=[100 * std for _, std, _ in stats],
+                      marker="o", capsize=3, label=method)
+        for epsilon, (mean, _, count) in zip(points, stats):
+            axes.annotate(f"n={count}", (epsilon, 100 * mean), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
+    axes.set(xscale="log", xlabel="epsilon (delta as in the runs)", ylabel="test accuracy (%)", title=title)
+    epsilons = sorted({row["epsilon"] for row in rows})
+    axes.set_xticks(epsilons, [f"{epsilon:.3g}" for epsilon in epsilons], minor=False)
+    axes.minorticks_off()
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    pyplot.close(figure)
