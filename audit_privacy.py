@@ -51,7 +51,8 @@ def build_parser() -> ArgumentParser:
 def _row(result) -> str:
     config = result.config
     verdict = "ok" if result.passed else ("PRIVACY VIOLATION" if result.expected == "below" else "NOT CAUGHT")
-    return (f"{config.mechanism:<14} {config.breakage:<13} sigma={config.noise_multiplier:<4g} "
+    mechanism = config.mechanism + (f" K={config.augmult}" if config.augmult else "")
+    return (f"{mechanism:<14} {config.breakage:<13} sigma={config.noise_multiplier:<4g} "
             f"q={result.sample_rate:<4g} steps={result.steps:<3d} lower bound {result.epsilon_lower_bound:5.2f}  "
             f"accountant {result.accountant_epsilon:5.2f}  (max {result.max_certifiable_epsilon:4.2f})  "
             f"expected {result.expected:<5}  {verdict}")

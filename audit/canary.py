@@ -14,6 +14,11 @@ of its examples is zero outside them, so per-example clipping, per-coordinate Ga
 independent Poisson sampling act on every trial exactly as in a run of its own; dividing by
 the run's expected batch size is a common rescaling, which a threshold test does not see.
 
+With augmentation multiplicity (``augmult`` K) every example enters DP-SGD as K random crops of
+itself. The experiment's examples are constant 2 x 2 images (one channel per feature) behind an
+average pool, so every crop of an example equals it: the canary then enters K times with its full
+gradient, and only clipping the example's mean gradient, not each view's, keeps it within C.
+
 Adjacency is add/remove: D' replaces an all-zero example of D (which contributes nothing to any
 clipped sum) by the canary, so both worlds have the same size, sample rate and batch size.
 """
@@ -83,6 +88,7 @@ class AuditConfig:
     breakage: str = "none"
     trials: int = QUICK_TRIALS
     delta: float = 1e-5
+    augmult: int = 0  # DP-SGD's augmentation multiplicity (views per example)
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -97,6 +103,8 @@ class AuditConfig:
             raise DPImgSynError(f"sample rate must be in (0, 1], got {self.sample_rate!r}")
         if self.epochs < 1 or self.trials < 4:
             raise DPImgSynError(f"an audit needs epochs >= 1 and trials >= 4, got {self.epochs} and {self.trials}")
+        if self.augmult < 0 or (self.augmult and self.mechanism != "dp_sgd"):
+            raise DPImgSynError(f"augmult is DP-SGD's, a whole number >= 0; got {self.augmult!r} for {self.mechanism}")
         if not 0 < self.delta < 1:
             raise DPImgSynError(f"delta must be in (0, 1), got {self.delta!r}")
 
@@ -170,16 +178,22 @@ def _dp_sgd_run(config: AuditConfig, trials: int, with_canary: bool, seed: int) 
     if with_canary:
         inputs[2 * trial + 1, 2 * trial] = CANARY_VALUE
     noise_multiplier, max_norm = BREAKAGES[config.breakage](config.noise_multiplier, config.max_norm)
-    model = nn.Linear(features, 2, bias=False)
-    nn.init.zeros_(model.weight)
+    linear = nn.Linear(features, 2, bias=False)
+    nn.init.zeros_(linear.weight)
+    model = linear
+    if config.augmult:  # constant images: every crop of an example is the example itself
+        inputs = inputs[:, :, None, None].expand(-1, -1, 2, 2).contiguous()
+        model = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), linear)
+    views = max(1, config.augmult)
     train_config = DPSGDConfig(epochs=config.epochs, train_batch_size=_batch_size(config, len(inputs)), lr=1.0,
                                max_norm=max_norm, noise_multiplier=noise_multiplier, momentum=0.0,
-                               weight_decay=0.0, max_physical_batch_size=len(inputs))
+                               weight_decay=0.0, max_physical_batch_size=len(inputs) * views,
+                               augmult=config.augmult)
     trainer = DPSGDTrainer(model, TensorDataset(inputs, torch.zeros(len(inputs), dtype=torch.long)),
                            train_config, torch.device("cpu"), seed)
     for _ in range(config.epochs):
         trainer.train_epoch(progress=False)
-    weight = model.weight.detach().to(torch.float64)
+    weight = linear.weight.detach().to(torch.float64)
     scores = (weight[0, 2 * trial] - weight[1, 2 * trial]) / math.sqrt(2.0)
     return scores.numpy(), {"sample_rate": trainer.sample_rate, "steps": trainer.steps_done}
 
@@ -259,11 +273,14 @@ def suite(long: bool, trials: int | None = None) -> list[AuditConfig]:
     sigma = 2 at sample rate 1 for one step is the worst case for the canary (epsilon ~2 with
     PRV at delta 1e-5), low enough for a few thousand trials to catch a broken mechanism.
     ``long`` adds two Poisson-subsampled settings, with more trials: q = 0.5 for 2 steps
-    (epsilon ~2.7) and q = 0.1 for 10 steps (epsilon ~1.3), each within one epoch.
+    (epsilon ~2.7) and q = 0.1 for 10 steps (epsilon ~1.3), each within one epoch. DP-SGD is also
+    audited with augmentation multiplicity 4 at the first setting.
     """
     settings = [dict(noise_multiplier=2.0)]
     if long:
         settings += [dict(noise_multiplier=1.5, sample_rate=0.5), dict(noise_multiplier=1.5, sample_rate=0.1)]
     trials = trials or (LONG_TRIALS if long else QUICK_TRIALS)
-    return [AuditConfig(mechanism=mechanism, breakage=breakage, trials=trials, **setting)
-            for setting in settings for mechanism in MECHANISMS for breakage in BREAKAGES]
+    configs = [AuditConfig(mechanism=mechanism, breakage=breakage, trials=trials, **setting)
+               for setting in settings for mechanism in MECHANISMS for breakage in BREAKAGES]
+    return configs + [AuditConfig(mechanism="dp_sgd", breakage=breakage, trials=trials, augmult=4, **settings[0])
+                      for breakage in BREAKAGES]

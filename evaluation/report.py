@@ -1,6 +1,7 @@
 """What a pipeline run (or a sweep of runs) reports: a table, a CSV of every result and a plot.
 
-Accuracies are on the private *test* split, final epoch: reported, never used to choose anything.
+Accuracies are on the private *test* split, final epoch: reported, never used to choose anything; a
+tuning run (``eval_split: validation``) scores on held-out training records instead and says so.
 A mean over one value is printed without "± 0.00", and every mean says how many values it has.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from common.files import atomic_path, atomic_write_csv
 
-CSV_COLUMNS = ("epsilon", "delta", "seed", "method", "k", "student_seed", "accuracy", "run_minutes", "run")
+CSV_COLUMNS = ("epsilon", "delta", "seed", "method", "k", "student_seed", "accuracy", "split", "run_minutes", "run")
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -41,7 +42,8 @@ def render_report(report: dict) -> str:
         f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
         f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
         f"noise multiplier {report['noise_multiplier']:.4f})",
-        f"- DP teacher test accuracy (final epoch): {100 * report['teacher_test_acc']:.2f}%", "",
+        f"- DP teacher {report.get('eval_split', 'test')} accuracy (final epoch): "
+        f"{100 * report['teacher_test_acc']:.2f}%", "",
         "| Private dataset | epsilon | Public dataset | " + " | ".join(f"DP-ImgSyn({k})" for k in accuracies) + " |",
         "|---|---|---|" + "---|" * len(accuracies),
         f"| {report['dataset']} | {report['epsilon']:.2f} | {report['public_set']} | "
@@ -56,6 +58,7 @@ def render_report(report: dict) -> str:
 def result_rows(report: dict, run: str, seed: int | None = None) -> list[dict]:
     """One CSV row for the teacher and one per student of a run's report."""
     common = {"epsilon": report["epsilon"], "delta": report["delta"], "seed": "" if seed is None else seed,
+              "split": report.get("eval_split", "test"),
               "run_minutes": round(sum(report["seconds"].values()) / 60, 2), "run": run}
     rows = [{**common, "method": "teacher", "k": "", "student_seed": "", "accuracy": report["teacher_test_acc"]}]
     rows += [{**common, "method": f"DP-ImgSyn({row['k']})", "k": row["k"], "student_seed": row["seed"],

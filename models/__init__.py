@@ -9,7 +9,7 @@ Adding an architecture: a module here whose constructor ``name(num_classes, in_c
 decorated ``@register_model`` (``@register_model(min_size=S)`` when it needs images of at least S x S),
 and its import below.
 """
-from models import small, cifar_resnet, imagenet_resnet  # noqa: F401  (each registers its constructors)
+from models import small, cifar_resnet, imagenet_resnet, scatter  # noqa: F401  (each registers its constructors)
 from models.private_ready import make_private_ready
 from models.zoo import MIN_SIZES, MODELS, register_model
 

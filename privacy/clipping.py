@@ -65,13 +65,15 @@ class LayerRule(Protocol):
         """Why this instance is not supported, or None."""
 
     def squared_norms(self, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor,
-                      block_bytes: int) -> tuple[torch.Tensor, object]:
+                      block_bytes: int, views: int) -> tuple[torch.Tensor, object]:
         """(B,) squared norms of the examples' gradients, and whatever the clipped sum reuses.
 
-        ``block_bytes`` bounds the per-example buffers formed at once."""
+        The B * views rows of ``inputs`` and ``grads`` are B examples' ``views`` consecutive rows
+        each, and an example's gradient is the sum over its rows. ``block_bytes`` bounds the
+        per-example buffers formed at once."""
 
     def clipped_sums(self, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor, kept: object,
-                     factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+                     factors: torch.Tensor, views: int) -> dict[nn.Parameter, torch.Tensor]:
         """sum_i factors[i] * (example i's gradient), for each trainable parameter of ``module``."""
 
 
@@ -144,8 +146,8 @@ class LinearRule:
     def check(self, module: nn.Linear) -> str | None:
         return None
 
-    def squared_norms(self, module, inputs, grads, block_bytes):
-        if inputs.dim() == 2:  # the per-example weight gradient g a^T has rank one
+    def squared_norms(self, module, inputs, grads, block_bytes, views):
+        if inputs.dim() == 2 and views == 1:  # the per-example weight gradient g a^T has rank one
             grad_squares = _row_squares(grads)
             squares = torch.zeros_like(grad_squares)
             if _trainable(module.weight):
@@ -153,15 +155,17 @@ class LinearRule:
             if _trainable(module.bias):
                 squares = squares + grad_squares
             return squares, None
-        grads, inputs = grads.flatten(1, -2), inputs.flatten(1, -2)
+        # An example's rows (its views, each with its positions) become one (rows, features) matrix.
+        batch = len(inputs) // views
+        grads, inputs = grads.reshape(batch, -1, grads.shape[-1]), inputs.reshape(batch, -1, inputs.shape[-1])
         weight = torch.bmm(grads.transpose(1, 2), inputs) if _trainable(module.weight) else None
         bias = grads.sum(1) if _trainable(module.bias) else None
         squares = sum(_row_squares(part) for part in (weight, bias) if part is not None)
         return squares, (weight, bias)
 
-    def clipped_sums(self, module, inputs, grads, kept, factors):
+    def clipped_sums(self, module, inputs, grads, kept, factors, views):
         sums = {}
-        if inputs.dim() == 2:
+        if kept is None:
             scaled = grads * factors[:, None]
             if _trainable(module.weight):
                 sums[module.weight] = scaled.t() @ inputs
@@ -192,8 +196,23 @@ def unfold(padded: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return windows.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kernel_h * kernel_w, out_h * out_w)
 
 
+def _by_example(rows: torch.Tensor, views: int) -> torch.Tensor:
+    """(B * views, X, T) -> (B, X, views * T): an example's views side by side, as extra positions."""
+    if views == 1:
+        return rows
+    batch = len(rows) // views
+    return rows.reshape(batch, views, *rows.shape[1:]).transpose(1, 2).reshape(batch, rows.shape[1], -1)
+
+
+def _rows_of(examples: slice, views: int) -> slice:
+    return slice(examples.start * views, examples.stop * views)
+
+
 class Conv2dRule:
-    """Zero-padded, ungrouped 2-D convolutions (every convolution of the registry's models)."""
+    """Zero-padded, ungrouped 2-D convolutions (every convolution of the registry's models).
+
+    An example's gradient is ``sum_t G_t A_t^T`` over its output positions t; its several views
+    only add positions, so they are concatenated along that axis."""
 
     def check(self, module: nn.Conv2d) -> str | None:
         if module.groups != 1:
@@ -202,9 +221,9 @@ class Conv2dRule:
             return f"padding {module.padding!r} ({module.padding_mode})"
         return None
 
-    def squared_norms(self, module, inputs, grads, block_bytes):
-        batch = len(inputs)
-        grads = grads.flatten(2)  # (B, C, T)
+    def squared_norms(self, module, inputs, grads, block_bytes, views):
+        batch = len(inputs) // views
+        grads = _by_example(grads.flatten(2), views)  # (B, C, T)
         channels, positions = grads.shape[1:]
         depth = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         bias = grads.sum(2) if _trainable(module.bias) else None
@@ -216,7 +235,7 @@ class Conv2dRule:
         padded = pad(inputs, module)
         weights = None if ghost else grads.new_empty(batch, depth, channels)
         for rows in _blocks(batch, block):
-            columns = unfold(padded[rows], module)  # (b, D, T)
+            columns = _by_example(unfold(padded[_rows_of(rows, views)], module), views)  # (b, D, T)
             if ghost:
                 squares[rows] += (torch.bmm(columns.transpose(1, 2), columns)
                                   * torch.bmm(grads[rows].transpose(1, 2), grads[rows])).sum((1, 2))
@@ -225,16 +244,16 @@ class Conv2dRule:
                 squares[rows] += _row_squares(weights[rows])
         return squares, (weights, bias, block, padded if ghost else None)  # ghost sums unfold it again
 
-    def clipped_sums(self, module, inputs, grads, kept, factors):
+    def clipped_sums(self, module, inputs, grads, kept, factors, views):
         weights, bias, block, padded = kept
         sums = {}
         if _trainable(module.weight):
             channels = module.out_channels
             if weights is None:  # ghost: sum_i f_i G_i^T A_i as one product per block of examples
-                grads = grads.flatten(2) * factors.view(-1, 1, 1)
+                grads = _by_example(grads.flatten(2), views) * factors.view(-1, 1, 1)
                 summed = grads.new_zeros(channels, module.weight[0].numel())
-                for rows in _blocks(len(inputs), block):
-                    columns = unfold(padded[rows], module).transpose(1, 2)  # (b, T, D)
+                for rows in _blocks(len(factors), block):
+                    columns = _by_example(unfold(padded[_rows_of(rows, views)], module), views).transpose(1, 2)
                     summed.addmm_(grads[rows].transpose(0, 1).reshape(channels, -1),
                                   columns.reshape(-1, columns.shape[2]))
                 sums[module.weight] = summed.view(module.weight.shape)
@@ -252,20 +271,21 @@ class GroupNormRule:
     def check(self, module: nn.GroupNorm) -> str | None:
         return None
 
-    def squared_norms(self, module, inputs, grads, block_bytes):
-        batch, channels = inputs.shape[:2]
-        grads = grads.reshape(batch, channels, -1)
+    def squared_norms(self, module, inputs, grads, block_bytes, views):
+        rows, channels = inputs.shape[:2]
+        grads = grads.reshape(rows, channels, -1)
         weight = bias = None
         if _trainable(module.weight):
-            normalized = torch.native_group_norm(inputs, None, None, batch, channels, grads.shape[2],
+            normalized = torch.native_group_norm(inputs, None, None, rows, channels, grads.shape[2],
                                                  module.num_groups, module.eps)[0]
             weight = normalized.view_as(grads).mul_(grads).sum(2)  # in place: no second temporary
         if _trainable(module.bias):
             bias = grads.sum(2)
-        squares = sum(_row_squares(part) for part in (weight, bias) if part is not None)
-        return squares, (weight, bias)
+        per_example = [None if part is None else part.view(-1, views, channels).sum(1) for part in (weight, bias)]
+        squares = sum(_row_squares(part) for part in per_example if part is not None)
+        return squares, per_example
 
-    def clipped_sums(self, module, inputs, grads, kept, factors):
+    def clipped_sums(self, module, inputs, grads, kept, factors, views):
         return {param: factors @ per_example
                 for param, per_example in zip((module.weight, module.bias), kept) if per_example is not None}
 
@@ -315,6 +335,7 @@ class PerExampleClipper:
         self._named_modules = {name or "the model": module for name, module in model.named_modules()}
         self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._recording = False
+        self._views = 1
         self._handles = [module.register_forward_hook(self._record) for module in self.layers]
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -351,13 +372,19 @@ class PerExampleClipper:
                                 f"per-example clipping cannot bound; keep buffers fixed, or {FIXED_STATISTICS}")
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
+    def recording(self, views: int = 1) -> Iterator[None]:
         """Record the layers' inputs and outputs of the forward passes run inside.
 
+        With ``views`` > 1 the batch holds that many consecutive rows per example (augmentation
+        multiplicity): an example's gradient is the sum over its rows, and that sum is what is
+        clipped, so each example still moves the sum by at most C however many views it has.
         Refuses a forward pass that computes statistics of the batch: known offenders (batch
         normalization in training mode) before it runs, any other buffer change after it ran.
         """
+        if not (isinstance(views, int) and views >= 1):
+            raise DPImgSynError(f"views must be a whole number >= 1, got {views!r}")
         self._records.clear()
+        self._views = views
         self._refuse_batch_statistics()
         before = self._buffers()
         self._recording = True
@@ -373,9 +400,12 @@ class PerExampleClipper:
         if not records:
             raise DPImgSynError("clipped_backward needs a forward pass run inside recording()")
         modules = list(records)
-        batch = len(records[modules[0]][0])
-        if any(len(inputs) != batch for inputs, _, _ in records.values()):
-            raise DPImgSynError("per-example clipping needs batch-first inputs of one batch size in every layer")
+        views = self._views
+        rows = len(records[modules[0]][0])
+        if any(len(inputs) != rows for inputs, _, _ in records.values()) or rows % views:
+            raise DPImgSynError("per-example clipping needs batch-first inputs of one batch size in every layer"
+                                + (f", a multiple of the {views} views per example" if views > 1 else ""))
+        batch = rows // views
         changed = [type(module).__name__ for module, (_, output, version) in records.items()
                    if output._version != version]
         if changed:
@@ -390,14 +420,15 @@ class PerExampleClipper:
         for module, grad in zip(modules, grads):
             inputs, output, _ = records[module]
             grad = torch.zeros_like(output) if grad is None else grad
-            layer_squares, layer_kept = self.layers[module].squared_norms(module, inputs, grad, block_bytes)
+            layer_squares, layer_kept = self.layers[module].squared_norms(module, inputs, grad, block_bytes, views)
             squares = squares + layer_squares
             kept.append((grad, layer_kept))
         norms = squares.sqrt()
         factors = (self.max_norm / (norms + NORM_EPSILON)).clamp(max=1.0)
         summed: dict[nn.Parameter, torch.Tensor] = {}
         for module, (grad, layer_kept) in zip(modules, kept):
-            summed.update(self.layers[module].clipped_sums(module, records[module][0], grad, layer_kept, factors))
+            summed.update(self.layers[module].clipped_sums(module, records[module][0], grad, layer_kept, factors,
+                                                           views))
         for module in self.layers:
             for param in module.parameters(recurse=False):
                 if param.requires_grad:

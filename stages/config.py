@@ -7,10 +7,12 @@ a default. Everything is checked before any stage runs.
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import RunOptions, config_from_mapping, option, positive_float, probability
+from common.cli import RunOptions, config_from_mapping, fraction, option, positive_float, probability
 from common.errors import DPImgSynError
 from common.files import read_yaml
 from privacy import DEFAULT_DELTA
@@ -19,7 +21,7 @@ from stages.dp_statistics import StatisticsConfig
 from stages.paper import expand_row
 from stages.student import StudentConfig
 from stages.synthesis import SynthesisConfig
-from stages.teacher import TeacherConfig
+from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS, TeacherConfig
 from synthesizer.export import FORMATS
 
 SECTIONS = ("teacher", "statistics", "synthesis", "student")
@@ -39,6 +41,9 @@ class PipelineSettings(RunOptions):
     target_epsilon: float | None = option(None, "total epsilon of both private stages (sigma is calibrated); a "
                                           "list sweeps over several, one run folder each", parse=positive_float)
     noise_multiplier: float | None = option(None, "the one sigma of both private stages", parse=positive_float)
+    val_split: float = option(0.0, "expected fraction of the private training records held out for validation "
+                              "(both private stages train on the rest)", parse=fraction)
+    eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
     evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
     exports: tuple[str, ...] = option((), f"export every release in these formats ({', '.join(FORMATS)}) "
                                       "to export_k<k>_<format>/")
@@ -101,7 +106,11 @@ def validate_config(raw: dict) -> Pipeline:
         raise DPImgSynError(f"config: key 'exports' must list formats among {', '.join(FORMATS)}, got {top.exports}")
     if (top.target_epsilon is None) == (top.noise_multiplier is None):
         raise DPImgSynError("config: give exactly one of 'target_epsilon' and 'noise_multiplier'")
+    if top.eval_split == "validation" and (not top.val_split or top.evaluate):
+        raise DPImgSynError("config: eval_split 'validation' needs 'val_split' > 0 and no 'evaluate' (release cards "
+                            "read the test split)")
     run = {"device": top.device, "data_root": top.data_root}
+    split = {"val_split": top.val_split, "eval_split": top.eval_split}
     statistics = config_from_mapping(StatisticsConfig, raw["statistics"], "statistics.", required=(
         "epochs", "train_batch_size", "max_norm"), fixed={**run, "teacher": UNSET, "output": UNSET,
                                                          "dataset": top.dataset, "noise_multiplier": None})
@@ -109,7 +118,7 @@ def validate_config(raw: dict) -> Pipeline:
         raise DPImgSynError("config: key 'statistics.epochs' must be a whole number of epochs in a pipeline")
     teacher = config_from_mapping(TeacherConfig, raw["teacher"], "teacher.", required=(
         "epochs", "train_batch_size", "lr", "max_norm"), fixed={
-        **run, "dataset": top.dataset, "model": top.model, "delta": top.delta, "accountant": top.accountant,
+        **run, **split, "dataset": top.dataset, "model": top.model, "delta": top.delta, "accountant": top.accountant,
         "noise_multiplier": top.noise_multiplier or 1.0, "target_epsilon": top.target_epsilon,
         "stats_epochs": int(statistics.epochs), "stats_batch_size": statistics.train_batch_size})
     synthesis_section = _section(raw, "synthesis")
@@ -119,7 +128,7 @@ def validate_config(raw: dict) -> Pipeline:
     student_section = _section(raw, "student")
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
     student = config_from_mapping(StudentConfig, student_section, "student.", fixed={
-        **run, "release": UNSET, "output": UNSET, "dataset": top.dataset, "seed": 0})
+        **run, **split, "release": UNSET, "output": UNSET, "dataset": top.dataset, "seed": 0})
     if replicates and (any(raw[name].get("seed") is not None for name in SECTIONS[:3]) or "seeds" in raw["student"]):
         raise DPImgSynError("config: give either the top-level 'seeds' (one whole run per seed) or the stages' own "
                             "seeds, not both")
@@ -127,11 +136,28 @@ def validate_config(raw: dict) -> Pipeline:
                     tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,))
 
 
-def load_config(path: str | Path, row: str | None = None) -> Pipeline:
-    """A validated pipeline config: a plain config file, or one row of a multi-row file (paper.yaml)."""
+def as_sweep(raw: dict, epsilons: Sequence[float] = (), seeds: Sequence[int] = ()) -> dict:
+    """``raw`` swept over ``epsilons`` (its target_epsilon) and/or whole-pipeline ``seeds`` (which replace the
+    stages' own seeds), so one recipe file serves both a single run and an epsilon sweep."""
+    raw = copy.deepcopy(raw)
+    if epsilons:
+        raw.pop("noise_multiplier", None)
+        raw["target_epsilon"] = list(epsilons)
+    if seeds:
+        raw["seeds"] = list(seeds)
+        for name in SECTIONS:
+            if isinstance(raw.get(name), dict):
+                raw[name].pop("seeds" if name == "student" else "seed", None)
+    return raw
+
+
+def load_config(path: str | Path, row: str | None = None, epsilons: Sequence[float] = (),
+                seeds: Sequence[int] = ()) -> Pipeline:
+    """A validated pipeline config: a plain config file, or one row of a multi-row file (paper.yaml),
+    optionally swept (:func:`as_sweep`)."""
     raw = read_yaml(path)
     if "rows" in raw:
-        return validate_config(expand_row(raw, row, path))
-    if row is not None:
+        raw = expand_row(raw, row, path)
+    elif row is not None:
         raise DPImgSynError(f"--row given but {path} has no 'rows'")
-    return validate_config(raw)
+    return validate_config(as_sweep(raw, epsilons, seeds))

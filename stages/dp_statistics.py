@@ -174,7 +174,8 @@ def capture_statistics(config: StatisticsConfig) -> Path:
     logger.info("DP statistics took %.1fs", time.time() - started)
     summary = (f"DP statistics written to {output}: total epsilon {new_block['epsilon']:.3f} at delta "
                f"{new_block['delta']:g} (teacher + statistics, {new_block['accountant']}); "
-               f"teacher test accuracy {checkpoint.get('test_acc', float('nan')):.4f}")
+               f"teacher accuracy {checkpoint.get('test_acc', float('nan')):.4f} "
+               f"({checkpoint.get('test_acc_note', 'private test split')})")
     print(summary)
     logger.info(summary)
     deviation = None if config.non_private else plan_report(plan, config, new_block["epsilon"])

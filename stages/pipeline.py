@@ -85,7 +85,8 @@ def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress:
     write_results(out, rows, f"{summary['dataset']} <- {summary['public_set']}")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "report.md", f"# DP-ImgSyn sweep: {summary['dataset']} (private) <- "
-                      f"{summary['public_set']} (public)\n\nTest accuracy (%), final epoch: mean ± std over runs "
+                      f"{summary['public_set']} (public)\n\n{pipeline.settings.eval_split.capitalize()} accuracy (%), "
+                      "final epoch: mean ± std over runs "
                       f"and seeds (n).\n\n{summary['table']}")
     return summary
 
@@ -121,8 +122,9 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     timed("teacher", "teacher", replace(pipeline.teacher, output=str(teacher_path)))
     teacher = privacy.load_dppt(teacher_path)
     sigma = teacher["settings"]["noise_multiplier"]
+    stats_sigma = teacher["plan"]["statistics"]["noise_multiplier"]  # sigma unless a recipe splits the budget
     timed("statistics", "statistics", replace(pipeline.statistics, teacher=str(teacher_path), output=str(stats_path),
-                                             noise_multiplier=sigma))
+                                             noise_multiplier=stats_sigma))
     block = privacy.load_dppt(stats_path)["privacy"]
 
     releases = {k: out / f"release_k{k}" for k in pipeline.ks}
@@ -156,6 +158,7 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
         "dataset": top.dataset, "public_set": pipeline.synthesis.public_set, "model": top.model,
         "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
         "noise_multiplier": sigma, "teacher_test_acc": teacher["test_acc"], "ledger": block["ledger"],
+        "eval_split": top.eval_split,
         "results": results, "summary": summarize(results), "seconds": seconds,
         "releases": {str(k): str(path) for k, path in releases.items()},
         "evaluations": evaluations,

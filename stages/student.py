@@ -7,18 +7,22 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
 import registry
 from common import distributed
-from common.cli import RunOptions, nonnegative_int, option
+from common.cli import RunOptions, fraction, nonnegative_int, option
 from common.errors import DPImgSynError
 from common.files import (atomic_torch_save, atomic_write_csv, atomic_write_text, require_same_settings,
                           resumed_history)
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
 from common.runtime import seed_everything, setup_logging
+from privacy.split import split_by_content
+from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS
 from synthesizer import release as release_io
 from training.accuracy import evaluate
 from training.distill import DistillationConfig, StudentTrainer
+from training.frontend import cache_front_end, cache_refusal
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,9 +35,20 @@ class StudentConfig(DistillationConfig, registry.FolderViewOptions, RunOptions):
     model: str = option("resnet18", "student architecture from the registry")
     eval_every: int = option(0, "log test accuracy every N epochs (information only; 0 = final epoch only)",
                              parse=nonnegative_int)
+    eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
+    val_split: float = option(0.0, "with eval_split validation: the teacher's val_split, which picks the same "
+                              "held-out records", parse=fraction)
     seed: int = option(111, "seed of init and batch order")
     precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
     output: str = option(help="folder for metrics.json and student.pt")
+
+
+def scored_set(dataset: str, config: StudentConfig, view: dict):
+    """The split the student is scored on: the test split, or the teacher's held-out training records."""
+    if config.eval_split == "test":
+        return registry.get_split(dataset, "test", config.data_root, config.download, **view)
+    return split_by_content(registry.get_split(dataset, "train", config.data_root, config.download, **view),
+                            config.val_split)[1]
 
 
 def train_student(config: StudentConfig) -> dict:
@@ -55,8 +70,10 @@ def train_student(config: StudentConfig) -> dict:
     registry.check_model_input(config.model, bundle.images.shape[-1])
     output = Path(config.output)
     bf16 = use_bf16(config.precision, device)
+    if config.eval_split == "validation" and not config.val_split:
+        raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
     settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": recorded, "model": config.model,
-                "seed": config.seed, "bf16": bf16,
+                "seed": config.seed, "bf16": bf16, "eval_split": config.eval_split, "val_split": config.val_split,
                 **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
     metrics_path = output / "metrics.json"
     if metrics_path.exists():
@@ -67,9 +84,8 @@ def train_student(config: StudentConfig) -> dict:
         return metrics
     logger = setup_logging(output / "train_student.log" if dist.is_main else None)
     logger.info("stage 4 (student) settings: %s", settings)
-    with dist.main_first():  # only rank 0 evaluates; it alone may download the test split
-        test_set = (registry.get_split(dataset, "test", config.data_root, config.download, **view)
-                    if dist.is_main else None)
+    with dist.main_first():  # only rank 0 evaluates; it alone may download the split
+        test_set = scored_set(dataset, config, view) if dist.is_main else None
 
     seed_everything(config.seed)
     images, soft_labels, _ = bundle.tensors()  # the targets are the synthesis aims, not labels
@@ -77,7 +93,14 @@ def train_student(config: StudentConfig) -> dict:
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(config.model, soft_labels.shape[1], images.shape[1], images.shape[-1])
-    trainer = StudentTrainer(model, images, soft_labels, bundle.labels_tensor(), config, device, config.seed, dist,
+    trained, inputs = model, images
+    released = TensorDataset(images, bundle.labels_tensor())
+    if cache_refusal(model, released, augmented=config.augment) is None:
+        # A fixed front end (scatter_cnn's scattering) runs once per released image, not once per epoch;
+        # training the head on its outputs trains ``model``, which is then evaluated and saved whole.
+        trained, features = cache_front_end(model, released, device=device)
+        inputs = features.tensors[0]
+    trainer = StudentTrainer(trained, inputs, soft_labels, bundle.labels_tensor(), config, device, config.seed, dist,
                              bf16)
     resume_path = output / "student.resume"
     history = resumed_history(resume_path, settings, trainer)
@@ -90,9 +113,9 @@ def train_student(config: StudentConfig) -> dict:
         if not dist.is_main:
             return
         if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
-            stats["test_acc"] = evaluate(trainer.model, test_set, device)
+            stats["test_acc"] = evaluate(model, test_set, device)
         history.append(stats)
-        test = f"  test acc {stats['test_acc']:.4f} (test split)" if "test_acc" in stats else ""
+        test = f"  test acc {stats['test_acc']:.4f} ({config.eval_split} split)" if "test_acc" in stats else ""
         logger.info("epoch %d/%d  loss %.4f%s", stats["epoch"], config.epochs, stats["loss"], test)
         atomic_write_csv(output / "metrics.csv", history, ("epoch", "loss", "test_acc"))
         atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path)
@@ -101,17 +124,17 @@ def train_student(config: StudentConfig) -> dict:
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the student
         return {}
-    final_acc = evaluate(trainer.model, test_set, device)
-    atomic_torch_save({"model": trainer.model.state_dict(), "architecture": config.model,
+    final_acc = evaluate(model, test_set, device)
+    atomic_torch_save({"model": model.state_dict(), "architecture": config.model,
                        "num_classes": soft_labels.shape[1], "dataset": dataset,
                        **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
     metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
                "release": str(Path(config.release)), "k": bundle.metadata.get("k"),
                "public_set": bundle.metadata.get("public_set"), "seed": config.seed,
-               "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"),
+               "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"), "eval_split": config.eval_split,
                "seconds": time.time() - started, "history": history, "settings": settings}
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     resume_path.unlink(missing_ok=True)
-    print(f"student test accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
+    print(f"student {config.eval_split} accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
     dist.barrier()
     return metrics

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 import privacy
 import registry
 from common import distributed
@@ -20,16 +22,22 @@ from privacy.sampling import private_seed
 from privacy.split import split_by_content
 from training.accuracy import evaluate
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
+from training.frontend import cache_front_end, cache_refusal, whole_model
 
 # Settings that determine the teacher's content; a rerun must match them to resume.
 # The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
 # leaves the local resume file (see private_seed).
 CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm",
                     "noise_multiplier", "val_split", "delta", "accountant",
-                    "grad_sample_mode", "secure_mode", "target_epsilon", "stats_epochs", "stats_batch_size")
+                    "grad_sample_mode", "secure_mode", "target_epsilon", "stats_epochs", "stats_batch_size",
+                    "stats_noise_ratio", "augmult", "augment_flip", "ema_decay", "eval_split")
 # Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
 NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
 TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
+VAL_ACC_NOTE = "validation part of the private training records (val_split), final epoch; outside the DP guarantee"
+EVAL_SPLITS = ("test", "validation")
+EVAL_SPLIT_HELP = ("where accuracies are measured: 'test' (the private test split), or 'validation' (the val_split "
+                   "part of the private training records, to choose hyper-parameters without reading the test split)")
 METRICS_COLUMNS = ("epoch", "loss", "train_acc", "val_acc", "test_acc", "epsilon", "scope")
 
 
@@ -50,11 +58,15 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
                                "save_dp_db_stats.py's default)", parse=positive_int)
     stats_batch_size: int = option(64, "Omega_bn of the planned DP statistics stage (calibration, and stored as "
                                    "save_dp_db_stats.py's default)", parse=positive_int)
+    stats_noise_ratio: float = option(1.0, "sigma of the planned DP statistics stage / sigma of DP-SGD; with "
+                                      "target_epsilon both are calibrated jointly to meet it (1: the paper's one "
+                                      "shared sigma)", parse=positive_float)
     delta: float = option(privacy.DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
     accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
     val_split: float = option(0.0, "expected fraction of the private training records held out for validation; a "
                               "record's side is fixed by a hash of its content, both private stages train on the "
                               "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)
+    eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
     seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it can "
                               "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
     suffix: str = option("", "free text in the default output name")
@@ -74,16 +86,22 @@ def pipeline_plan(num_examples: int, config: TeacherConfig) -> list[tuple[float,
             privacy.poisson_plan(num_examples, config.stats_batch_size, config.stats_epochs)]
 
 
+def statistics_sigma(config: TeacherConfig) -> float:
+    """The planned DP statistics stage's sigma: DP-SGD's times the configured ratio."""
+    return config.noise_multiplier * config.stats_noise_ratio
+
+
 def statistics_plan(num_examples: int, config: TeacherConfig) -> dict:
     """The planned DP-statistics stage, stored in the teacher: ``save_dp_db_stats.py``'s defaults.
 
     Public facts only (hyper-parameters, N, the epsilon they compose to), so the teacher can be
     shared with its plan, and stage 2 run by hand meets the budget that stage 1 calibrated for.
     """
-    mechanisms = [(config.noise_multiplier, rate, steps) for rate, steps in pipeline_plan(num_examples, config)]
+    sigmas = (config.noise_multiplier, statistics_sigma(config))
+    mechanisms = [(sigma, rate, steps) for sigma, (rate, steps) in zip(sigmas, pipeline_plan(num_examples, config))]
     return {"target_epsilon": config.target_epsilon, "delta": config.delta, "accountant": config.accountant,
             "total_epsilon": privacy.compute_epsilon(mechanisms, config.delta, config.accountant),
-            "statistics": {"noise_multiplier": config.noise_multiplier, "epochs": config.stats_epochs,
+            "statistics": {"noise_multiplier": sigmas[1], "epochs": config.stats_epochs,
                            "train_batch_size": config.stats_batch_size}}
 
 
@@ -106,6 +124,8 @@ def train_teacher(config: TeacherConfig) -> Path:
     with dist.main_first():  # one download (--download), shared by all ranks
         num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download,
                                                                 **view)
+    if config.eval_split == "validation" and not config.val_split:
+        raise DPImgSynError("--eval_split validation needs a validation part: give --val_split (e.g. 0.1)")
     train_set, val_set = split_by_content(train_set, config.val_split)
     num_examples = len(train_set)
     if config.train_batch_size > num_examples:
@@ -116,10 +136,13 @@ def train_teacher(config: TeacherConfig) -> Path:
                                               1 / num_examples)
 
     if config.target_epsilon is not None:
-        config = replace(config, noise_multiplier=privacy.calibrate_noise_multiplier(
-            config.target_epsilon, config.delta, pipeline_plan(num_examples, config), config.accountant))
+        sigmas = privacy.calibrate_noise_multiplier(config.target_epsilon, config.delta,
+                                                    pipeline_plan(num_examples, config), config.accountant,
+                                                    ratios=[1.0, config.stats_noise_ratio])
+        config = replace(config, noise_multiplier=sigmas[0])
         if dist.is_main:
-            print(f"calibrated noise multiplier {config.noise_multiplier:.4f} for total epsilon "
+            statistics = "" if config.stats_noise_ratio == 1 else f" (DP statistics: {statistics_sigma(config):.4f})"
+            print(f"calibrated noise multiplier {config.noise_multiplier:.4f}{statistics} for total epsilon "
                   f"{config.target_epsilon} over DP-SGD + DP statistics")
 
     output = with_suffix_once(config.output or default_output(config), ".dppt")
@@ -137,7 +160,14 @@ def train_teacher(config: TeacherConfig) -> Path:
     seed = None if seed is None else init_seed
     model = registry.get_model(config.model, num_classes, spec.channels, spec.image_size)
     workers = default_workers(device)
-    trainer = DPSGDTrainer(model, train_set, config, device, seed, num_workers=workers, dist=dist)
+    trained, data = model, train_set
+    if cache_refusal(model, train_set, augmented=config.augmult > 0) is None:
+        # A fixed front end (scatter_cnn's scattering) runs once per example, not once per epoch:
+        # the same per-example gradients, so the same mechanism over the same N records.
+        trained, data = cache_front_end(model, train_set, augmented=False, device=device)
+        if dist.is_main:
+            print("DP-SGD trains the head on the fixed front end's outputs, computed once per example")
+    trainer = DPSGDTrainer(trained, data, config, device, seed, num_workers=workers, dist=dist)
     resume_path = with_suffix_once(output, ".resume")
     metrics_path = with_suffix_once(output.with_suffix(""), ".metrics.csv")  # beside the log: local only
     history = resumed_history(resume_path, settings, trainer)
@@ -145,20 +175,27 @@ def train_teacher(config: TeacherConfig) -> Path:
         print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
 
     started = time.time()
+
+    def released() -> torch.nn.Module:
+        """What DP-SGD outputs (the averaged weights with ema_decay), as the whole network."""
+        return trainer.released_model if trained is model else whole_model(model, trainer.released_model)
+
     while trainer.epoch < config.epochs:
         stats = trainer.train_epoch(progress=config.progress)
         if not dist.is_main:
             continue  # the other ranks wait for rank 0 at the next step's all-reduce
-        stats["test_acc"] = evaluate(trainer.model, test_set, device, num_workers=workers)
+        if config.eval_split == "test":
+            stats["test_acc"] = evaluate(released(), test_set, device, num_workers=workers)
         if val_set is not None:
-            stats["val_acc"] = evaluate(trainer.model, val_set, device, num_workers=workers)
+            stats["val_acc"] = evaluate(released(), val_set, device, num_workers=workers)
         stats["epsilon"] = privacy.compute_epsilon(
             [(config.noise_multiplier, trainer.sample_rate, trainer.steps_done)], config.delta, config.accountant)
         stats["epoch"] = trainer.epoch
         history.append(stats)
-        validation = f"  val acc {stats['val_acc']:.4f}" if "val_acc" in stats else ""
+        scores = "".join(f"  {name} acc {stats[key]:.4f}" for key, name in (("val_acc", "val"), ("test_acc", "test"))
+                         if key in stats)
         line = (f"epoch {trainer.epoch}/{config.epochs}  loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}"
-                f"{validation}  test acc {stats['test_acc']:.4f}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
+                f"{scores}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
         print(line, flush=True)
         logger.info(line)
         atomic_write_csv(metrics_path, [{**row, "scope": NON_PRIVATE_NOTE} for row in history], METRICS_COLUMNS)
@@ -170,17 +207,18 @@ def train_teacher(config: TeacherConfig) -> Path:
         return output
     ledger = [_teacher_entry(config, trainer.sample_rate, trainer.steps_done)]
     block = privacy.privacy_block(ledger, config.delta, config.accountant)
-    final_acc = history[-1]["test_acc"] if history else float("nan")
+    score_key, note = ("test_acc", TEST_ACC_NOTE) if config.eval_split == "test" else ("val_acc", VAL_ACC_NOTE)
+    final_acc = history[-1][score_key] if history else float("nan")
     # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
     # private data outside the mechanism and stay in the local log.
-    payload = privacy.dppt_payload("teacher", trainer.model.state_dict(), config.model, num_classes,
+    payload = privacy.dppt_payload("teacher", released().state_dict(), config.model, num_classes,
                                    settings["dataset"], block, settings=settings,
                                    plan=statistics_plan(num_examples, config), test_acc=final_acc,
-                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}))
+                                   test_acc_note=note, **({registry.VIEW_KEY: view} if view else {}))
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)
-    summary = (f"teacher written to {output}: test accuracy {final_acc:.4f} (final epoch), "
+    summary = (f"teacher written to {output}: {config.eval_split} accuracy {final_acc:.4f} (final epoch), "
                f"epsilon {block['epsilon']:.3f} at delta {config.delta:g} ({config.accountant})")
     print(summary)
     logger.info(summary)

@@ -31,12 +31,13 @@ class StatNorm(nn.Module):
     placeholder values is refused instead of silently optimizing towards zeros.
     """
 
-    def __init__(self, group_norm: nn.GroupNorm) -> None:
+    def __init__(self, group_norm: nn.GroupNorm, device: torch.device | None = None) -> None:
         super().__init__()
         self.group_norm = group_norm
         channels = group_norm.num_channels
-        # On the wrapped layer's device: a model already moved to a GPU gets its stat layers there too.
-        device = next((tensor.device for tensor in group_norm.parameters()), None)
+        # On the model's device: a model already moved to a GPU gets its stat layers there too (a
+        # GroupNorm without affine parameters has no device of its own, so the caller may give it).
+        device = next((tensor.device for tensor in group_norm.parameters()), device)
         self.register_buffer("dp_mean", torch.full((channels,), float("nan"), device=device))
         self.register_buffer("dp_var", torch.full((channels,), float("nan"), device=device))
         self.mode = "off"
@@ -153,12 +154,13 @@ def attach_stat_layers(model: nn.Module) -> dict[str, StatNorm]:
     if isinstance(model, (nn.GroupNorm, StatNorm)):
         raise DPImgSynError("attach_stat_layers needs a model that contains GroupNorm layers, not a single layer")
     wrappers: dict[int, StatNorm] = {}
+    device = next((tensor.device for tensor in model.parameters()), None)
     for parent in list(model.modules()):
         if isinstance(parent, StatNorm):
             continue
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.GroupNorm):
-                wrapper = wrappers.setdefault(id(child), StatNorm(child))
+                wrapper = wrappers.setdefault(id(child), StatNorm(child, device))
                 setattr(parent, child_name, wrapper)
     layers = stat_layers(model)
     if not layers:

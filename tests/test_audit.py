@@ -158,6 +158,16 @@ def test_dp_sgd_audit_catches_a_clipping_bug_in_the_code(monkeypatch):
     assert not result.passed
 
 
+def test_augmentation_multiplicity_keeps_each_example_within_c(monkeypatch):
+    """K = 4 views of every example: sound, the audit stays below the accountant; clip each view on its own
+    (the engine told one view per example) and the canary enters four times at C, caught above it."""
+    assert _audit("dp_sgd", augmult=4).passed
+    real = clipping.PerExampleClipper.recording
+    monkeypatch.setattr(clipping.PerExampleClipper, "recording", lambda self, views=1: real(self))
+    result = _audit("dp_sgd", augmult=4)
+    assert not result.passed  # the lower bound is above the accountant: a privacy violation, caught
+
+
 def test_subsampled_statistics_mechanism_stays_below_the_accountant():
     config = AuditConfig(mechanism="dp_statistics", noise_multiplier=1.5, sample_rate=0.5, trials=TRIALS,
                          delta=DELTA)
@@ -187,9 +197,10 @@ def test_cli_reports_lack_of_power_and_writes_json(tmp_path, capsys):
     assert "NOT CAUGHT" in capsys.readouterr().out
     report = json.loads(output.read_text())
     assert report["passed"] is False
-    rows = {row["config"]["breakage"]: row for row in report["results"]}
-    assert set(rows) == {"none", "no_clipping", "noise_div_10"}
-    assert rows["none"]["passed"] and not rows["no_clipping"]["passed"]
+    rows = {(row["config"]["breakage"], row["config"]["augmult"]): row for row in report["results"]}
+    assert set(rows) == {(breakage, augmult) for breakage in ("none", "no_clipping", "noise_div_10")
+                         for augmult in (0, 4)}
+    assert all(rows["none", augmult]["passed"] and not rows["no_clipping", augmult]["passed"] for augmult in (0, 4))
     assert all(row["max_certifiable_epsilon"] < row["accountant_epsilon"] for row in rows.values())
 
 

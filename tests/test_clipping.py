@@ -18,21 +18,22 @@ from privacy import clipping
 from privacy.clipping import PerExampleClipper
 
 
-def fused(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_norm: float,
+def fused(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_norm: float, views: int = 1,
           **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The engine as DP-SGD runs it; with ``views``, each example's loss is the mean over its views."""
     clipper = PerExampleClipper(model, max_norm, **options)
     for param in model.parameters():
         param.grad = None
-    with clipper.recording():
+    with clipper.recording(views):
         logits = model(inputs)
-    norms = clipper.clipped_backward(F.cross_entropy(logits, labels, reduction="sum"))
+    norms = clipper.clipped_backward(F.cross_entropy(logits, labels, reduction="sum") / views)
     clipper.remove()
     return norms, [param.grad for param in model.parameters() if param.requires_grad]
 
 
-def assert_matches_reference(model, inputs, labels, max_norm, rtol, atol, **options) -> torch.Tensor:
-    expected_norms, expected = clipped_sum(model, inputs, labels, max_norm)
-    norms, sums = fused(model, inputs, labels, max_norm, **options)
+def assert_matches_reference(model, inputs, labels, max_norm, rtol, atol, views=1, **options) -> torch.Tensor:
+    expected_norms, expected = clipped_sum(model, inputs, labels, max_norm, views)
+    norms, sums = fused(model, inputs, labels, max_norm, views, **options)
     torch.testing.assert_close(norms, expected_norms, rtol=rtol, atol=atol)
     assert len(sums) == len(expected)
     for index, (got, want) in enumerate(zip(sums, expected)):
@@ -84,12 +85,14 @@ class Net(nn.Module):
 
 @pytest.mark.parametrize("ghost_ratio", [0, 10**9])  # materialize every convolution; ghost norms for all
 @pytest.mark.parametrize("conv_bias", [True, False])
-def test_every_layer_option_matches_one_backward_per_example(monkeypatch, ghost_ratio, conv_bias):
+@pytest.mark.parametrize("views", [1, 3])  # augmentation multiplicity: an example is its views' mean gradient
+def test_every_layer_option_matches_one_backward_per_example(monkeypatch, ghost_ratio, conv_bias, views):
     monkeypatch.setattr(clipping, "GHOST_RATIO", ghost_ratio)
     torch.manual_seed(2)
     model = Net(conv_bias).double()
-    inputs, labels = torch.randn(5, 3, 15, 13, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 0])
-    assert_matches_reference(model, inputs, labels, 0.3, rtol=1e-9, atol=1e-12, block_bytes=1000)
+    labels = torch.tensor([0, 1, 2, 2, 0]).repeat_interleave(views)
+    inputs = torch.randn(len(labels), 3, 15, 13, dtype=torch.float64)
+    assert_matches_reference(model, inputs, labels, 0.3, rtol=1e-9, atol=1e-12, views=views, block_bytes=1000)
 
 
 def test_frozen_parameters_are_left_out_of_norms_and_sums():
@@ -103,15 +106,17 @@ def test_frozen_parameters_are_left_out_of_norms_and_sums():
 
 
 @pytest.mark.parametrize("ghost_ratio", [clipping.GHOST_RATIO, 10**9])  # as shipped; ghost norms everywhere
-def test_each_examples_contribution_is_at_most_the_clipping_norm(monkeypatch, ghost_ratio):
-    """The sensitivity bound itself: a batch of one gives back one clipped gradient, of norm <= C."""
+@pytest.mark.parametrize("views", [1, 4])
+def test_each_examples_contribution_is_at_most_the_clipping_norm(monkeypatch, ghost_ratio, views):
+    """The sensitivity bound itself: one example (with all its views) gives back one clipped gradient, norm <= C."""
     monkeypatch.setattr(clipping, "GHOST_RATIO", ghost_ratio)
     torch.manual_seed(4)
     model = registry.get_model("small_cnn", 10)
-    inputs, labels = torch.randn(8, 3, 32, 32) * 50, torch.randint(0, 10, (8,))
-    for example in range(len(labels)):
-        rows = slice(example, example + 1)
-        norms, sums = fused(model, inputs[rows], labels[rows], 0.01)
+    inputs, labels = torch.randn(8 * views, 3, 32, 32) * 50, torch.randint(0, 10, (8,)).repeat_interleave(views)
+    for example in range(8):
+        rows = slice(example * views, (example + 1) * views)
+        norms, sums = fused(model, inputs[rows], labels[rows], 0.01, views)
+        assert norms.shape == (1,)
         assert float(norms) > 1.0  # far above C: the clip is what bounds it
         assert float(torch.sqrt(sum(part.square().sum() for part in sums))) <= 0.01 * (1 + 1e-5)
 

@@ -65,8 +65,9 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_demo_config_parses():
-    config = load_config("configs/demo.yaml")
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/demo_baseline.yaml"])
+def test_demo_configs_parse(path):
+    config = load_config(path)
     assert config.settings.dataset == "mnist5k" and config.synthesis.public_set == "photos"
     assert config.settings.target_epsilon == 10 and 0 in config.ks
 

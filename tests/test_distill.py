@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from training.distill import DistillationConfig, kd_loss, random_crop_flip
+from training.augment import random_crop_flip
+from training.distill import DistillationConfig, kd_loss
 
 
 def test_kd_loss_matches_definition():
@@ -35,6 +36,15 @@ def test_random_crop_flip_keeps_shape_and_content():
     assert out.shape == images.shape
     assert not torch.equal(out, images)
     assert math.isclose(float(out.min()), float(images.min()), abs_tol=0.2)
+
+
+def test_random_crop_flip_flips_only_when_asked():
+    """Without padding the crop is the image: each output is the image, or its mirror when flips are on."""
+    images = torch.rand(16, 1, 8, 8)
+    assert torch.equal(random_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flip=False), images)
+    flipped = random_crop_flip(images, torch.Generator().manual_seed(0), padding=0)
+    mirrored = [bool(torch.equal(out, image.flip(2))) for out, image in zip(flipped, images)]
+    assert all(m or torch.equal(out, image) for m, out, image in zip(mirrored, flipped, images)) and any(mirrored)
 
 
 def _kd_by_hand(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,8 +21,12 @@ from per_example import per_example_gradients
 
 NUM_CLASSES = 7  # not 10, so a hard-coded CIFAR head would show
 
-# Normalization layers of each architecture: stem + two per block + one per projection shortcut.
-EXPECTED_NORM_LAYERS = {"small_cnn": 3, "resnet18": 20, "resnet34": 36, "resnet18_imagenet": 20}
+# Normalization layers of each architecture: stem + two per block + one per projection shortcut;
+# scatter_cnn's one GroupNorm normalizes the scattering coefficients.
+EXPECTED_NORM_LAYERS = {"small_cnn": 3, "resnet18": 20, "resnet34": 36, "resnet18_imagenet": 20, "scatter_cnn": 1}
+# Input maps of the first convolution per image channel: scatter_cnn's fixed scattering front end turns
+# each image channel into 81 coefficient maps before any convolution.
+FIRST_CONV_MAPS_PER_CHANNEL = {"scatter_cnn": 81}
 
 
 @functools.cache
@@ -55,6 +59,7 @@ def assert_per_sample_gradients_exact(model: nn.Module, images: torch.Tensor, la
     ("small_cnn", 32), ("small_cnn", 64),
     ("resnet18", 32), ("resnet18", 64), ("resnet34", 32),
     ("resnet18_imagenet", 224),
+    ("scatter_cnn", 32), ("scatter_cnn", 64),
 ])
 def test_output_is_one_logit_row_per_image(name: str, side: int) -> None:
     with torch.no_grad():
@@ -69,11 +74,15 @@ def test_models_take_the_channel_count_and_their_smallest_image(name: str) -> No
     torch.manual_seed(0)
     model = models.MODELS[name](NUM_CLASSES, 1).eval()
     first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
-    assert first.in_channels == 1
+    assert first.in_channels == FIRST_CONV_MAPS_PER_CHANNEL.get(name, 1)
     side = models.MIN_SIZES[name]
     with torch.no_grad():
         assert model(torch.randn(2, 1, side, side)).shape == (2, NUM_CLASSES)
     assert [p.shape[1:] for p in model.parameters()][1:] == [p.shape[1:] for p in built(name).parameters()][1:]
+
+
+def test_every_registry_model_is_checked_here() -> None:
+    assert set(EXPECTED_NORM_LAYERS) == set(models.MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NORM_LAYERS))

@@ -305,6 +305,7 @@ def test_stat_layers_attached_to_a_moved_model_live_on_its_device():
 
     The meta device stands in for the GPU: any device other than the CPU default shows the bug.
     """
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)).to("meta")
-    layers = attach_stat_layers(model)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.GroupNorm(2, 4, affine=False)).to("meta")
+    layers = attach_stat_layers(model)  # the affine-free one (scatter_cnn's) has no parameter to say where it lives
+    assert len(layers) == 2
     assert {buffer.device.type for layer in layers.values() for buffer in (layer.dp_mean, layer.dp_var)} == {"meta"}

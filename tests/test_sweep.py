@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.errors import DPImgSynError
 from evaluation.report import percent
-from stages.config import validate_config
+from stages.config import load_config, validate_config
 from stages.pipeline import run_pipeline
 
 SWEEP = {
@@ -48,6 +48,15 @@ def test_one_value_prints_without_a_zero_spread_and_bad_sweeps_are_refused():
         validate_config({**SWEEP, "target_epsilon": [1.0, -2.0]})
     with pytest.raises(DPImgSynError, match="either the top-level 'seeds'"):
         validate_config({**SWEEP, "teacher": {**SWEEP["teacher"], "seed": 3}})
+
+
+def test_any_recipe_file_can_be_swept_from_the_command_line():
+    """--epsilons/--seeds replace the target and the stages' own seeds; without them the file runs as written."""
+    swept = load_config("configs/demo.yaml", epsilons=[1.0, 4.0], seeds=[0, 5])
+    assert swept.epsilons == (1.0, 4.0) and swept.replicates == (0, 5)
+    plain = load_config("configs/demo.yaml")
+    assert plain.epsilons == (None,) and plain.replicates == (None,) and plain.teacher.seed == 0
+    assert load_config("configs/demo.yaml", seeds=[3]).epsilons == (None,)
 
 
 def test_collect_results_tables_and_plots_the_paper_rows(tmp_path):

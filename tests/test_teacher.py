@@ -10,6 +10,7 @@ import stages.teacher
 import train_dp
 from common.errors import DPImgSynError
 from per_example import clipped_sum
+from training.augment import random_crop_flip
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
 
@@ -65,14 +66,17 @@ def test_rerun_of_finished_teacher_is_a_no_op(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_target_epsilon_calibrates_the_whole_pipeline(tmp_path):
-    path = train_dp.run(flags(1) + ["--target_epsilon", "4", "--stats_epochs", "1",
-                                                        "--stats_batch_size", "250", "--output", str(tmp_path / "c")])
+@pytest.mark.parametrize("ratio", [1.0, 2.5])  # the paper's one sigma; a recipe's budget split
+def test_target_epsilon_calibrates_the_whole_pipeline(tmp_path, ratio):
+    path = train_dp.run(flags(1) + ["--target_epsilon", "4", "--stats_epochs", "1", "--stats_noise_ratio", str(ratio),
+                                    "--stats_batch_size", "250", "--output", str(tmp_path / "c")])
     payload = privacy.load_dppt(path)
     sigma = payload["settings"]["noise_multiplier"]
-    planned = [(sigma, 1000 / 4000, 4), (sigma, 250 / 4000, 16)]
+    assert payload["plan"]["statistics"]["noise_multiplier"] == pytest.approx(ratio * sigma)
+    planned = [(sigma, 1000 / 4000, 4), (ratio * sigma, 250 / 4000, 16)]
     assert privacy.compute_epsilon(planned, 1e-5) <= 4.0 + 1e-6
-    assert privacy.compute_epsilon([(sigma * 0.99, q, s) for _, q, s in planned], 1e-5) > 4.0
+    assert payload["plan"]["total_epsilon"] == pytest.approx(privacy.compute_epsilon(planned, 1e-5))
+    assert privacy.compute_epsilon([(s * 0.99, q, n) for s, q, n in planned], 1e-5) > 4.0
 
 
 @pytest.mark.parametrize("mode", ["fused", "hooks"])  # our engine (the default), and Opacus's
@@ -117,14 +121,14 @@ def weights_moved_by_one_epoch(images: torch.Tensor, labels: torch.Tensor, **set
     return torch.cat([param.detach().flatten() for param in model.parameters()]) - before
 
 
-@pytest.mark.parametrize("mode", ["fused", "hooks"])
-def test_dp_sgd_noise_is_sigma_c_over_the_expected_batch_once_per_step(mode, single_thread):
+@pytest.mark.parametrize("mode, augmult", [("fused", 0), ("hooks", 0), ("fused", 3)])
+def test_dp_sgd_noise_is_sigma_c_over_the_expected_batch_once_per_step(mode, augmult, single_thread):
     """Noise dominating a step: the weights move by N(0, (sigma*C/B)^2) per coordinate, once for the
-    four accumulated chunks (noise per chunk would be twice as large)."""
+    four accumulated chunks (noise per chunk would be twice as large); B counts examples, not views."""
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(24, 3, 16, 16, generator=generator), torch.randint(0, 10, (24,), generator=generator)
     moved = weights_moved_by_one_epoch(images, labels, train_batch_size=24, max_norm=0.5, noise_multiplier=1e4,
-                                       max_physical_batch_size=6, grad_sample_mode=mode)
+                                       max_physical_batch_size=6, grad_sample_mode=mode, augmult=augmult)
     assert float(moved.std()) == pytest.approx(1e4 * 0.5 / 24, rel=0.03)
     assert abs(float(moved.mean())) < 0.03 * 1e4 * 0.5 / 24
 
@@ -214,6 +218,72 @@ def test_a_layer_that_mixes_the_examples_of_a_batch_is_refused_in_every_mode(mod
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, affine=False), torch.nn.Flatten(),
                                 torch.nn.Linear(2 * 6 * 6, 3))
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
-    config = DPSGDConfig(epochs=1, train_batch_size=4, lr=0.1, max_norm=1.0, noise_multiplier=1.0, grad_sample_mode=mode)
+    config = DPSGDConfig(epochs=1, train_batch_size=4, lr=0.1, max_norm=1.0, noise_multiplier=1.0,
+                         grad_sample_mode=mode)
     with pytest.raises(DPImgSynError, match="BatchNorm2d normalizes by batch statistics"):
         DPSGDTrainer(model, data, config, torch.device("cpu"), seed=0).train_epoch(progress=False)
+
+
+@pytest.mark.parametrize("mode", ["fused", "hooks"])
+@pytest.mark.parametrize("physical_batch", [72, 7])  # one chunk; chunks of two whole examples (six views)
+def test_augmentation_multiplicity_clips_each_examples_mean_over_its_views(physical_batch, mode, monkeypatch,
+                                                                            single_thread):
+    """K = 3 random crops per example: the step is -lr * mean_i clip_C(mean_k g_ik) over the 24 examples (not the
+    72 views), whatever the chunking; the crops are the ones the trainer drew."""
+    from torch.utils.data import TensorDataset
+
+    import registry
+    import training.dp_sgd
+
+    drawn = []
+
+    def recorded(*args):
+        views = random_crop_flip(*args)
+        drawn.append(views)
+        return views
+
+    monkeypatch.setattr(training.dp_sgd, "random_crop_flip", recorded)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(24, 3, 16, 16, generator=generator), torch.randint(0, 10, (24,), generator=generator)
+    torch.manual_seed(1)
+    model = registry.get_model("small_cnn", 10)
+    reference = [param.detach().clone() for param in model.parameters()]
+    config = DPSGDConfig(epochs=1, train_batch_size=24, lr=1.0, max_norm=0.05, noise_multiplier=1e-9, momentum=0.0,
+                         weight_decay=0.0, max_physical_batch_size=physical_batch, grad_sample_mode=mode, augmult=3)
+    trainer = DPSGDTrainer(model, TensorDataset(images, labels), config, torch.device("cpu"), seed=0)
+    trainer.train_epoch(progress=False)
+    views = torch.cat(drawn)
+    assert len(views) == 72 and not torch.equal(views[0], views[1])  # three different crops of example 0
+    moved = [param.detach().clone() for param in model.parameters()]
+    with torch.no_grad():
+        for param, before in zip(model.parameters(), reference):
+            param.copy_(before)
+    norms, expected = clipped_sum(model, views, labels.repeat_interleave(3), 0.05, views=3)
+    assert norms.shape == (24,) and (norms > 0.05).all()
+    for before, after, total in zip(reference, moved, expected):
+        torch.testing.assert_close(after - before, -total / 24, rtol=1e-4, atol=1e-6)
+
+
+def test_the_released_weights_are_the_moving_average_of_the_iterates(single_thread):
+    """EMA with the warm-up decay min(d, (1 + t) / (10 + t)) after step t: post-processing of the noisy iterates."""
+    from torch.utils.data import TensorDataset
+
+    import registry
+
+    torch.manual_seed(1)
+    model = registry.get_model("small_cnn", 10)
+    config = DPSGDConfig(epochs=1, train_batch_size=8, lr=0.5, max_norm=1.0, noise_multiplier=1.0, ema_decay=0.6)
+    trainer = DPSGDTrainer(model, TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))), config,
+                           torch.device("cpu"), seed=0)
+    average = [param.detach().clone() for param in model.parameters()]
+
+    def follow(step: int) -> None:
+        decay = min(0.6, (1 + step) / (10 + step))
+        for kept, param in zip(average, model.parameters()):
+            kept.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+    trainer.train_epoch(progress=False, on_step=follow)
+    assert trainer.released_model is not model
+    for kept, released, last in zip(average, trainer.released_model.parameters(), model.parameters()):
+        torch.testing.assert_close(released, kept)
+        assert not torch.equal(released, last)

@@ -26,6 +26,7 @@ from common.distributed import Distributed
 from common.errors import DPImgSynError
 from common.precision import autocast, channels_last
 from common.runtime import keyed_generator
+from training.augment import random_crop_flip
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
@@ -60,6 +61,7 @@ class DistillationConfig:
     alpha: float = option(1.0, "weight of the soft (KL) term", parse=nonnegative_float)
     beta: float = option(0.0, "weight of the hard-label CE term", parse=nonnegative_float)
     augment: bool = option(False, "random crop + flip of the released images")
+    augment_flip: bool = option(True, "with augment: flip horizontally too (turn off for digits and text)")
 
     def milestones(self) -> list[int]:
         """120/150/180 of 200 epochs, scaled to the configured length."""
@@ -70,21 +72,6 @@ def hard_label_config(config: DistillationConfig) -> DistillationConfig:
     """The same recipe on hard labels: cross-entropy only (alpha 0, beta 1), for releases without soft labels."""
     recipe = DistillationConfig(**{field.name: getattr(config, field.name) for field in fields(DistillationConfig)})
     return replace(recipe, alpha=0.0, beta=1.0)
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Batched random crop (reflect padding) and horizontal flip on tensors, one draw per image."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4, mode="reflect")
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(images.device)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(images.device)
-    out = padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
-                 torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1),
-                 rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
 def _resident(tensors: tuple[torch.Tensor | None, ...], device: torch.device) -> tuple[torch.Tensor | None, ...]:
@@ -146,7 +133,7 @@ class StudentTrainer:
         for step, indices in enumerate(bar, start=1):
             x = self.images[indices].to(self.device, non_blocking=True)
             if self.config.augment:
-                x = random_crop_flip(x, generator)
+                x = random_crop_flip(x, generator, flip=self.config.augment_flip)
             t = None if self.soft_labels is None else self.soft_labels[indices].to(self.device, non_blocking=True)
             y = self.targets[indices].to(self.device, non_blocking=True)
             with autocast(self.device, self.bf16):

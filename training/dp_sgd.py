@@ -11,6 +11,13 @@ Under torchrun every rank draws the same Poisson batch (shared seed) and takes i
 Opacus's DPDDP keeps the replicas in sync and its DistributedDPOptimizer sums the ranks'
 clipped gradients before rank 0 adds the noise, once. The ledger is the single-process one.
 
+Recipes beyond the paper (off by default), after De et al. 2022: augmentation multiplicity
+(``augmult`` K) feeds K random crops of every sampled example and clips the example's gradient
+averaged over its views, so sampling, sensitivity C, noise and divisor are those of the plain
+step; the K views of an example stay in one physical chunk and on one rank. An exponential moving
+average of the weights (``ema_decay``) is post-processing of the noisy iterates: it is what
+:attr:`DPSGDTrainer.released_model` returns, and what the teacher stage saves and measures.
+
 Randomness: by default the Poisson batches come from a generator seeded with ``seed`` and the noise
 from one seeded with ``seed + 1``, so a run (and its resume) is reproducible and the seed must stay
 secret. Secure mode (``DPSGDConfig.secure_mode``, no seed) draws both from the operating system
@@ -21,6 +28,7 @@ as in Opacus. Cost: 8 bytes of OS randomness per parameter per step, 8 per examp
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -35,13 +43,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.batches import batches_by_index
-from common.cli import nonnegative_float, option, positive_float, positive_int
+from common.cli import fraction, nonnegative_float, nonnegative_int, option, positive_float, positive_int
 from common.distributed import Distributed
 from common.errors import DPImgSynError
+from common.runtime import keyed_generator
 from privacy.clipping import PerExampleClipper, refuse_batch_statistics
 from privacy.noise import OS_RANDOM, RandomSource
 from privacy.optimizers import dp_optimizer_class
-from privacy.sampling import global_poisson_batch, steps_per_epoch
+from privacy.sampling import global_poisson_batch, private_seed, steps_per_epoch
+from training.augment import random_crop_flip
 
 FUSED = "fused"
 GRAD_SAMPLE_MODES = (FUSED, "hooks", "functorch", "ew")
@@ -71,6 +81,13 @@ class DPSGDConfig:
                                    choices=GRAD_SAMPLE_MODES)
     secure_mode: bool = option(False, "draw the Poisson sampling and the noise from the operating system's "
                                "randomness (not seedable: a seed is refused; nothing can regenerate the noise)")
+    augmult: int = option(0, "augmentation multiplicity K: each sampled example enters as K random crops "
+                          "(reflect padding of 1/8 of the side) whose mean gradient is clipped as one; 0: no "
+                          "augmentation (the paper)", parse=nonnegative_int)
+    augment_flip: bool = option(False, "with augmult: also flip the views horizontally at random (not for digits "
+                                "or text)")
+    ema_decay: float = option(0.0, "exponential moving average of the weights after each step (e.g. 0.999), "
+                              "saved instead of the last iterate; 0: off (the paper)", parse=fraction)
 
 
 class DPSGDTrainer:
@@ -89,6 +106,8 @@ class DPSGDTrainer:
         if not config.secure_mode and seed is None:
             raise DPImgSynError("DP-SGD needs a seed outside secure mode (privacy.sampling.private_seed draws one)")
         self.model = model.to(device)
+        # Copied before any hook is attached: the average is a plain model of the same architecture.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema_decay else None
         self.dist = dist
         self.train_set = train_set
         self.config = config
@@ -130,8 +149,40 @@ class DPSGDTrainer:
         if not config.secure_mode:
             self.sample_generator = torch.Generator()
             self.sample_generator.manual_seed(seed)
+        # Augmentation draws need no secrecy (the clip bounds any view); seeded ones redraw each epoch on resume.
+        self.augment_seed = private_seed(None) if seed is None else seed + 2
         self.epoch = 0
         self.steps_done = 0
+
+    @property
+    def views(self) -> int:
+        """Rows per sampled example in a physical chunk (augmentation multiplicity, or 1)."""
+        return max(1, self.config.augmult)
+
+    @property
+    def released_model(self) -> nn.Module:
+        """What DP-SGD outputs: the moving average of the weights when configured, else the last iterate."""
+        return self.model if self.ema is None else self.ema
+
+    def _update_ema(self) -> None:
+        """Post-processing of the noisy iterates; the decay warms up as in De et al. so early steps count less."""
+        if self.ema is None:
+            return
+        decay = min(self.config.ema_decay, (1 + self.steps_done) / (10 + self.steps_done))
+        with torch.no_grad():
+            for averaged, current in zip(self.ema.parameters(), self.model.parameters()):
+                averaged.lerp_(current, 1 - decay)
+            for averaged, current in zip(self.ema.buffers(), self.model.buffers()):
+                averaged.copy_(current)
+
+    def _views_of(self, images: torch.Tensor, labels: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """K random crops of each example, an example's views consecutive (one chunk, one rank)."""
+        if not self.config.augmult:
+            return images, labels
+        padding = max(1, images.shape[-1] // 8)
+        views = random_crop_flip(images.repeat_interleave(self.views, 0), generator, padding, self.config.augment_flip)
+        return views, labels.repeat_interleave(self.views, 0)
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still costs a step and still gets its noise."""
@@ -142,38 +193,51 @@ class DPSGDTrainer:
                 param.grad = torch.zeros_like(param)
         self.optimizer.step()
 
-    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _group_grad_samples(self) -> None:
+        """Opacus's per-row gradients summed over each example's views: what its optimizer then clips."""
+        if self.views == 1:
+            return
+        for param in self.optimizer.params:
+            if param.grad_sample is not None:
+                param.grad_sample = param.grad_sample.view(-1, self.views, *param.shape).sum(1)
+
+    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
         """Clip and accumulate every physical chunk, then one noisy step; returns (loss sum, correct).
 
-        The log-only sums stay on the device, so that no chunk waits for a device-to-host copy.
+        An example's loss is the mean over its views, so its gradient is their mean. The log-only
+        sums stay on the device, so that no chunk waits for a device-to-host copy.
         """
-        chunk = self.config.max_physical_batch_size
+        chunk = max(1, self.config.max_physical_batch_size // self.views)  # whole examples
         sums = torch.zeros(2, device=self.device)
         starts = list(range(0, len(labels), chunk))
         for position, start in enumerate(starts):
-            x = images[start:start + chunk].to(self.device, non_blocking=True)
-            y = labels[start:start + chunk].to(self.device, non_blocking=True)
-            with self.clipper.recording() if self.clipper else nullcontext():
+            x, y = self._views_of(images[start:start + chunk].to(self.device, non_blocking=True),
+                                  labels[start:start + chunk].to(self.device, non_blocking=True), generator)
+            with self.clipper.recording(self.views) if self.clipper else nullcontext():
                 logits = self.wrapped(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
+            loss = F.cross_entropy(logits, y, reduction="sum") / self.views
             if self.clipper is None:
                 loss.backward()  # Opacus's hooks store per-sample gradients; its optimizer clips them
+                self._group_grad_samples()
             else:
                 self.clipper.clipped_backward(loss)  # leaves the clipped sum in param.grad
             if position < len(starts) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float()])
+            sums += torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float() / self.views])
         return sums
 
     def train_epoch(self, progress: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
         """One epoch of ceil(N/B) Poisson steps; returns mean loss and train accuracy (non-private, log only)."""
         self.wrapped.train()
-        index_batches = [self.dist.share(global_poisson_batch(self.num_examples, self.sample_rate, self.sample_generator,
-                                                            self.dist)) for _ in range(self.steps_per_epoch)]
+        index_batches = [self.dist.share(global_poisson_batch(self.num_examples, self.sample_rate,
+                                                            self.sample_generator, self.dist))
+                         for _ in range(self.steps_per_epoch)]
         seen = 0
         sums = torch.zeros(2, device=self.device)
+        generator = keyed_generator(self.augment_seed, self.epoch, self.dist.rank)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
                    total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not (progress and self.dist.is_main), leave=False, dynamic_ncols=True)
@@ -182,9 +246,10 @@ class DPSGDTrainer:
             if batch is None:
                 self._noise_only_step()
             else:
-                sums += self._logical_step(*batch)
+                sums += self._logical_step(*batch, generator)
                 seen += len(batch[1])
             self.steps_done += 1
+            self._update_ema()
             if on_step is not None:
                 on_step(self.steps_done)
             if progress and (step % POSTFIX_EVERY == 0 or step == self.steps_per_epoch):
@@ -210,6 +275,10 @@ class DPSGDTrainer:
             "scheduler": self.scheduler.state_dict(),
             "config": asdict(self.config),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.config.augmult:
+            state["augment_seed"] = self.augment_seed
         if not self.config.secure_mode:
             state["sample_generator"] = self.sample_generator.get_state()
         if self.noise_generator is not None:
@@ -222,6 +291,9 @@ class DPSGDTrainer:
             raise DPImgSynError(f"the resume state was written {'with' if saved_secure else 'without'} secure mode; "
                                 "rerun with the same setting or delete the resume file")
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.augment_seed = int(state.get("augment_seed", self.augment_seed))
         self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if not self.config.secure_mode:
