@@ -7,6 +7,7 @@ same settings, so a rerun after a crash continues.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -107,6 +108,15 @@ def write_results(out: Path, rows: list[dict], title: str) -> None:
     plot_accuracy_vs_epsilon(out / "accuracy_vs_epsilon.png", rows, title)
 
 
+def teacher_accuracy(teacher: dict, teacher_path: Path, eval_split: str) -> float:
+    """The teacher's final-epoch accuracy on ``eval_split``: the labelled test accuracy of the checkpoint, or the
+    validation accuracy of the local, non-private log beside it (never in a shared artifact)."""
+    if eval_split == "test":
+        return teacher["test_acc"]
+    with open(teacher_path.with_suffix(".metrics.csv"), newline="") as handle:
+        return float(list(csv.DictReader(handle))[-1]["val_acc"])
+
+
 def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     """One run: every stage once per release and student seed; ``report.json`` and its table."""
     top = pipeline.settings
@@ -157,7 +167,8 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     report = {
         "dataset": top.dataset, "public_set": pipeline.synthesis.public_set, "model": top.model,
         "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
-        "noise_multiplier": sigma, "teacher_test_acc": teacher["test_acc"], "ledger": block["ledger"],
+        "noise_multiplier": sigma, "teacher_test_acc": teacher_accuracy(teacher, teacher_path, top.eval_split),
+        "ledger": block["ledger"],
         "eval_split": top.eval_split,
         "results": results, "summary": summarize(results), "seconds": seconds,
         "releases": {str(k): str(path) for k, path in releases.items()},

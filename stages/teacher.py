@@ -34,7 +34,6 @@ CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max
 # Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
 NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
 TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
-VAL_ACC_NOTE = "validation part of the private training records (val_split), final epoch; outside the DP guarantee"
 EVAL_SPLITS = ("test", "validation")
 EVAL_SPLIT_HELP = ("where accuracies are measured: 'test' (the private test split), or 'validation' (the val_split "
                    "part of the private training records, to choose hyper-parameters without reading the test split)")
@@ -207,14 +206,16 @@ def train_teacher(config: TeacherConfig) -> Path:
         return output
     ledger = [_teacher_entry(config, trainer.sample_rate, trainer.steps_done)]
     block = privacy.privacy_block(ledger, config.delta, config.accountant)
-    score_key, note = ("test_acc", TEST_ACC_NOTE) if config.eval_split == "test" else ("val_acc", VAL_ACC_NOTE)
+    score_key = "test_acc" if config.eval_split == "test" else "val_acc"
     final_acc = history[-1][score_key] if history else float("nan")
     # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
-    # private data outside the mechanism and stay in the local log.
+    # private data outside the mechanism and stay in the local log. The test-split accuracy may be
+    # shared, labelled; with eval_split validation the test split was not read (NaN).
+    test_acc = final_acc if config.eval_split == "test" else float("nan")
     payload = privacy.dppt_payload("teacher", released().state_dict(), config.model, num_classes,
                                    settings["dataset"], block, settings=settings,
-                                   plan=statistics_plan(num_examples, config), test_acc=final_acc,
-                                   test_acc_note=note, **({registry.VIEW_KEY: view} if view else {}))
+                                   plan=statistics_plan(num_examples, config), test_acc=test_acc,
+                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}))
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)

@@ -7,7 +7,9 @@ follow the budget stage 1 planned.
 """
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -94,7 +96,7 @@ def test_both_private_stages_use_the_same_training_part(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages.teacher, "DPSGDTrainer", recording_trainer)
     monkeypatch.setattr(stages.dp_statistics, "compute_dp_statistics", recording_statistics)
-    teacher = train_dp.run(TEACHER + ["--noise_multiplier", "1", "--val_split", "0.25",
+    teacher = train_dp.run(TEACHER + ["--noise_multiplier", "1", "--val_split", "0.25", "--eval_split", "validation",
                                       "--output", str(tmp_path / "teacher.dppt")])
     stats = save_dp_db_stats.run(["--teacher", str(teacher), "--epochs", "1", "--train_batch_size", "1000",
                                   "--noise_multiplier", "1", "--seed", "1", "--output", str(tmp_path / "stats"),
@@ -104,8 +106,11 @@ def test_both_private_stages_use_the_same_training_part(tmp_path, monkeypatch):
     assert 2700 < kept < 3300  # of mnist5k's 4,000 training images
     ledger = privacy.load_dppt(stats)["privacy"]["ledger"]
     assert [entry["sample_rate"] for entry in ledger] == pytest.approx([500 / kept, 1000 / kept])
-    for path in (teacher, stats):
+    for path in (teacher, stats):  # the validation accuracy (private records) stays in the local log
         assert_shareable(privacy.load_dppt(path), tmp_path)
+        assert math.isnan(privacy.load_dppt(path)["test_acc"])  # the test split was not read
+    with open(tmp_path / "teacher.metrics.csv", newline="") as handle:
+        assert 0 <= float(list(csv.DictReader(handle))[-1]["val_acc"]) <= 1
 
 
 # --------------------------------------------------------------------------- stage 2 follows stage 1's plan

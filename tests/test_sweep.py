@@ -10,7 +10,7 @@ from PIL import Image
 from common.errors import DPImgSynError
 from evaluation.report import percent
 from stages.config import load_config, validate_config
-from stages.pipeline import run_pipeline
+from stages.pipeline import run_pipeline, teacher_accuracy
 
 SWEEP = {
     "output": "unused", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": [2.0, 8.0], "seeds": [1, 2],
@@ -57,6 +57,14 @@ def test_any_recipe_file_can_be_swept_from_the_command_line():
     plain = load_config("configs/demo.yaml")
     assert plain.epsilons == (None,) and plain.replicates == (None,) and plain.teacher.seed == 0
     assert load_config("configs/demo.yaml", seeds=[3]).epsilons == (None,)
+
+
+def test_a_validation_run_reports_the_teachers_accuracy_from_its_local_log(tmp_path):
+    """The checkpoint holds no validation accuracy (private records): the pipeline reads the local log."""
+    (tmp_path / "teacher.metrics.csv").write_text("epoch,val_acc,test_acc\n1,0.5,\n2,0.75,\n")
+    shared = {"test_acc": float("nan")}
+    assert teacher_accuracy(shared, tmp_path / "teacher.dppt", "validation") == 0.75
+    assert teacher_accuracy({"test_acc": 0.9}, tmp_path / "teacher.dppt", "test") == 0.9
 
 
 def test_collect_results_tables_and_plots_the_paper_rows(tmp_path):
