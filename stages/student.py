@@ -22,7 +22,7 @@ from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS
 from synthesizer import release as release_io
 from training.accuracy import evaluate
 from training.distill import DistillationConfig, StudentTrainer
-from training.frontend import cache_front_end, cache_refusal
+from training.frontend import training_inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,15 +93,12 @@ def train_student(config: StudentConfig) -> dict:
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(config.model, soft_labels.shape[1], images.shape[1], images.shape[-1])
-    trained, inputs = model, images
-    released = TensorDataset(images, bundle.labels_tensor())
-    if cache_refusal(model, released, augmented=config.augment) is None:
-        # A fixed front end (scatter_cnn's scattering) runs once per released image, not once per epoch;
-        # training the head on its outputs trains ``model``, which is then evaluated and saved whole.
-        trained, features = cache_front_end(model, released, device=device)
-        inputs = features.tensors[0]
-    trainer = StudentTrainer(trained, inputs, soft_labels, bundle.labels_tensor(), config, device, config.seed, dist,
-                             bf16)
+    # A fixed front end (scatter_cnn's scattering) runs once per released image, not once per epoch;
+    # training the head on its outputs trains ``model``, which is then evaluated and saved whole.
+    trained, inputs = training_inputs(model, TensorDataset(images, bundle.labels_tensor()),
+                                      augmented=config.augment, device=device)
+    trainer = StudentTrainer(trained, inputs.tensors[0], soft_labels, bundle.labels_tensor(), config, device,
+                             config.seed, dist, bf16)
     resume_path = output / "student.resume"
     history = resumed_history(resume_path, settings, trainer)
     if history and dist.is_main:

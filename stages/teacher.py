@@ -22,7 +22,7 @@ from privacy.sampling import private_seed
 from privacy.split import split_by_content
 from training.accuracy import evaluate
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
-from training.frontend import cache_front_end, cache_refusal, whole_model
+from training.frontend import scoring_features, training_inputs, whole_model
 
 # Settings that determine the teacher's content; a rerun must match them to resume.
 # The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
@@ -159,13 +159,11 @@ def train_teacher(config: TeacherConfig) -> Path:
     seed = None if seed is None else init_seed
     model = registry.get_model(config.model, num_classes, spec.channels, spec.image_size)
     workers = default_workers(device)
-    trained, data = model, train_set
-    if cache_refusal(model, train_set, augmented=config.augmult > 0) is None:
-        # A fixed front end (scatter_cnn's scattering) runs once per example, not once per epoch:
-        # the same per-example gradients, so the same mechanism over the same N records.
-        trained, data = cache_front_end(model, train_set, augmented=False, device=device)
-        if dist.is_main:
-            print("DP-SGD trains the head on the fixed front end's outputs, computed once per example")
+    # A fixed front end (scatter_cnn's scattering) runs once per example, not once per epoch:
+    # the same per-example gradients, so the same mechanism over the same N records.
+    trained, data = training_inputs(model, train_set, augmented=config.augmult > 0, device=device)
+    if trained is not model and dist.is_main:
+        print("DP-SGD trains the head on the fixed front end's outputs, computed once per example")
     trainer = DPSGDTrainer(trained, data, config, device, seed, num_workers=workers, dist=dist)
     resume_path = with_suffix_once(output, ".resume")
     metrics_path = with_suffix_once(output.with_suffix(""), ".metrics.csv")  # beside the log: local only
@@ -179,14 +177,23 @@ def train_teacher(config: TeacherConfig) -> Path:
         """What DP-SGD outputs (the averaged weights with ema_decay), as the whole network."""
         return trainer.released_model if trained is model else whole_model(model, trainer.released_model)
 
+    scored = {"test_acc": test_set} if config.eval_split == "test" else {}
+    if val_set is not None:
+        scored["val_acc"] = val_set
+    # The front end's outputs for the scored sets, computed once (None: the network scores the images).
+    features = {key: scoring_features(model, trained, dataset, device)
+                for key, dataset in scored.items() if dist.is_main}
+
+    def score(key: str) -> float:
+        if features.get(key) is not None:
+            return evaluate(trainer.released_model, features[key], device)
+        return evaluate(released(), scored[key], device, num_workers=workers)
+
     while trainer.epoch < config.epochs:
         stats = trainer.train_epoch(progress=config.progress)
         if not dist.is_main:
             continue  # the other ranks wait for rank 0 at the next step's all-reduce
-        if config.eval_split == "test":
-            stats["test_acc"] = evaluate(released(), test_set, device, num_workers=workers)
-        if val_set is not None:
-            stats["val_acc"] = evaluate(released(), val_set, device, num_workers=workers)
+        stats.update({key: score(key) for key in scored})
         stats["epsilon"] = privacy.compute_epsilon(
             [(config.noise_multiplier, trainer.sample_rate, trainer.steps_done)], config.delta, config.accountant)
         stats["epoch"] = trainer.epoch

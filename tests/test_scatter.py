@@ -22,7 +22,8 @@ from synthesizer.dp_stats import per_sample_statistics
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, matching_loss, per_sample_moments, set_mode
 from training.distill import DistillationConfig, StudentTrainer
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
-from training.frontend import cache_front_end, cache_refusal
+from training.accuracy import evaluate
+from training.frontend import cache_front_end, cache_refusal, scoring_features, training_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -224,6 +225,41 @@ def test_a_student_on_cached_features_trains_the_same_weights_as_on_images():
     assert not torch.equal(expected["head.fc2.weight"], model64(seed=8).state_dict()["head.fc2.weight"])
     for key in expected:  # the distillation loss runs in float32
         torch.testing.assert_close(state[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_head_scores_cached_features_as_the_model_scores_the_images():
+    """Stage 1 scores every epoch on the evaluation sets' features, computed once (float64: exact)."""
+    model = model64(seed=9)
+    images, labels = images_and_labels(6, seed=10)
+    head, features = training_inputs(model, TensorDataset(images, labels))
+    assert head is model.head and features.tensors[0].shape == (6, 243, 8, 8)
+    test_images, test_labels = images_and_labels(5, seed=11)
+    test_set = PerItemView(test_images, test_labels)  # any dataset, not only in-memory ones
+    scored = scoring_features(model, head, test_set, "cpu", batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(head(scored.tensors[0]), model(test_images), rtol=1e-12, atol=1e-12)
+    assert torch.equal(scored.tensors[1], test_labels)
+    assert evaluate(head, scored, torch.device("cpu")) == evaluate(model, test_set, torch.device("cpu"))
+    assert model.training  # the front end is back in its mode
+    assert scoring_features(model, model, test_set, "cpu") is None  # the model trains on images
+    assert scoring_features(model, head, test_set, "cpu", max_bytes=1000) is None  # too large: score images
+    small = registry.get_model("small_cnn", NUM_CLASSES)
+    trained, data = training_inputs(small, TensorDataset(images.float(), labels))
+    assert trained is small and torch.equal(data.tensors[0], images.float())  # no front end: unchanged
+    assert scoring_features(small, small, test_set, "cpu") is None
+
+
+class PerItemView(Dataset):
+    """Examples read one at a time (a dataset that is not held in memory)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
 
 
 class Noisy(nn.Module):

@@ -14,11 +14,11 @@ end when it is drawn, and caching one view would train on the unaugmented images
 also needs the training set in memory (a per-item dataset may transform images as it reads them).
 :func:`cache_refusal` says why it does not apply; the caller then trains the whole model on images.
 
-Usage (stage 1)::
+Usage (stages 1 and 4)::
 
-    if cache_refusal(model, train_set, augmented=augmenting) is None:
-        head, features = cache_front_end(model, train_set, augmented=augmenting, device=device)
-        trainer = DPSGDTrainer(head, features, config, device, seed)  # trains model.head in place
+    trained, data = training_inputs(model, train_set, augmented=augmenting, device=device)
+    trainer = DPSGDTrainer(trained, data, config, device, seed)  # trains model.head in place
+    test_features = scoring_features(model, trained, test_set, device)  # None: score the images
     ...
     save model.state_dict(), the whole model's (the head's weights under ``head.``)
 """
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from common.batches import in_memory_tensors
+from common.batches import in_memory_tensors, sequential_batches
 from common.errors import DPImgSynError
 from privacy.clipping import refuse_batch_statistics
 
@@ -126,9 +126,23 @@ def cache_front_end(model: nn.Module, train_set: Dataset, *, augmented: bool = F
     reason = cache_refusal(model, train_set, augmented=augmented, max_bytes=max_bytes)
     if reason:
         raise DPImgSynError(f"cannot cache the front end of {type(model).__name__}: {reason}")
+    return _cached(model, train_set, torch.device(device), batch_size)
+
+
+def training_inputs(model: nn.Module, train_set: Dataset, *, augmented: bool = False,
+                    device: torch.device | str = "cpu") -> tuple[nn.Module, Dataset]:
+    """What to train: ``(model.head, features)`` where :func:`cache_refusal` allows it (see
+    :func:`cache_front_end`), else ``(model, train_set)`` unchanged."""
+    if cache_refusal(model, train_set, augmented=augmented) is not None:
+        return model, train_set
+    return _cached(model, train_set, torch.device(device), BATCH_SIZE)
+
+
+def _cached(model: nn.Module, train_set: Dataset, device: torch.device, batch_size: int
+            ) -> tuple[nn.Module, TensorDataset]:
+    """:func:`cache_front_end` once :func:`cache_refusal` has found no reason against it."""
     frontend, head = _parts(model)
     images, labels = in_memory_tensors(train_set)
-    device = torch.device(device)
     was_training = model.training
     model.to(device).train()
     try:
@@ -158,6 +172,35 @@ def cache_front_end(model: nn.Module, train_set: Dataset, *, augmented: bool = F
         raise DPImgSynError(f"cannot cache the front end of {type(model).__name__}: {problem}; train the whole "
                             "model on the images")
     return head, TensorDataset(features, labels.clone())
+
+
+def scoring_features(model: nn.Module, trained: nn.Module, dataset: Dataset, device: torch.device | str,
+                     batch_size: int = BATCH_SIZE, max_bytes: int = MAX_FEATURE_BYTES) -> TensorDataset | None:
+    """``(model.frontend(image), label)`` for every example of an evaluation set, computed once.
+
+    Where ``trained`` is ``model``'s head on cached features (:func:`training_inputs`), scoring the
+    head (or a moving average of it) on these features gives the accuracy of the whole network on
+    the images, without running the front end at every evaluation: :func:`cache_front_end` checked
+    that ``model(x)`` is ``head(frontend(x))``. None where ``trained`` is the whole model, or where the
+    features would exceed ``max_bytes``: score the whole network on the images then.
+    """
+    parts = _parts(model)
+    if trained is model or parts is None or parts[1] is not trained or len(dataset) == 0:
+        return None
+    frontend = parts[0]
+    was_training = frontend.training
+    frontend.eval()
+    features, labels = [], []
+    try:
+        with torch.no_grad():
+            for images, batch_labels in sequential_batches(dataset, batch_size):
+                features.append(frontend(images.to(device)).cpu())
+                labels.append(batch_labels)
+                if features[0][0].nbytes * len(dataset) > max_bytes:
+                    return None
+    finally:
+        frontend.train(was_training)
+    return TensorDataset(torch.cat(features), torch.cat(labels))
 
 
 class FrontEndAndHead(nn.Module):
