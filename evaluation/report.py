@@ -25,10 +25,16 @@ def percent(values: list[float]) -> str:
     return f"{100 * mean:.2f}" if count == 1 else f"{100 * mean:.2f} ± {100 * std:.2f} (n={count})"
 
 
+def k_order(k: int | str) -> tuple[int, list[int]]:
+    """Students of one release by k, then those of several releases together (k ``0+10``)."""
+    parts = [int(part) for part in str(k).split("+")]
+    return len(parts), parts
+
+
 def summarize(results: list[dict]) -> list[dict]:
     """Mean ± std (sample std; 0 for one seed) of the student accuracy per k, like the paper's table."""
     summary = []
-    for k in sorted({row["k"] for row in results}):
+    for k in sorted({row["k"] for row in results}, key=k_order):
         mean, std, count = mean_std([row["student_test_acc"] for row in results if row["k"] == k])
         summary.append({"k": k, "mean": mean, "std": std, "seeds": count})
     return summary
@@ -37,7 +43,7 @@ def summarize(results: list[dict]) -> list[dict]:
 def render_report(report: dict) -> str:
     """A markdown report of one run: privacy, teacher, and the student table (accuracies in %)."""
     accuracies = {k: [row["student_test_acc"] for row in report["results"] if row["k"] == k]
-                  for k in sorted({row["k"] for row in report["results"]})}
+                  for k in sorted({row["k"] for row in report["results"]}, key=k_order)}
     lines = [
         f"# DP-ImgSyn report: {report['dataset']} (private) <- {report['public_set']} (public)", "",
         f"- epsilon {report['epsilon']:.3f} at delta {report['delta']:g} ({report['accountant']} accountant, "
@@ -71,7 +77,8 @@ def write_results_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _methods(rows: list[dict]) -> list[str]:
-    return ["teacher"] + sorted({row["method"] for row in rows} - {"teacher"}, key=lambda m: int(m[10:-1]))
+    students = {row["method"] for row in rows} - {"teacher"}
+    return ["teacher"] + sorted(students, key=lambda method: k_order(method[len("DP-ImgSyn("):-1]))
 
 
 def sweep_table(rows: list[dict]) -> str:

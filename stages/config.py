@@ -62,6 +62,7 @@ class Pipeline:
     seeds: tuple[int, ...]  # one student per release and seed
     epsilons: tuple[float | None, ...] = (None,)  # a sweep's target epsilons (None: the settings' own)
     replicates: tuple[int | None, ...] = (None,)  # whole-pipeline seeds of a sweep (None: the stages' own)
+    together: bool = False  # also one student per seed on all the run's releases at once
 
 
 def _int_list(section: dict, names: tuple[str, ...], where: str, default: tuple[int, ...] | None,
@@ -127,13 +128,18 @@ def validate_config(raw: dict) -> Pipeline:
         "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0})
     student_section = _section(raw, "student")
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
+    together = student_section.pop("together", False)
+    if not isinstance(together, bool):
+        raise DPImgSynError("config: key 'student.together' must be true or false")
+    if together and len(ks) < 2:
+        raise DPImgSynError("config: 'student.together' needs at least two k values in 'synthesis.k'")
     student = config_from_mapping(StudentConfig, student_section, "student.", fixed={
-        **run, **split, "release": UNSET, "output": UNSET, "dataset": top.dataset, "seed": 0})
+        **run, **split, "release": (UNSET,), "output": UNSET, "dataset": top.dataset, "seed": 0})
     if replicates and (any(raw[name].get("seed") is not None for name in SECTIONS[:3]) or "seeds" in raw["student"]):
         raise DPImgSynError("config: give either the top-level 'seeds' (one whole run per seed) or the stages' own "
                             "seeds, not both")
     return Pipeline(top, teacher, statistics, synthesis, ks, student, seeds,
-                    tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,))
+                    tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,), together)
 
 
 def as_sweep(raw: dict, epsilons: Sequence[float] = (), seeds: Sequence[int] = ()) -> dict:

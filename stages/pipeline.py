@@ -27,7 +27,7 @@ from evaluation.report import (plot_accuracy_vs_epsilon, render_report, result_r
                                write_results_csv)
 from stages.config import Pipeline
 from stages.dp_statistics import StatisticsConfig, capture_statistics
-from stages.student import StudentConfig, train_student
+from stages.student import StudentConfig, joined_k, train_student
 from stages.synthesis import SynthesisConfig, synthesize
 from stages.teacher import TeacherConfig, train_teacher
 from synthesizer.export import export_release
@@ -143,12 +143,17 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
                                                       output=str(release)))
         for fmt in top.exports:  # the release as other tools read it (no private data: post-processing)
             export_release(release, fmt, out / f"export_k{k}_{fmt}", progress=progress)
+    # One student per release and seed; with `together`, also one on all the releases at once (the same
+    # DP teacher and statistics: the union is post-processing, at the run's epsilon).
+    trained_on = {k: (release,) for k, release in releases.items()}
+    if pipeline.together:
+        trained_on[joined_k(pipeline.ks)] = tuple(releases.values())
     results = []
-    for k, release in releases.items():
+    for k, paths in trained_on.items():
         for seed in pipeline.seeds:
             student_dir = out / f"student_k{k}_seed{seed}"
-            timed(f"student_k{k}_seed{seed}", "student", replace(pipeline.student, release=str(release), seed=seed,
-                                                                  output=str(student_dir)))
+            timed(f"student_k{k}_seed{seed}", "student", replace(
+                pipeline.student, release=tuple(map(str, paths)), seed=seed, output=str(student_dir)))
             metrics = json.loads((student_dir / "metrics.json").read_text())
             results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
 

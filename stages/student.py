@@ -5,6 +5,7 @@ import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import TensorDataset
@@ -29,7 +30,9 @@ from training.frontend import training_inputs
 class StudentConfig(DistillationConfig, registry.FolderViewOptions, RunOptions):
     """Stage 4's settings: a student trained on the release alone (the paper's recipe by default)."""
 
-    release: str = option(help="release folder written by synthesize.py")
+    release: tuple[str, ...] = option(help="release folder written by synthesize.py; several (e.g. one run's k = 0 "
+                                      "and k = 10) train one student on all their images, at their one epsilon: "
+                                      "they must come from the same DP teacher and statistics")
     dataset: str | None = option(None, "private dataset for the test split (default: the release's; required for "
                                  "a folder: set, which releases record by its folder name only)")
     model: str = option("resnet18", "student architecture from the registry")
@@ -51,28 +54,39 @@ def scored_set(dataset: str, config: StudentConfig, view: dict):
                             config.val_split)[1]
 
 
+def joined_k(ks: Sequence[int | None]) -> str:
+    """The label of a student of several releases: their k values, e.g. ``0+10``."""
+    return "+".join(str(k) for k in ks)
+
+
 def train_student(config: StudentConfig) -> dict:
     """Run (or resume) stage 4; returns the metrics rank 0 writes to ``<output>/metrics.json``.
 
     Under torchrun the other ranks train their share and return ``{}``.
     """
     dist, device = distributed.setup(config.device)
-    bundle = release_io.load(config.release, verify=True)  # a swapped or damaged array is refused
+    paths = (config.release,) if isinstance(config.release, str) else tuple(config.release)
+    if not paths:
+        raise DPImgSynError("give at least one release folder")
+    bundles = [release_io.load(path, verify=True) for path in paths]  # a swapped or damaged array is refused
+    release_io.refuse_mixed_sources(bundles)
+    bundle, name = bundles[0], " + ".join(paths)
     recorded = bundle.metadata.get("dataset")
     if not recorded:
-        raise DPImgSynError(f"{config.release} does not record its private dataset; regenerate it with "
-                            "synthesize.py")
-    dataset = config.dataset or registry.local_dataset(recorded, None, f"release {config.release}")
+        raise DPImgSynError(f"{paths[0]} does not record its private dataset; regenerate it with synthesize.py")
+    dataset = config.dataset or registry.local_dataset(recorded, None, f"release {name}")
     # The test split is seen as the release's images are (the teacher's view of a folder: set).
     view = registry.recorded_view(recorded, bundle.metadata.get(registry.VIEW_KEY)
                                   or registry.shape_view(bundle.images.shape[1:]), config.image_size,
-                                  config.channels, f"release {config.release}")
+                                  config.channels, f"release {name}")
     registry.check_model_input(config.model, bundle.images.shape[-1])
     output = Path(config.output)
     bf16 = use_bf16(config.precision, device)
     if config.eval_split == "validation" and not config.val_split:
         raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
-    settings = {"release_sha256": bundle.metadata.get("files", {}), "dataset": recorded, "model": config.model,
+    checksums = [release.metadata.get("files", {}) for release in bundles]
+    settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, "dataset": recorded,
+                "model": config.model,
                 "seed": config.seed, "bf16": bf16, "eval_split": config.eval_split, "val_split": config.val_split,
                 **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
     metrics_path = output / "metrics.json"
@@ -88,17 +102,17 @@ def train_student(config: StudentConfig) -> dict:
         test_set = scored_set(dataset, config, view) if dist.is_main else None
 
     seed_everything(config.seed)
-    images, soft_labels, _ = bundle.tensors()  # the targets are the synthesis aims, not labels
+    arrays = [release.tensors() for release in bundles]  # the targets are the synthesis aims, not labels
+    images, soft_labels = (torch.cat([array[index] for array in arrays]) for index in (0, 1))
+    labels = torch.cat([release.labels_tensor() for release in bundles])
     mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(config.model, soft_labels.shape[1], images.shape[1], images.shape[-1])
     # A fixed front end (scatter_cnn's scattering) runs once per released image, not once per epoch;
     # training the head on its outputs trains ``model``, which is then evaluated and saved whole.
-    trained, inputs = training_inputs(model, TensorDataset(images, bundle.labels_tensor()),
-                                      augmented=config.augment, device=device)
-    trainer = StudentTrainer(trained, inputs.tensors[0], soft_labels, bundle.labels_tensor(), config, device,
-                             config.seed, dist, bf16)
+    trained, inputs = training_inputs(model, TensorDataset(images, labels), augmented=config.augment, device=device)
+    trainer = StudentTrainer(trained, inputs.tensors[0], soft_labels, labels, config, device, config.seed, dist, bf16)
     resume_path = output / "student.resume"
     history = resumed_history(resume_path, settings, trainer)
     if history and dist.is_main:
@@ -125,8 +139,10 @@ def train_student(config: StudentConfig) -> dict:
     atomic_torch_save({"model": model.state_dict(), "architecture": config.model,
                        "num_classes": soft_labels.shape[1], "dataset": dataset,
                        **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
+    ks = [release.metadata.get("k") for release in bundles]
     metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
-               "release": str(Path(config.release)), "k": bundle.metadata.get("k"),
+               "release": str(Path(paths[0])) if len(paths) == 1 else [str(Path(path)) for path in paths],
+               "k": ks[0] if len(ks) == 1 else joined_k(ks),
                "public_set": bundle.metadata.get("public_set"), "seed": config.seed,
                "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"), "eval_split": config.eval_split,
                "seconds": time.time() - started, "history": history, "settings": settings}

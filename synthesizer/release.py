@@ -541,6 +541,38 @@ def load(path: str | Path, verify: bool = False) -> ReleaseDataset:
     return dataset
 
 
+# What releases trained on together must share: the one DP output they all post-process (the stage-2
+# teacher and its privacy block), and what a student needs to read them as one set ("view": a folder:
+# set's recorded image size and channels, registry.VIEW_KEY).
+SHARED_KEYS = ("teacher_sha256", "privacy", "dataset", "mean", "std", "num_classes", "view")
+
+
+def refuse_mixed_sources(releases: Sequence[ReleaseDataset]) -> None:
+    """Refuse releases that may not train one student together.
+
+    Several releases of one DP teacher with its DP statistics (e.g. k = 0 and k = 10 of one run) are
+    post-processing of the same DP outputs: their union keeps the epsilon each of them has. Releases
+    of different teachers or statistics are different DP outputs of (possibly) the same records,
+    whose union would cost the composition of their budgets, which no release records: refused. So
+    are a release given twice (it would count double) and releases the student cannot read as one set.
+    """
+    first = releases[0]
+    for other in releases[1:]:
+        differing = [key for key in SHARED_KEYS if first.metadata.get(key) != other.metadata.get(key)]
+        if first.images.shape[1:] != other.images.shape[1:]:
+            differing.append("image shape")
+        if differing:
+            raise DPImgSynError(
+                f"releases {first.root} and {other.root} differ in {', '.join(differing)}: only releases of the same "
+                "DP teacher and statistics (one run's releases) train a student together, at their one epsilon")
+    seen: dict[str, Path] = {}
+    for release in releases:
+        key = json.dumps(release.metadata.get("files"), sort_keys=True)
+        if key in seen:
+            raise DPImgSynError(f"{release.root} and {seen[key]} are the same release: give each release once")
+        seen[key] = release.root
+
+
 def _verify_checksums(root: Path, metadata: dict) -> None:
     files, required = metadata.get("files"), _array_files(metadata)
     if not isinstance(files, dict) or not set(required) <= set(files):
