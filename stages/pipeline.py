@@ -33,6 +33,7 @@ from stages.teacher import TeacherConfig, train_teacher
 from synthesizer.export import export_release
 
 ROOT = Path(__file__).resolve().parents[1]
+SECONDS_FILE = "seconds.json"
 # name -> (stage function, its config class, the CLI that runs it alone)
 STAGES: dict[str, tuple[Callable[[Any], Any], type, str]] = {
     "teacher": (train_teacher, TeacherConfig, "train_dp.py"),
@@ -121,12 +122,20 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     """One run: every stage once per release and student seed; ``report.json`` and its table."""
     top = pipeline.settings
     out.mkdir(parents=True, exist_ok=True)
+    # Wall-clock seconds per stage over every invocation in this folder, saved after each stage: a run
+    # resumed after a kill (or rerun for a new student) reports all the time it took, not the last part.
+    seconds_path = out / SECONDS_FILE
+    spent: dict[str, float] = json.loads(seconds_path.read_text()) if seconds_path.is_file() else {}
     seconds: dict[str, float] = {}
+
+    def record(name: str, started: float) -> None:
+        seconds[name] = spent.get(name, 0.0) + time.time() - started
+        atomic_write_text(seconds_path, json.dumps({**spent, **seconds}, indent=2))
 
     def timed(name: str, stage: str, config: Any) -> None:
         started = time.time()
         run_stage(stage, replace(config, progress=progress), nproc)
-        seconds[name] = time.time() - started
+        record(name, started)
 
     teacher_path, stats_path = out / "teacher.dppt", out / "statistics.dppt"
     timed("teacher", "teacher", replace(pipeline.teacher, output=str(teacher_path)))
@@ -166,7 +175,7 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
                 data_root=top.data_root, dataset=top.dataset, public_set=pipeline.synthesis.public_set,
                 teacher=str(stats_path), sampling_dir=pipeline.synthesis.sampling_dir,
                 metrics=tuple(str(out / f"student_k{k}_seed{seed}" / "metrics.json") for seed in pipeline.seeds)))
-            seconds[f"evaluation_k{k}"] = time.time() - started
+            record(f"evaluation_k{k}", started)
             evaluations[str(k)] = {"card": str(result["card_markdown"]), "obfuscated": result["obfuscated"]}
 
     report = {

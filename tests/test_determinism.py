@@ -7,8 +7,8 @@ fixed config and seeds:
   artifact must be byte-identical (sha256 equal): ``teacher.dppt``, ``statistics.dppt``, the release's
   ``images.npy`` / ``soft_labels.npy`` / ``targets.npy`` / ``metadata.json`` / ``preview.png`` and the
   student's ``student.pt``. Only wall-clock fields are left out: the ``*.log`` files (timestamps on
-  every line), ``seconds`` in ``report.json`` and in the student's ``metrics.json``, and ``report.md``
-  (its "Seconds per stage" line).
+  every line), ``seconds`` in ``report.json`` and in the student's ``metrics.json``, ``seconds.json``,
+  and ``report.md`` (its "Seconds per stage" line).
 * run 3 writes into a *different* folder. Shareable artifacts (checkpoints, releases) name no local
   path, so they are byte-identical there too; only the local records may differ, in these keys
   (anything else differing fails the test):
@@ -53,7 +53,7 @@ ARTIFACTS = ["teacher.dppt", "statistics.dppt", f"{RELEASE}/images.npy", f"{RELE
              f"{RELEASE}/targets.npy", f"{RELEASE}/metadata.json", f"{RELEASE}/preview.png",
              f"{STUDENT}/student.pt"]
 # Files whose bytes carry wall-clock time; the JSON ones are compared without their "seconds" key.
-TIMED_FILES = {"report.json", "report.md", f"{STUDENT}/metrics.json", "results.csv"}
+TIMED_FILES = {"report.json", "report.md", f"{STUDENT}/metrics.json", "results.csv", "seconds.json"}
 # Keys (paths into the payload) that record a file system location, or a hash of a file that does.
 PATH_KEYS = {
     f"{STUDENT}/metrics.json": [("release",), ("seconds",)],
@@ -142,7 +142,7 @@ def test_other_folder_differs_only_in_path_keys(three_runs):
                                 without(load(elsewhere / name), PATH_KEYS[name]), name)
         elif name == "results.csv":
             assert results_without_time(second) == results_without_time(elsewhere)
-        elif name != "report.md":
+        elif name not in ("report.md", "seconds.json"):
             assert sha256(second / name) == sha256(elsewhere / name), name
     left, right = (load(folder / STUDENT / "student.pt")["model"] for folder in (second, elsewhere))
     assert left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left)

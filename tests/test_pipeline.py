@@ -70,7 +70,7 @@ def test_k0_releases_the_aligned_public_images(tiny_pipeline):
 
 
 def test_rerun_redoes_only_the_missing_stage(tiny_pipeline, tiny_config):
-    out, _ = tiny_pipeline
+    out, first = tiny_pipeline
     copy_dir = out.parent / "rerun"
     shutil.copytree(out, copy_dir)
     shutil.rmtree(copy_dir / "student_k3_seed1")
@@ -81,6 +81,9 @@ def test_rerun_redoes_only_the_missing_stage(tiny_pipeline, tiny_config):
     assert (copy_dir / "student_k3_seed1" / "metrics.json").exists()
     assert {path: path.stat().st_mtime_ns for path in kept} == before
     assert len(report["results"]) == 2
+    # The stage times add up over invocations: the skipped teacher keeps the time the first run spent on it.
+    assert report["seconds"]["teacher"] >= first["seconds"]["teacher"]
+    assert json.loads((copy_dir / "seconds.json").read_text()) == report["seconds"]
 
 
 def test_student_and_synthesis_never_open_private_training_data(tiny_pipeline, tmp_path):
