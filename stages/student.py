@@ -86,8 +86,8 @@ def train_student(config: StudentConfig) -> dict:
         raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
     checksums = [release.metadata.get("files", {}) for release in bundles]
     settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, "dataset": recorded,
-                "model": config.model,
-                "seed": config.seed, "bf16": bf16, "eval_split": config.eval_split, "val_split": config.val_split,
+                "model": config.model, "seed": config.seed, "bf16": bf16, "eval_split": config.eval_split,
+                "val_split": config.val_split,
                 **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
     metrics_path = output / "metrics.json"
     if metrics_path.exists():
