@@ -65,7 +65,7 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/demo_baseline.yaml"])
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/demo_baseline.yaml", "configs/demo_eps10.yaml"])
 def test_demo_configs_parse(path):
     config = load_config(path)
     assert config.settings.dataset == "mnist5k" and config.synthesis.public_set == "photos"
