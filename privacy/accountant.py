@@ -12,6 +12,7 @@ import numbers
 import warnings
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from common.errors import DPImgSynError
 from privacy.sampling import steps_per_epoch
@@ -135,7 +136,10 @@ def _epsilon_of_history(history: tuple[Mechanism, ...], delta: float, accountant
             )
     tracker = ACCOUNTANTS[accountant]()
     tracker.history = list(history)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
+    # One BLAS thread: PRV's sums round differently with more (sigma calibrated for epsilon 10 moved by
+    # 1e-10 between 1 and 2 threads), and a rerun on another thread count would then refuse to resume
+    # a stage whose recorded sigma no longer matches.
+    with np.errstate(all="ignore"), warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")  # Opacus warns about alpha ranges and numpy overflows it handles
         epsilon = float(tracker.get_epsilon(delta=delta))
     return epsilon if not math.isnan(epsilon) else math.inf

@@ -206,3 +206,18 @@ def test_preset_values_are_validated(tmp_path, presets):
 def test_missing_presets_file_is_a_user_error(tmp_path):
     with pytest.raises(DPImgSynError, match="cannot read presets"):
         load_presets(tmp_path / "absent.yaml")
+
+
+def test_calibration_does_not_depend_on_the_number_of_blas_threads():
+    """A rerun on another thread count must calibrate the same sigma, or it cannot resume its stages."""
+    from threadpoolctl import threadpool_limits
+
+    from privacy.accountant import _epsilon_of_history
+
+    plan = [poisson_plan(4000, 512, 30), poisson_plan(4000, 256, 1)]  # the epsilon-10 recipe's
+    sigmas = []
+    for threads in (1, 2):
+        _epsilon_of_history.cache_clear()
+        with threadpool_limits(limits=threads):
+            sigmas.append(calibrate_noise_multiplier(10.0, DELTA, plan, "prv"))
+    assert sigmas[0] == sigmas[1]  # exactly: stages compare the recorded sigma exactly
