@@ -58,6 +58,7 @@ class Pipeline:
     statistics: StatisticsConfig
     synthesis: SynthesisConfig
     ks: tuple[int, ...]  # one release per k
+    num_samples: tuple[int, ...]  # images of each release, in the order of ks
     student: StudentConfig
     seeds: tuple[int, ...]  # one student per release and seed
     epsilons: tuple[float | None, ...] = (None,)  # a sweep's target epsilons (None: the settings' own)
@@ -75,9 +76,22 @@ def _int_list(section: dict, names: tuple[str, ...], where: str, default: tuple[
     if not isinstance(values, list | tuple) or not all(
             isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
             for value in values):
-        kind = "non-negative integers" if minimum == 0 else "integers"
+        kind = {None: "integers", 0: "non-negative integers", 1: "positive integers"}[minimum]
         raise DPImgSynError(f"config: key '{where}{name}' must be a list of {kind}")
     return tuple(values)
+
+
+def _release_sizes(synthesis: dict, releases: int) -> tuple[int, ...]:
+    """A list 'num_samples' (one count per k, in the same order) taken out of ``synthesis``, whose own
+    'num_samples' becomes the first count so that it is still checked; () when it is one number for every k."""
+    if not isinstance(synthesis.get("num_samples"), list):
+        return ()
+    sizes = _int_list(synthesis, ("num_samples",), "synthesis.", None, minimum=1)
+    if len(sizes) != releases:
+        raise DPImgSynError(f"config: key 'synthesis.num_samples' lists {len(sizes)} counts for {releases} k values; "
+                            "give one number, or one count per k")
+    synthesis["num_samples"] = sizes[0]
+    return sizes
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -124,6 +138,7 @@ def validate_config(raw: dict) -> Pipeline:
         "stats_epochs": int(statistics.epochs), "stats_batch_size": statistics.train_batch_size})
     synthesis_section = _section(raw, "synthesis")
     ks = _int_list(synthesis_section, ("k", "g_steps"), "synthesis.", None, minimum=0)
+    num_samples = _release_sizes(synthesis_section, len(ks))
     synthesis = config_from_mapping(SynthesisConfig, synthesis_section, "synthesis.", required=(
         "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0})
     student_section = _section(raw, "student")
@@ -138,8 +153,8 @@ def validate_config(raw: dict) -> Pipeline:
     if replicates and (any(raw[name].get("seed") is not None for name in SECTIONS[:3]) or "seeds" in raw["student"]):
         raise DPImgSynError("config: give either the top-level 'seeds' (one whole run per seed) or the stages' own "
                             "seeds, not both")
-    return Pipeline(top, teacher, statistics, synthesis, ks, student, seeds,
-                    tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,), together)
+    return Pipeline(top, teacher, statistics, synthesis, ks, num_samples or (synthesis.num_samples,) * len(ks), student,
+                    seeds, tuple(epsilons) if isinstance(epsilons, list) else (None,), replicates or (None,), together)
 
 
 def as_sweep(raw: dict, epsilons: Sequence[float] = (), seeds: Sequence[int] = ()) -> dict:
@@ -157,11 +172,32 @@ def as_sweep(raw: dict, epsilons: Sequence[float] = (), seeds: Sequence[int] = (
     return raw
 
 
+def read_config(path: str | Path, inheriting: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping. A top-level 'base' names another config (relative to this file) that this one
+    changes: its top-level keys replace the base's, and within a section only the keys it gives, so a recipe
+    that differs from another in a few settings says just those."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str):
+        raise DPImgSynError(f"config {path}: key 'base' must be the path of another config file")
+    base_path, chain = (path.parent / base).resolve(), (*inheriting, path.resolve())
+    if base_path in chain:
+        raise DPImgSynError(f"config {path}: 'base' {base} leads back to itself")
+    merged = read_config(base_path, chain)
+    for key, value in raw.items():
+        both_sections = key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_sections else value
+    return merged
+
+
 def load_config(path: str | Path, row: str | None = None, epsilons: Sequence[float] = (),
                 seeds: Sequence[int] = ()) -> Pipeline:
     """A validated pipeline config: a plain config file, or one row of a multi-row file (paper.yaml),
     optionally swept (:func:`as_sweep`)."""
-    raw = read_yaml(path)
+    raw = read_config(path)
     if "rows" in raw:
         raw = expand_row(raw, row, path)
     elif row is not None:

@@ -147,9 +147,9 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     block = privacy.load_dppt(stats_path)["privacy"]
 
     releases = {k: out / f"release_k{k}" for k in pipeline.ks}
-    for k, release in releases.items():
+    for (k, release), num_samples in zip(releases.items(), pipeline.num_samples):
         timed(f"synthesis_k{k}", "synthesis", replace(pipeline.synthesis, teacher=str(stats_path), k=k,
-                                                      output=str(release)))
+                                                      num_samples=num_samples, output=str(release)))
         for fmt in top.exports:  # the release as other tools read it (no private data: post-processing)
             export_release(release, fmt, out / f"export_k{k}_{fmt}", progress=progress)
     # One student per release and seed; with `together`, also one on all the releases at once (the same

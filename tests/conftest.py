@@ -13,7 +13,7 @@ TINY_CONFIG = {
     "teacher": {"epochs": 2, "train_batch_size": 256, "lr": 1.0, "max_norm": 1.0, "seed": 0},
     "statistics": {"epochs": 1, "train_batch_size": 256, "max_norm": 1.0, "public_set": "photos",
                    "clip_quantile": 0.5, "seed": 0},
-    "synthesis": {"public_set": "photos", "num_samples": 400, "g_steps": [0, 3], "batch_size": 100,
+    "synthesis": {"public_set": "photos", "num_samples": [500, 400], "g_steps": [0, 3], "batch_size": 100,
                   "batches_per_shard": 2, "lr_g": 0.1},
     "student": {"model": "small_cnn", "epochs": 4, "batch_size": 64, "lr": 0.05, "T": 4.0, "seeds": [1]},
 }

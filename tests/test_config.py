@@ -65,11 +65,47 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/demo_baseline.yaml", "configs/demo_eps10.yaml"])
-def test_demo_configs_parse(path):
+@pytest.mark.parametrize("path, epsilon", [("configs/demo.yaml", 10), ("configs/demo_baseline.yaml", 10),
+                                           ("configs/demo_eps10.yaml", 10), ("configs/demo_eps1.yaml", 1)])
+def test_demo_configs_parse(path, epsilon):
     config = load_config(path)
     assert config.settings.dataset == "mnist5k" and config.synthesis.public_set == "photos"
-    assert config.settings.target_epsilon == 10 and 0 in config.ks
+    assert config.settings.target_epsilon == epsilon and 0 in config.ks
+    assert len(config.num_samples) == len(config.ks)
+
+
+def test_a_recipe_changes_its_base_only_where_it_says(tmp_path):
+    """'base': the recipe's top-level keys replace the base's; in a section, only the keys it gives."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(MINIMAL))
+    recipe = tmp_path / "recipes" / "recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump({"base": "../base.yaml", "target_epsilon": 1, "teacher": {"lr": 2.0}}))
+    config, base = load_config(recipe), load_config(tmp_path / "base.yaml")
+    assert config.settings.target_epsilon == 1 and config.teacher.lr == 2.0
+    assert config.teacher.epochs == base.teacher.epochs == 1 and config.teacher.max_norm == 1.0
+    assert config.student == base.student and config.ks == base.ks
+    assert load_config("configs/demo_eps10.yaml").student == load_config("configs/demo.yaml").student
+
+
+@pytest.mark.parametrize("base, message", [("self.yaml", "leads back to itself"), ("missing.yaml", "not found"),
+                                           (3, "must be the path")])
+def test_bad_base(tmp_path, base, message):
+    path = tmp_path / "self.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "base": base}))
+    with pytest.raises(DPImgSynError, match=message):
+        load_config(path)
+
+
+def test_one_image_count_per_k():
+    config = copy.deepcopy(MINIMAL)
+    config["synthesis"]["num_samples"] = [500, 80]
+    assert validate_config(config).num_samples == (500, 80)
+    assert validate_config(copy.deepcopy(MINIMAL)).num_samples == (80, 80)  # one number: every k
+    for counts, message in (([500], "1 counts for 2 k values"), ([500, 0], "positive integers")):
+        config["synthesis"]["num_samples"] = counts
+        with pytest.raises(DPImgSynError, match=message) as info:
+            validate_config(copy.deepcopy(config))
+        assert "synthesis.num_samples" in str(info.value)
 
 
 def test_every_paper_row_has_a_config():

@@ -47,7 +47,7 @@ def test_the_student_trains_on_the_union_of_the_releases(tiny_pipeline, tmp_path
         student_of(out / "release_k0", out / "release_k3", tmp_path=tmp_path)
     images, soft_labels, labels = calls[0]
     parts = [release_io.load(out / f"release_k{k}") for k in (0, 3)]
-    assert len(images) == len(soft_labels) == len(labels) == 800  # 400 + 400, each image once
+    assert len(images) == len(soft_labels) == len(labels) == 900  # 500 + 400, each image once
     expected = torch.cat([part.tensors()[1] for part in parts])
     assert torch.equal(soft_labels, expected) and torch.equal(labels, torch.cat([p.labels_tensor() for p in parts]))
 
@@ -90,7 +90,7 @@ def test_the_pipeline_adds_a_student_of_all_releases_and_reports_it(tiny_pipelin
     with open(copy_dir / "results.csv", newline="") as handle:
         assert [row["method"] for row in csv.DictReader(handle)] == [
             "teacher", "DP-ImgSyn(0)", "DP-ImgSyn(3)", "DP-ImgSyn(0+3)"]
-    config["synthesis"]["g_steps"] = [3]
+    config["synthesis"].update(g_steps=[3], num_samples=400)
     with pytest.raises(DPImgSynError, match="needs at least two k values"):
         validate_config(config)
 
