@@ -8,6 +8,9 @@ A config whose target_epsilon is a list (and/or with top-level seeds: one whole 
 is a sweep: one run folder per (epsilon, seed), and results.csv, report.md and
 accuracy_vs_epsilon.png over all of them. --epsilons and --seeds sweep any config.
 
+A config may start from another (base: demo.yaml, relative to the file) and give only the keys
+it changes (configs/demo_eps1.yaml); synthesis.num_samples is one count for every k or one per k.
+
 Examples:
   python run_pipeline.py --config configs/demo.yaml
   python run_pipeline.py --config configs/paper.yaml --row mnist_eps1_tinyimagenet
