@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Export a release to formats other tools read as they are: PNG folders, .npz arrays, DPImageBench's gen.npz.
 
-Reads only the release folder (no private data) and writes a new folder. Labels are the teacher's hard
+Reads the release folder and writes a new folder. When the release involves a folder: set (private or public),
+the private images are read for one check first: no exported image may be a private one (pass --dataset
+folder:PATH for a folder private set). Labels are the teacher's hard
 labels (the argmax of its soft labels), never the synthesis targets; gray releases stay one channel.
-Beside the images, export.json records the release's privacy block, the counts and every file's sha256.
+The soft labels (the teacher's logits) travel too, for distillation: train/soft_labels.npy of an image
+folder, the key soft of an .npz. Class folders and the .npz key class_names carry the release's class
+names. Beside the images, export.json records the release's privacy block, the counts, the class names,
+where the soft labels are and every file's sha256.
 
 Examples:
   python export_release.py --release releases/mnist_k10 --format imagefolder --output exports/mnist_k10_png

@@ -47,7 +47,7 @@ from common.errors import DPImgSynError
 from common.files import atomic_path
 from sources import embedded, paper
 from sources.convert import RawSource, RawTensors, View, view_of
-from sources.files import class_folders, image_formats, labeled_tree, list_images
+from sources.files import WIDE_GRAY_MODES, class_folders, image_formats, labeled_tree, list_images
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent
 SAMPLING_DIR = REPOSITORY_ROOT / "Random_Sampling_List"  # whatever the working folder
@@ -91,10 +91,13 @@ class DatasetSpec:
     folders: tuple[str, ...] = ()  # any one of these under the data root means "present"; () = no files
     hint: str = ""  # how to get the data when it is missing
     downloadable: bool = False
+    class_names: tuple[str, ...] = ()  # in label order; () = unnamed (artifacts then say "0".."C-1")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"{self.name}: role must be one of {ROLES}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.name}: class_names need one name per class")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"{self.name}: mean/std need one value per channel")
         if self.grayscale and (len(set(self.mean)) != 1 or len(set(self.std)) != 1):
@@ -120,17 +123,17 @@ def _spec(name: str, num_classes: int, image_size: int, grayscale: bool, norm: t
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     _spec("mnist", 10, 32, True, MNIST_NORM, "both", paper.mnist, folders=("MNIST/raw",),
-          hint=DOWNLOADABLE, downloadable=True),
+          hint=DOWNLOADABLE, downloadable=True, class_names=paper.DIGITS),
     _spec("fmnist", 10, 32, True, FMNIST_NORM, "both", paper.fmnist, folders=("FashionMNIST/raw",),
-          hint=DOWNLOADABLE, downloadable=True),
+          hint=DOWNLOADABLE, downloadable=True, class_names=paper.FMNIST_CLASSES),
     _spec("cifar10", 10, 32, False, CIFAR10_NORM, "private", paper.cifar10, folders=("cifar-10-batches-py",),
-          hint=DOWNLOADABLE, downloadable=True),
+          hint=DOWNLOADABLE, downloadable=True, class_names=paper.CIFAR10_CLASSES),
     _spec("celeba_hair", 3, 64, False, CELEBA_NORM, "private", paper.celeba_hair, family="celeba",
-          folders=("celeba",), downloadable=True, hint=CELEBA_HINT),
+          folders=("celeba",), downloadable=True, hint=CELEBA_HINT, class_names=paper.CELEBA_HAIR_CLASSES),
     _spec("celeba_gender", 2, 64, False, CELEBA_NORM, "private", paper.celeba_gender, family="celeba",
-          folders=("celeba",), downloadable=True, hint=CELEBA_HINT),
+          folders=("celeba",), downloadable=True, hint=CELEBA_HINT, class_names=paper.CELEBA_GENDER_CLASSES),
     _spec("imagenette", 10, 224, False, IMAGENETTE_NORM, "private", paper.imagenette,
-          folders=tuple(paper.IMAGENETTE_FOLDERS), downloadable=True,
+          folders=tuple(paper.IMAGENETTE_FOLDERS), downloadable=True, class_names=paper.IMAGENETTE_CLASSES,
           hint="Pass --download (fetches imagenette2-320), or extract any ImageNette archive there "
                "(train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)."),
     _spec("tinyimagenet", 0, 64, False, TINYIMAGENET_NORM, "public", paper.tinyimagenet,
@@ -146,7 +149,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                "(lsun/<category>/**/*.jpg|png|webp) with the LSUN tools."),
     _spec("textures", 0, 256, False, HALF_NORM, "public", paper.textures, folders=(str(paper.DTD_IMAGES),),
           hint=DOWNLOADABLE + " (DTD: dtd/dtd/images/<texture>/*.jpg)", downloadable=True),
-    _spec("mnist5k", 10, 32, True, MNIST_NORM, "both", embedded.mnist5k, family="mnist"),
+    _spec("mnist5k", 10, 32, True, MNIST_NORM, "both", embedded.mnist5k, family="mnist", class_names=paper.DIGITS),
     _spec("photos", 0, 64, False, HALF_NORM, "public", embedded.photos),
 )}
 
@@ -155,9 +158,10 @@ MODELS = models.MODELS  # each architecture registers itself where it is defined
 FOLDER_OPTIONS = ("image_size", "channels")  # the view of a folder: set; artifacts record it under VIEW_KEY
 FOLDER_CHANNELS = (1, 3)
 VIEW_KEY = "view"
+CLASS_NAMES_KEY = "class_names"  # artifacts record the private set's class names (public schema, like N) under it
 # What a folder: set meant before views were given and recorded: artifacts without a record were made so.
 LEGACY_FOLDER_VIEW = {"image_size": 32, "channels": 3}
-GRAY_MODES = ("1", "L", "LA", "I", "I;16")  # PIL modes of gray files: such a set gets 1 channel
+GRAY_MODES = ("1", "L", "LA", *WIDE_GRAY_MODES)  # PIL modes of gray files: a set of mostly such files gets 1 channel
 INFER_MAX_FILES = 1000  # headers read to infer a view, evenly spread over the sorted training files
 
 
@@ -169,7 +173,8 @@ class FolderViewOptions:
                                     "the one the teacher records; for the teacher, inferred from the training "
                                     "images' format: their most common shorter side)", parse=positive_int)
     channels: int | None = option(None, "folder: sets only: 1 (gray) or 3 (colour) (default: the teacher's record; "
-                                  "for the teacher, 1 if every training image is a gray file, else 3)",
+                                  "for the teacher, 1 if most training images are gray files (by their format), "
+                                  "else 3; the other files are converted, and the teacher says how many)",
                                   parse=positive_int)
 
 
@@ -231,12 +236,15 @@ def _folder_spec(name: str, view: dict, num_classes: int | None = None) -> Datas
     )
 
 
-def infer_folder_view(name: str) -> tuple[dict, int]:
-    """The view of a ``folder:`` set read from its training images' headers, and how many files were read.
+def infer_folder_view(name: str) -> tuple[dict, int, int]:
+    """The view of a ``folder:`` set read from its training images' headers, how many files were read, and
+    how many of those the channel rule converts.
 
     Image size: the most common shorter side (the smaller on a tie), i.e. the side itself when all
-    images are equal squares. Channels: 1 when every file is gray (mode L and kin), else 3. Only the
-    file format is read, never a pixel: a public fact like the number of images N.
+    images are equal squares. Channels: 1 when most files read are gray (mode L and kin; the colour
+    ones are then converted to luma), else 3 (gray files are repeated over 3 channels). Only the file
+    format is read, never a pixel: a public fact like the number of images N. A colour file with gray
+    content counts as colour, since only its pixels could tell.
     """
     folder = _folder_path(name) / "train"
     paths = list_images(folder) if folder.is_dir() else []
@@ -246,8 +254,10 @@ def infer_folder_view(name: str) -> tuple[dict, int]:
     formats = image_formats(chosen)
     sides = Counter(min(width, height) for width, height, _ in formats)
     image_size = max(sides, key=lambda side: (sides[side], -side))
-    channels = 1 if all(mode in GRAY_MODES for _, _, mode in formats) else 3
-    return {"image_size": image_size, "channels": channels}, len(chosen)
+    gray = sum(mode in GRAY_MODES for _, _, mode in formats)
+    channels = 1 if 2 * gray > len(formats) else 3
+    converted = len(formats) - gray if channels == 1 else gray
+    return {"image_size": image_size, "channels": channels}, len(chosen), converted
 
 
 def _check_options(folder_opts: dict) -> None:
@@ -297,8 +307,9 @@ def folder_view(name: str, image_size: int | None = None, channels: int | None =
     """The ``folder_opts`` a stage that opens ``name`` by itself passes everywhere, and a note to print.
 
     A ``folder:`` set gets both options, each given or inferred (:func:`infer_folder_view`); the note
-    says what was inferred (``None`` when nothing was). Any other set has its own fixed view, so it gets
-    ``{}``, and a given value that differs from that view is refused.
+    says what was inferred and how many files an inferred channel count converts (``None`` when nothing
+    was inferred). Any other set has its own fixed view, so it gets ``{}``, and a given value that
+    differs from that view is refused.
     """
     if not name.startswith(FOLDER_PREFIX):
         _refuse_other_view(dataset_info(name), image_size, channels, "the registry",
@@ -308,12 +319,17 @@ def folder_view(name: str, image_size: int | None = None, channels: int | None =
     if len(given) == len(FOLDER_OPTIONS):
         _folder_spec(name, given, num_classes=0)
         return given, None
-    inferred, files = infer_folder_view(name)
+    inferred, files, converted = infer_folder_view(name)
     view = {**inferred, **given}
     spec = _folder_spec(name, view, num_classes=0)
     what = " and ".join(key.replace("_", " ") for key in FOLDER_OPTIONS if key not in given)
+    rule = ""
+    if converted and "channels" not in given:
+        rule = (f"; most files read are gray: the colour ones ({converted} of {files}) are converted to gray (luma)"
+                if spec.grayscale else
+                f"; most files read are colour: the gray ones ({converted} of {files}) are repeated over 3 channels")
     note = (f"{artifact_name(name)}: images seen as {describe_view(spec)} ({'gray' if spec.grayscale else 'colour'}); "
-            f"{what} inferred from the format of {files} training files (public, like N); "
+            f"{what} inferred from the format of {files} training files (public, like N){rule}; "
             f"pass --image_size/--channels to choose")
     return view, note
 
@@ -410,6 +426,17 @@ def get_dataset(name: str, data_root=None, download: bool = False,
     spec = dataset_info(name, **folder_opts)
     test = get_split(name, "test", data_root, download, **folder_opts) if "test" in spec.splits else None
     return spec.num_classes, get_split(name, "train", data_root, download, **folder_opts), test
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of ``name`` in label order, without opening an image; ``[]`` when the set has none.
+
+    A ``folder:`` set's names are its sorted class folders in ``train/`` (label i is the i-th), a public
+    schema like N; a registry set's are those its loader labels by.
+    """
+    if name.startswith(FOLDER_PREFIX):
+        return class_folders(_folder_path(name) / "train")
+    return list(dataset_info(name).class_names)
 
 
 def check_model_input(name: str, image_size: int) -> None:

@@ -48,6 +48,7 @@ BENCHMARKS = (
     Benchmark("bench_release_load.py", ("--num_original", "10000"), common_flags=False),
     Benchmark("bench_allocator.py"),
     Benchmark("bench_paper_row.py"),
+    Benchmark("bench_overlap.py"),
 )
 
 

@@ -12,6 +12,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.errors import DPImgSynError
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -75,7 +77,17 @@ def batches_by_index(dataset: Dataset, index_batches: Iterable[torch.Tensor], nu
         num_workers=num_workers,
         collate_fn=_collate_or_none,
     )
-    yield from loader
+    batches = iter(loader)
+    try:
+        yield from batches
+        return
+    except DPImgSynError as exc:
+        # A loader process hands its error on with its traceback in the message, whose last line is the user's.
+        _, found, message = str(exc).rstrip().rpartition("\n")[2].partition(f"{DPImgSynError.__name__}: ")
+        message = message if found else str(exc)
+        exc.__traceback__ = None  # its frames hold the loader in a cycle
+    del batches  # so the loader stops its processes now, not in a garbage collection that may close its queues first
+    raise DPImgSynError(message)
 
 
 def sequential_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
@@ -85,6 +97,14 @@ def sequential_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) 
     for batch in batches_by_index(dataset, chunks, num_workers):
         assert batch is not None
         yield batch
+
+
+def decode_all(dataset: Dataset, num_workers: int = 0, batch_size: int = 256) -> None:
+    """Read every item of a file-backed dataset once, so that a file that cannot be read stops a run at its
+    start rather than when Poisson sampling first draws it (epochs later, or never); in-memory sets pass."""
+    if in_memory_tensors(dataset) is None:
+        for _ in sequential_batches(dataset, batch_size, num_workers):
+            pass
 
 
 def default_workers(device: torch.device) -> int:

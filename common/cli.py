@@ -35,10 +35,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors and defaults shown in ``--help``."""
+    """argparse with one-line errors, defaults shown in ``--help`` and no abbreviated flags (``--epoch`` is not
+    taken for ``--epochs``: a typo is refused, never read as another setting)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     @classmethod

@@ -1,7 +1,8 @@
-"""Files every floor reads or writes: atomic writes with the user's permissions, names, sha256, YAML,
-and the rules for an output that exists already: a stage records the settings that determine its
-artifact; rerunning with the same settings continues (or finds the work done), different settings
-on an existing path are a user error, and nothing already on disk is overwritten or deleted.
+"""Files every floor reads or writes: atomic writes with the user's permissions (owner-only for local
+secrets: resume files, metrics), names, sha256, YAML, and the rules for an output that exists already:
+a stage records the settings that determine its artifact; rerunning with the same settings continues
+(or finds the work done), different settings on an existing path are a user error, and nothing
+already on disk is overwritten or deleted.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import yaml
 
 from common.errors import DPImgSynError
-from common.runtime import set_rng_state
+from common.runtime import open_private, set_rng_state
 
 
 def with_suffix_once(path: str | Path, suffix: str) -> Path:
@@ -36,29 +37,32 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _new_temp_file(target: Path) -> Path:
-    """An empty, new file beside ``target`` with the permissions of any file the user creates.
-
-    ``tempfile.mkstemp`` would make it 0600 whatever the umask, and the rename keeps that mode.
+def _new_temp_file(target: Path, private: bool) -> Path:
+    """An empty, new file beside ``target``: 0600 when ``private``, else with the permissions of any file the
+    user creates (``tempfile.mkstemp`` would make every file 0600); the rename keeps the mode.
     """
     while True:
         candidate = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
         try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+            if private:
+                os.close(open_private(candidate, os.O_WRONLY | os.O_EXCL))
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
             return candidate
         except FileExistsError:
             continue
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written artifact under the final name.
+    A killed process therefore never leaves a half-written artifact under the final name. ``private``:
+    a local secret (resume state, log, metrics), owner-only (0600) whatever the umask.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_temp_file(target)
+    tmp_path = _new_temp_file(target, private)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
@@ -68,30 +72,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: object, path: str | os.PathLike, *, private: bool = False) -> None:
     """``torch.save`` atomically, through a file handle.
 
     Given a path, torch names the archive inside the file after it -- here the random temp name --
     so equal content would give different bytes; through a handle the name is fixed.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, private=private) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: str | os.PathLike, text: str, *, private: bool = False) -> None:
+    """Write a text file atomically (owner-only with ``private``)."""
+    with atomic_path(path, private=private) as tmp:
         tmp.write_text(text)
 
 
-def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str] | None = None) -> None:
-    """A CSV of ``rows`` (columns: ``columns``, else every key in order of appearance), written atomically."""
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str] | None = None, *,
+                     private: bool = False) -> None:
+    """A CSV of ``rows`` (columns: ``columns``, else every key in order of appearance), written atomically
+    (owner-only with ``private``: per-epoch metrics are local, non-private figures)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns or dict.fromkeys(key for row in rows for key in row)),
                             lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), private=private)
 
 
 def read_yaml(path: str | Path) -> dict:

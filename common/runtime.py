@@ -66,10 +66,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keyed_generator(*key: int) -> torch.Generator:
-    """A generator seeded by ``key`` alone (e.g. seed, shard): any part of a run is redrawn without saved state."""
+def keyed_seed(*key: int) -> int:
+    """A 64-bit seed determined by ``key`` alone (e.g. seed, step): any part of a run is redrawn without saved state."""
     digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return int.from_bytes(digest[:8], "little")
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A generator seeded by ``key`` alone (e.g. seed, shard), see :func:`keyed_seed`."""
+    return torch.Generator().manual_seed(keyed_seed(*key))
 
 
 def rng_state() -> dict:
@@ -97,8 +102,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+PRIVATE_MODE = 0o600  # owner only: local secrets (resume files with generator states, logs, metrics)
+
+
+def open_private(path: str | os.PathLike, flags: int) -> int:
+    """A descriptor of ``path`` (created if missing) that only its owner can read, whatever the umask.
+
+    A new file is created 0600 (never briefly wider) and an existing one is tightened to 0600: who
+    reads a resume file can regenerate a run's remaining noise, and logs hold non-private figures.
+    """
+    descriptor = os.open(path, flags | os.O_CREAT, PRIVATE_MODE)
+    os.fchmod(descriptor, PRIVATE_MODE)
+    return descriptor
+
+
 def setup_logging(log_file: str | os.PathLike | None, name: str = "dpimgsyn") -> logging.Logger:
-    """Log to a file (everything) and to stderr (warnings only, so progress bars stay readable)."""
+    """Log to a file (everything; owner-only, see :func:`open_private`) and to stderr (warnings only, so
+    progress bars stay readable)."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
@@ -109,6 +129,7 @@ def setup_logging(log_file: str | os.PathLike | None, name: str = "dpimgsyn") ->
     logger.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        os.close(open_private(log_file, os.O_WRONLY))  # created or tightened before the handler appends to it
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)

@@ -1,8 +1,8 @@
 """The release card: a publishable part and an internal part that must never be published.
 
 The publishable part may only carry what the release itself already discloses (its DP privacy
-ledger, its size, its per-class counts by the teacher's labels and how often those labels agree
-with the synthesis targets, both computed from DP outputs only, and its preview). Everything
+ledger, its size, its class names, its per-class counts by the teacher's labels and how often those
+labels agree with the synthesis targets, both computed from DP outputs only, and its preview). Everything
 measured against private data — accuracies, nearest-neighbour obfuscation figures, feature-space
 fidelity, the gallery of closest pairs — goes to the internal part, which the data owner reads
 before deciding to publish.
@@ -25,17 +25,21 @@ from common.files import atomic_write_text
 
 CARD_FORMAT = "dp-imgsyn-release-card/1"
 
-PUBLISHABLE_FIELDS: tuple[str, ...] = ("release", "dataset", "public_set", "k", "num_images", "counts_per_class",
-                                       "label_target_agreement", "epsilon", "delta", "accountant", "ledger",
-                                       "preview_path")
+PUBLISHABLE_FIELDS: tuple[str, ...] = ("release", "dataset", "public_set", "k", "num_images", "class_names",
+                                       "counts_per_class", "label_target_agreement", "epsilon", "delta", "accountant",
+                                       "ledger", "preview_path")
 """Every key of the publishable part — and the only keys it may hold. ``counts_per_class`` counts the
-teacher's labels; ``label_target_agreement`` is the fraction of images whose label is their target."""
+teacher's labels; ``label_target_agreement`` is the fraction of images whose label is their target;
+``class_names`` (label order) is the private set's public schema, ``None`` for unnamed classes."""
 
-OPTIONAL_PUBLISHABLE_FIELDS: tuple[str, ...] = ("label_target_agreement",)
+OPTIONAL_PUBLISHABLE_FIELDS: tuple[str, ...] = ("label_target_agreement", "class_names")
 """Publishable keys a release may lack (e.g. a release without synthesis targets); recorded as ``None``."""
 
 INTERNAL_FIELDS: tuple[str, ...] = ("teacher_test_acc", "student_test_acc", "obfuscation", "fidelity", "gallery_path")
 """Keys the internal part must hold (``None`` means not measured); more keys are allowed."""
+
+PRIVATE_VIEW_FIELD = "private_view"
+"""Optional internal key: how the private set was seen when not in its own view (a foreign release's size)."""
 
 NOT_MEASURED = "not measured"
 
@@ -64,6 +68,15 @@ INTERNAL_NOTE = (
 def card_fields() -> dict[str, tuple[str, ...]]:
     """The required keys of each part of the card, for callers and tests."""
     return {"publishable": PUBLISHABLE_FIELDS, "internal": INTERNAL_FIELDS}
+
+
+def card_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """``path`` as the card in ``out_dir`` names it in its publishable part: relative to that folder, or the
+    bare name where no relative path exists (another drive), never an absolute local path."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())
+    except ValueError:
+        return Path(path).name
 
 
 def _jsonable(value: Any) -> Any:
@@ -161,6 +174,16 @@ def _render(value: Any, heading_level: int) -> list[str]:
     return [_format(value), ""]
 
 
+def _class_columns(public: Mapping[str, Any]) -> dict[str, Any]:
+    """Images per class, a column per label, headed ``label: name`` where the class has a name other than its label."""
+    names = public.get("class_names") or []
+    columns = {}
+    for label, count in public["counts_per_class"].items():
+        name = names[int(label)] if int(label) < len(names) else label
+        columns[(label if name == label else f"{label}: {name}").replace("|", "\\|")] = count
+    return columns
+
+
 def _epsilon_text(epsilon: Any) -> str:
     return "inf (non-private run: no DP guarantee)" if str(epsilon) == "inf" else _format(epsilon)
 
@@ -202,7 +225,7 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
         "### Images per class (the teacher's labels)" if public["ledger"] is not None else
         "### Images per class (the release's own labels)",
         "",
-        *_table([{str(label): count for label, count in public["counts_per_class"].items()}]),
+        *_table([_class_columns(public)]),
         f"- Agreement of the teacher's labels with the synthesis targets: {_agreement_text(public)}",
         "",
         "### Preview",
@@ -213,6 +236,7 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
         "",
         INTERNAL_NOTE,
         "",
+        *([f"- Note: {internal[PRIVATE_VIEW_FIELD]}", ""] if PRIVATE_VIEW_FIELD in internal else []),
         "### Utility",
         "",
         f"- Teacher test accuracy: {_format(internal['teacher_test_acc'])}",
@@ -227,7 +251,7 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
     gallery = internal["gallery_path"]
     lines += ["### Closest synthetic / private pairs", ""]
     lines += [f"![gallery of closest pairs]({gallery})" if gallery != NOT_MEASURED else NOT_MEASURED, ""]
-    standard = (*INTERNAL_FIELDS, "warning", "fidelity_note")
+    standard = (*INTERNAL_FIELDS, "warning", "fidelity_note", PRIVATE_VIEW_FIELD)
     extras = {key: value for key, value in internal.items() if key not in standard}
     if extras:
         lines += ["### Other diagnostics", ""] + _render(extras, 4)

@@ -3,8 +3,10 @@
 Two layouts are read as they are written by other tools: ``x`` float N x C x H x W in [0, 1]
 (DPImageBench's ``gen.npz``) and ``x`` uint8 N x H x W x C (``export_release.py --format npz``);
 N x H x W is read as one gray channel. The images must already have the private set's size: a
-resize would change every figure, so a mismatch is refused, never silently fixed. Such a file
-carries no privacy ledger and no soft labels; the evaluation says so instead of guessing.
+resize would change every figure, so a mismatch is refused, never silently fixed. A ``folder:``
+private set has no fixed view: it is seen at the release's size and channel count, and the card says
+so when that is not its own view. Such a file carries no privacy ledger, and only ``x`` and ``y`` are
+read (the ``soft`` labels of an export are not); the evaluation says so instead of guessing.
 """
 from __future__ import annotations
 

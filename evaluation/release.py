@@ -35,9 +35,10 @@ from common.files import atomic_path, sha256_file
 from common.runtime import resolve_device, seed_everything, setup_logging
 from evaluation import (PUBLISHABLE_FIELDS, build_card, frechet_distance, gallery_rows, nn_report,
                         obfuscation_verdict, penultimate_features, precision_recall, write_card)
+from evaluation.card import PRIVATE_VIEW_FIELD, card_path
 from evaluation.foreign import ForeignRelease, fit_view, is_foreign, read_foreign
 from registry import model_from_checkpoint
-from synthesizer import release as release_io
+from synthesizer import overlap, release as release_io
 from training.accuracy import evaluate
 from training.distill import DistillationConfig, StudentTrainer, hard_label_config
 
@@ -110,6 +111,10 @@ def student_results(paths: Sequence[str | os.PathLike], metadata: dict) -> list[
             metrics = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DPImgSynError(f"--metrics {path} cannot be read ({exc}); pass a metrics.json of train_student.py")
+        if isinstance(metrics, dict) and metrics.get("eval_split", "test") != "test":
+            raise DPImgSynError(f"--metrics {path} scores its student on the {metrics['eval_split']} split, but the "
+                                "card reports test accuracies; pass the metrics.json of a student trained with "
+                                "--eval_split test")
         if not isinstance(metrics, dict) or "student_test_acc" not in metrics:
             raise DPImgSynError(f"--metrics {path} has no student_test_acc; pass a metrics.json of train_student.py")
         trained_on = metrics.get("settings", {}).get("release_sha256")
@@ -258,15 +263,16 @@ def fidelity(model: torch.nn.Module, sets: ImageSets, device: torch.device) -> d
 
 
 def write_diagnostics(output: Path, sets: ImageSets, synthetic_nn: dict, gallery_pairs: int) -> Path:
-    """The gallery of the closest pairs and the per-image distances (private indices: internal only)."""
+    """The gallery of the closest pairs and the per-image distances (private images and indices: owner-only
+    files, 0600)."""
     rows = gallery_rows(sets.synthetic, sets.private_train, synthetic_nn, n=min(gallery_pairs, len(sets.synthetic)))
     tiles = 2 * GALLERY_PAIRS_PER_ROW
     pairs = rows["pairs"]
     gallery = output / GALLERY_FILE
     release_io.save_image_grid(gallery, [pairs[start:start + tiles] for start in range(0, len(pairs), tiles)],
-                               group=2)
+                               group=2, private=True)
     private_index = sets.used["private_train"]
-    with atomic_path(output / NEIGHBOURS_FILE) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(output / NEIGHBOURS_FILE, private=True) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, release_index=sets.used["synthetic"], l2=synthetic_nn["l2"],
                  private_train_index=private_index[synthetic_nn["l2_index"]], ssim=synthetic_nn["ssim"],
                  ssim_private_train_index=private_index[synthetic_nn["ssim_index"]])
@@ -308,14 +314,31 @@ def accuracy_summary(rows: Sequence[dict]) -> dict:
 def publishable_part(release: Path, output: Path, metadata: dict, block: dict, dataset: str) -> dict:
     """What the release itself discloses, and nothing else (the card enforces the key list)."""
     return {
-        "release": str(release), "dataset": dataset, "public_set": metadata["public_set"], "k": metadata.get("k"),
+        "release": card_path(release, output), "dataset": dataset, "public_set": metadata["public_set"],
+        "k": metadata.get("k"),
         "num_images": metadata["counts"]["num_samples"],
+        "class_names": metadata.get(release_io.CLASS_NAMES_KEY),  # checked when the release was loaded
         "counts_per_class": {str(label): count for label, count in enumerate(metadata["counts"]["per_class"])},
         "label_target_agreement": metadata["counts"].get("label_target_agreement"),
         "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
         "ledger": block["ledger"],
-        "preview_path": os.path.relpath(release.resolve() / release_io.PREVIEW_FILE, output.resolve()),
+        "preview_path": card_path(release / release_io.PREVIEW_FILE, output),
     }
+
+
+def refuse_private_content(bundle: release_io.ReleaseDataset, dataset: str, public_set: str,
+                           config: EvaluationConfig) -> None:
+    """Before anything is written: neither the release's images nor the public images it was made from (its
+    regenerated initialization) may be private images (:mod:`synthesizer.overlap`)."""
+    if not overlap.needs_check(dataset, public_set):
+        return
+    release = Path(config.release)
+    options = _folder_options(dataset, bundle.images.shape[1:], config.image_size, config.channels)
+    overlap.check_release_images(bundle.images, public_set, dataset, config.data_root, options, f"release {release}")
+    public = registry.aligned(public_set, dataset, config.data_root, **options)
+    order = registry.sampling_list(public_set, len(bundle), registry.SAMPLING_SEED, len(public), config.sampling_dir)
+    overlap.check_public_items(public_set, public, order, dataset, config.data_root, options,
+                               f"public initialization of release {release}")
 
 
 def _recipe(config: EvaluationConfig) -> DistillationConfig:
@@ -345,11 +368,11 @@ def foreign_publishable_part(foreign: ForeignRelease, dataset: str, num_classes:
     is no ledger (``None``, not an empty one, which would claim that nothing touched private data).
     """
     known = {
-        "release": str(foreign.path), "dataset": registry.artifact_name(dataset), "public_set": UNKNOWN,
-        "k": UNKNOWN, "num_images": len(foreign),
+        "release": card_path(foreign.path, output), "dataset": registry.artifact_name(dataset), "public_set": UNKNOWN,
+        "k": UNKNOWN, "num_images": len(foreign), "class_names": registry.class_names(dataset) or None,
         "counts_per_class": {str(label): count for label, count in enumerate(foreign.counts(num_classes))},
         "epsilon": PRIVACY_UNKNOWN, "delta": UNKNOWN, "accountant": "no", "ledger": None,
-        "preview_path": os.path.relpath(preview.resolve(), output.resolve()),
+        "preview_path": card_path(preview, output),
     }
     return {key: known.get(key) for key in PUBLISHABLE_FIELDS}
 
@@ -426,6 +449,7 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     public_set = config.public_set or registry.local_dataset(metadata["public_set"], None,
                                                              f"release {release} (public set)")
     teacher_path = verified_teacher_path(metadata, release, config.teacher)
+    refuse_private_content(bundle, dataset, public_set, config)
     if config.metrics and config.seeds:
         raise DPImgSynError("pass --metrics (students trained by train_student.py) or --seeds (students trained "
                             "here), not both")
@@ -480,6 +504,21 @@ def _foreign_teacher(path: str, dataset: str, options: dict, device: torch.devic
                             f"{view['channels']} images but the release's are {options['image_size']} x "
                             f"{options['image_size']} x {options['channels']}; pass a teacher of the release's view")
     return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint, path
+
+
+def _describe(view: dict) -> str:
+    return f"{view['image_size']} x {view['image_size']} x {view['channels']}"
+
+
+def reviewed_private_set(dataset: str, options: dict) -> str | None:
+    """What the card says when a foreign release makes the evaluation see a ``folder:`` set in another view than
+    its own (the one the teacher stage infers from its files' format); ``None`` when it is seen as it is."""
+    if not options:
+        return None  # a registry set has one fixed view, and fit_view refuses a release of another size
+    own, _ = registry.folder_view(dataset)
+    if own == options:
+        return None
+    return f"private set re-viewed at {_describe(options)} to match the release (its own view: {_describe(own)})"
 
 
 def _refuse_foreign_options(config: EvaluationConfig, release: Path, output: Path) -> None:
@@ -541,6 +580,7 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
         raise DPImgSynError(f"{dataset!r} is a public set with no private test split; pass the private --dataset")
     images = fit_view(foreign, spec, dataset)
     registry.check_model_input(config.model, spec.image_size)
+    reviewed = reviewed_private_set(dataset, options)
     compute = resolve_device(config.device)
     teacher = _foreign_teacher(config.teacher, dataset, options, compute) if config.teacher else None
     seeds = config.seeds or PAPER_SEEDS
@@ -549,6 +589,9 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
     logger = setup_logging(output / LOG_FILE)
     logger.info("evaluating the foreign release %s (%s) against the private data of %s", release, foreign.layout,
                 dataset)
+    if reviewed:
+        print(f"note: {reviewed}")
+        logger.info("note: %s", reviewed)
     started = time.time()
     sets = private_image_sets(images.numpy(), dataset, config.data_root, options, config.max_synthetic,
                               config.max_private)
@@ -577,6 +620,7 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
         "sampling": sets.sampling(),
         **({"sampling_note": note} if (note := sets.sampling_note()) else {}),
         "foreign_release": {"file": str(release), "sha256": foreign.sha256, "read_as": foreign.layout},
+        **({PRIVATE_VIEW_FIELD: reviewed} if reviewed else {}),
         **({"teacher": {"path": str(teacher[2]), "sha256": sha256_file(teacher[2])}} if teacher else {}),
         "seconds": time.time() - started,
     }

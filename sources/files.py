@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -11,6 +12,26 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from common.errors import DPImgSynError
 from sources.convert import RawSource
+
+# What PIL raises for a truncated, corrupt or unknown image file (when opening it or decoding its pixels).
+UNREADABLE = (OSError, SyntaxError, ValueError)
+# Gray integer modes whose values go up to 65535: PIL's RGB conversion would clip them at 255.
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+WIDE_GRAY_MAX = 65535
+
+
+def unreadable(path: str, exc: Exception) -> DPImgSynError:
+    """The one-line error for an image file PIL cannot read, naming the file."""
+    return DPImgSynError(f"cannot read the image {path}: {exc}; replace or remove the file")
+
+
+def rgb_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) floats in [0, 1]: 16-bit gray scaled by 65535 (values beyond it clipped) and repeated, so that
+    it is not saturated by PIL's 8-bit conversion; every other mode through PIL's RGB conversion, / 255."""
+    if image.mode in WIDE_GRAY_MODES:
+        values = np.clip(np.asarray(image, dtype=np.float32), 0, WIDE_GRAY_MAX) / WIDE_GRAY_MAX
+        return torch.from_numpy(values).unsqueeze(0).repeat(3, 1, 1)
+    return pil_to_tensor(image.convert("RGB")).float().div_(255)
 
 
 class ImageFiles(RawSource):
@@ -25,12 +46,16 @@ class ImageFiles(RawSource):
         return len(self.paths)
 
     def raw(self, index: int, min_side: int | None) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            if min_side is not None:
-                # JPEG can decode at 1/2, 1/4, 1/8 scale for free; it keeps both sides >= min_side.
-                image.draft("RGB", (min_side, min_side))
-            pixels = pil_to_tensor(image.convert("RGB"))
-        return pixels.float().div_(255), self.labels[index]
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                if min_side is not None:
+                    # JPEG can decode at 1/2, 1/4, 1/8 scale for free; it keeps both sides >= min_side.
+                    image.draft("RGB", (min_side, min_side))
+                pixels = rgb_pixels(image)
+        except UNREADABLE as exc:
+            raise unreadable(path, exc) from None
+        return pixels, self.labels[index]
 
 
 def image_formats(paths: list[str]) -> list[tuple[int, int, str]]:
@@ -40,8 +65,8 @@ def image_formats(paths: list[str]) -> list[tuple[int, int, str]]:
         try:
             with Image.open(path) as image:
                 formats.append((*image.size, image.mode))
-        except (OSError, ValueError) as exc:
-            raise DPImgSynError(f"cannot read the image {path}: {exc}") from None
+        except UNREADABLE as exc:
+            raise unreadable(path, exc) from None
     return formats
 
 
@@ -67,9 +92,25 @@ def unlabeled_tree(folder: Path) -> ImageFiles:
     return ImageFiles(paths, [-1] * len(paths))
 
 
+def _holds_image(folder: str) -> bool:
+    """Whether any image lies below ``folder``; stops at the first one found."""
+    return any(_is_image(name) for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
 def class_folders(folder: Path) -> list[str]:
-    """Sorted class-folder names of an ImageFolder tree (the label order)."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if folder.is_dir() else []
+    """Sorted class-folder names of an ImageFolder tree (the label order).
+
+    A class folder without an image is refused: it would be a class that no model can learn, or that
+    its split cannot score, while the class count still includes it.
+    """
+    if not folder.is_dir():
+        return []
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    for name in names:
+        if not _holds_image(os.path.join(folder, name)):
+            raise DPImgSynError(f"class {name!r} has no images in the {folder.name} split ({folder / name}); "
+                                "add images to it or remove the folder")
+    return names
 
 
 def labeled_tree(folder: Path, classes: list[str]) -> ImageFiles:

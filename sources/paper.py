@@ -18,6 +18,16 @@ from sources.files import ImageFiles, class_folders, labeled_tree, unlabeled_tre
 HAIR_ATTRIBUTES = ("Black_Hair", "Blond_Hair", "Brown_Hair")
 GENDER_ATTRIBUTE = "Male"
 
+# Class names in label order, as each loader labels its images (public facts of the sets).
+DIGITS = tuple(str(digit) for digit in range(10))
+FMNIST_CLASSES = tuple(tv.FashionMNIST.classes)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CELEBA_HAIR_CLASSES = HAIR_ATTRIBUTES
+CELEBA_GENDER_CLASSES = ("female", "male")  # 0: attribute Male unset, 1: set
+# The ten ImageNette classes by their sorted WordNet ids (the class folders, hence the label order).
+IMAGENETTE_CLASSES = ("tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+                      "garbage truck", "gas pump", "golf ball", "parachute")
+
 # ImageNette archives by folder name; any one of them may be present (all are resized to 224).
 IMAGENETTE_FOLDERS = {"imagenette2": "full", "imagenette2-320": "320px", "imagenette2-160": "160px"}
 IMAGENETTE_DOWNLOAD = "320px"  # the smallest archive whose images are at least 224 px

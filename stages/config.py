@@ -76,7 +76,8 @@ def _int_list(section: dict, names: tuple[str, ...], where: str, default: tuple[
     if not isinstance(values, list | tuple) or not all(
             isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
             for value in values):
-        kind = {None: "integers", 0: "non-negative integers", 1: "positive integers"}[minimum]
+        kind = {None: "integers", 0: "non-negative integers", 1: "positive integers"}.get(minimum,
+                                                                                          f"integers >= {minimum}")
         raise DPImgSynError(f"config: key '{where}{name}' must be a list of {kind}")
     return tuple(values)
 
@@ -140,7 +141,8 @@ def validate_config(raw: dict) -> Pipeline:
     ks = _int_list(synthesis_section, ("k", "g_steps"), "synthesis.", None, minimum=0)
     num_samples = _release_sizes(synthesis_section, len(ks))
     synthesis = config_from_mapping(SynthesisConfig, synthesis_section, "synthesis.", required=(
-        "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0})
+        "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0,
+                                               "dataset": top.dataset})
     student_section = _section(raw, "student")
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
     together = student_section.pop("together", False)

@@ -18,6 +18,7 @@ from privacy.sampling import private_seed
 from privacy.split import split_by_content
 from registry import model_from_checkpoint
 from stages.fetch import resolve_checkpoint
+from synthesizer import overlap
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
 from synthesizer.stat_norm import attach_stat_layers
 
@@ -129,6 +130,8 @@ def capture_statistics(config: StatisticsConfig) -> Path:
             public = registry.aligned(config.public_set, dataset, config.data_root, config.download, **view)
         chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public),
                                         config.sampling_dir)
+        overlap.check_public_items(config.public_set, public, chosen, dataset, config.data_root, view,
+                                   f"public set {config.public_set}")
         public = stack_items(public, chosen)
         scales = public_scales(model, public, device=device)
         if config.clip_quantile is not None:
@@ -147,7 +150,7 @@ def capture_statistics(config: StatisticsConfig) -> Path:
 
     def checkpoint_fn(loop_state: dict) -> None:
         if dist.is_main:
-            atomic_torch_save({"settings": settings, "state": loop_state}, resume_path)
+            atomic_torch_save({"settings": settings, "state": loop_state}, resume_path, private=True)
 
     started = time.time()
     result = compute_dp_statistics(
@@ -185,7 +188,7 @@ def capture_statistics(config: StatisticsConfig) -> Path:
     row = {**result.mechanism, "total_epsilon": new_block["epsilon"], "delta": new_block["delta"]}
     if config.report_bias:
         row.update(report_bias(model, train_set, result.stats, device, logger, config.progress))
-    atomic_write_csv(with_suffix_once(output.with_suffix(""), ".metrics.csv"), [row])  # beside the log: local only
+    atomic_write_csv(with_suffix_once(output.with_suffix(""), ".metrics.csv"), [row], private=True)  # local only
     dist.barrier()
     return output
 

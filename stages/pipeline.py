@@ -23,8 +23,8 @@ from common.cli import main_guard
 from common.errors import DPImgSynError
 from common.files import atomic_write_text
 from evaluation.release import EvaluationConfig, evaluate_release
-from evaluation.report import (plot_accuracy_vs_epsilon, render_report, result_rows, summarize, sweep_table,
-                               write_results_csv)
+from evaluation.report import (accuracy_key, plot_accuracy_vs_epsilon, render_report, result_rows, split_notes,
+                               summarize, sweep_table, write_results_csv)
 from stages.config import Pipeline
 from stages.dp_statistics import StatisticsConfig, capture_statistics
 from stages.student import StudentConfig, joined_k, train_student
@@ -82,12 +82,14 @@ def run_pipeline(pipeline: Pipeline, output: str | Path | None = None, progress:
             report = run_once(specialized(pipeline, epsilon, seed), out / name, progress, nproc)
             rows += result_rows(report, name, seed)
             runs.append({"run": name, "epsilon": report["epsilon"], "seed": seed, "target_epsilon": epsilon})
-    summary = {"dataset": pipeline.settings.dataset, "public_set": pipeline.synthesis.public_set, "runs": runs,
-               "results": rows, "table": sweep_table(rows)}
+    split = pipeline.settings.eval_split
+    summary = {"dataset": pipeline.settings.dataset, "public_set": pipeline.synthesis.public_set, "eval_split": split,
+               **split_notes(split), "runs": runs, "results": rows, "table": sweep_table(rows)}
     write_results(out, rows, f"{summary['dataset']} <- {summary['public_set']}")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    notes = "".join(f"**Outside the guarantee: {note}.**\n\n" for note in split_notes(split).values())
     atomic_write_text(out / "report.md", f"# DP-ImgSyn sweep: {summary['dataset']} (private) <- "
-                      f"{summary['public_set']} (public)\n\n{pipeline.settings.eval_split.capitalize()} accuracy (%), "
+                      f"{summary['public_set']} (public)\n\n{notes}{split.capitalize()} accuracy (%), "
                       "final epoch: mean ± std over runs "
                       f"and seeds (n).\n\n{summary['table']}")
     return summary
@@ -151,20 +153,21 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
         timed(f"synthesis_k{k}", "synthesis", replace(pipeline.synthesis, teacher=str(stats_path), k=k,
                                                       num_samples=num_samples, output=str(release)))
         for fmt in top.exports:  # the release as other tools read it (no private data: post-processing)
-            export_release(release, fmt, out / f"export_k{k}_{fmt}", progress=progress)
+            export_release(release, fmt, out / f"export_k{k}_{fmt}", progress=progress, dataset=top.dataset,
+                           data_root=top.data_root)
     # One student per release and seed; with `together`, also one on all the releases at once (the same
     # DP teacher and statistics: the union is post-processing, at the run's epsilon).
     trained_on = {k: (release,) for k, release in releases.items()}
     if pipeline.together:
         trained_on[joined_k(pipeline.ks)] = tuple(releases.values())
-    results = []
+    results, key = [], accuracy_key("student", top.eval_split)
     for k, paths in trained_on.items():
         for seed in pipeline.seeds:
             student_dir = out / f"student_k{k}_seed{seed}"
             timed(f"student_k{k}_seed{seed}", "student", replace(
                 pipeline.student, release=tuple(map(str, paths)), seed=seed, output=str(student_dir)))
             metrics = json.loads((student_dir / "metrics.json").read_text())
-            results.append({"k": k, "seed": seed, "student_test_acc": metrics["student_test_acc"]})
+            results.append({"k": k, "seed": seed, key: metrics[key]})
 
     evaluations = {}
     if top.evaluate:
@@ -181,10 +184,11 @@ def run_once(pipeline: Pipeline, out: Path, progress: bool, nproc: int) -> dict:
     report = {
         "dataset": top.dataset, "public_set": pipeline.synthesis.public_set, "model": top.model,
         "epsilon": block["epsilon"], "delta": block["delta"], "accountant": block["accountant"],
-        "noise_multiplier": sigma, "teacher_test_acc": teacher_accuracy(teacher, teacher_path, top.eval_split),
+        "noise_multiplier": sigma,
+        accuracy_key("teacher", top.eval_split): teacher_accuracy(teacher, teacher_path, top.eval_split),
         "ledger": block["ledger"],
-        "eval_split": top.eval_split,
-        "results": results, "summary": summarize(results), "seconds": seconds,
+        "eval_split": top.eval_split, **split_notes(top.eval_split),
+        "results": results, "summary": summarize(results, top.eval_split), "seconds": seconds,
         "releases": {str(k): str(path) for k, path in releases.items()},
         "evaluations": evaluations,
     }

@@ -18,6 +18,7 @@ from common.files import (atomic_torch_save, atomic_write_csv, atomic_write_text
                           resumed_history)
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
 from common.runtime import seed_everything, setup_logging
+from evaluation.report import accuracy_key, split_notes
 from privacy.split import split_by_content
 from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS
 from synthesizer import release as release_io
@@ -90,11 +91,15 @@ def train_student(config: StudentConfig) -> dict:
                 "val_split": config.val_split,
                 **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
     metrics_path = output / "metrics.json"
+    final_key, epoch_key = accuracy_key("student", config.eval_split), f"{config.eval_split}_acc"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         require_same_settings(metrics_path, metrics.get("settings", {}), settings)
+        if final_key not in metrics:  # a validation student of an earlier version filed it as a test accuracy
+            raise DPImgSynError(f"{metrics_path} holds no {final_key} (an earlier version wrote it); delete {output} "
+                                "to train this student again")
         if dist.is_main:
-            print(f"{metrics_path} already complete (student test accuracy {metrics['student_test_acc']:.4f})")
+            print(f"{metrics_path} already complete (student {config.eval_split} accuracy {metrics[final_key]:.4f})")
         return metrics
     logger = setup_logging(output / "train_student.log" if dist.is_main else None)
     logger.info("stage 4 (student) settings: %s", settings)
@@ -124,23 +129,26 @@ def train_student(config: StudentConfig) -> dict:
         if not dist.is_main:
             return
         if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
-            stats["test_acc"] = evaluate(model, test_set, device)
+            stats[epoch_key] = evaluate(model, test_set, device)
         history.append(stats)
-        test = f"  test acc {stats['test_acc']:.4f} ({config.eval_split} split)" if "test_acc" in stats else ""
+        test = f"  {config.eval_split} acc {stats[epoch_key]:.4f}" if epoch_key in stats else ""
         logger.info("epoch %d/%d  loss %.4f%s", stats["epoch"], config.epochs, stats["loss"], test)
-        atomic_write_csv(output / "metrics.csv", history, ("epoch", "loss", "test_acc"))
-        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path)
+        atomic_write_csv(output / "metrics.csv", history, ("epoch", "loss", epoch_key), private=True)
+        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path,
+                          private=True)
 
     trainer.fit(config.progress, after_epoch)
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the student
         return {}
     final_acc = evaluate(model, test_set, device)
+    # The student is post-processing of its releases: it carries their one privacy block (refuse_mixed_sources).
     atomic_torch_save({"model": model.state_dict(), "architecture": config.model,
                        "num_classes": soft_labels.shape[1], "dataset": dataset,
+                       "privacy": bundle.metadata.get("privacy"),
                        **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
     ks = [release.metadata.get("k") for release in bundles]
-    metrics = {"student_test_acc": final_acc, "epochs": config.epochs, "dataset": dataset,
+    metrics = {final_key: final_acc, **split_notes(config.eval_split), "epochs": config.epochs, "dataset": dataset,
                "release": str(Path(paths[0])) if len(paths) == 1 else [str(Path(path)) for path in paths],
                "k": ks[0] if len(ks) == 1 else joined_k(ks),
                "public_set": bundle.metadata.get("public_set"), "seed": config.seed,

@@ -1,7 +1,9 @@
 """Stage 3 orchestration: teacher + DP statistics + public images -> a release bundle.
 
-Reads no private data: the private set is known only through `registry.recorded_spec`
-(its public shape and normalization constants) and through the DP artifacts.
+The private set is known through `registry.recorded_spec` (its public shape and normalization
+constants) and through the DP artifacts. Its images are read for one check only, when either set is
+a ``folder:`` set: no public image may be a private one (:mod:`synthesizer.overlap`), refused before
+anything is written; nothing of the private images enters the release.
 
 Under torchrun, rank r synthesizes the shards whose index is r modulo the number of ranks; every
 shard draws from its own seeded generator, so the merged release equals a single-process one.
@@ -30,8 +32,9 @@ from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
 from common.runtime import keyed_generator, setup_logging
 from registry import model_from_checkpoint
 from stages.fetch import resolve_checkpoint
+from synthesizer import overlap
 from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
-from synthesizer.release import ReleaseWriter
+from synthesizer.release import ReleaseWriter, check_class_names
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
 # The settings that fix a release's content (with the teacher's and the public set's identity).
@@ -46,7 +49,11 @@ class SynthesisConfig(AlignmentConfig, registry.FolderViewOptions, registry.Samp
     teacher: str = option(help="stage-2 .dppt (teacher with DP statistics): a local path or an http(s)/file URL, "
                           "downloaded to checkpoints/pretrained_DP_models/")
     sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)")
-    public_set: str = option(help="public dataset from the registry (e.g. tinyimagenet, photos)")
+    public_set: str = option(help="public dataset from the registry (e.g. tinyimagenet, photos), or folder:PATH")
+    dataset: str | None = option(None, "the teacher's private dataset on this machine (default: the teacher's; "
+                                 "required for a folder: set, which artifacts record by its folder name only): "
+                                 "when either set is a folder: set, the public images are compared with the "
+                                 "private ones by content and refused if any is a private image")
     num_samples: int = option(60000, "number of images to release", parse=positive_int)
     k: int = option(1, "optimization steps per batch (0 = public images as they are)", parse=nonnegative_int,
                     aliases=("g_steps",))
@@ -97,11 +104,17 @@ def synthesize(config: SynthesisConfig) -> Path:
     view = registry.recorded_view(private_name, checkpoint.get(registry.VIEW_KEY), config.image_size,
                                   config.channels, f"teacher {config.teacher}")
     spec = registry.recorded_spec(private_name, checkpoint["num_classes"], view)
+    class_names = check_class_names(checkpoint.get(registry.CLASS_NAMES_KEY), checkpoint["num_classes"],
+                                    f"teacher {config.teacher}", "re-create it")
     with dist.main_first():
         public = registry.aligned(config.public_set, spec, config.data_root, config.download)
     indices = registry.sampling_list(config.public_set, config.num_samples, registry.SAMPLING_SEED, len(public),
                                      config.sampling_dir)
     sampling_file = registry.sampling_list_path(config.public_set, config.num_samples, registry.SAMPLING_SEED).name
+    if config.dataset is not None or overlap.needs_check(private_name, config.public_set):
+        local = registry.local_dataset(private_name, config.dataset, f"teacher {config.teacher}")
+        overlap.check_public_items(config.public_set, public, indices, local, config.data_root, view,
+                                   f"public set {config.public_set}")
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
@@ -146,7 +159,7 @@ def synthesize(config: SynthesisConfig) -> Path:
                            initial_images=torch.cat(parts["initial"]).numpy())
     bar.close()
     if dist.is_main and loss_rows:  # beside the release's log, never inside the release
-        atomic_write_csv(output.parent / f"{output.name}.metrics.csv", loss_rows)
+        atomic_write_csv(output.parent / f"{output.name}.metrics.csv", loss_rows, private=True)
     dist.barrier()  # every rank's shards are on disk
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has assembled the release
@@ -155,6 +168,7 @@ def synthesize(config: SynthesisConfig) -> Path:
         "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
         "public_set": settings["public_set"], "sampling_list": sampling_file, "k": config.k, "settings": settings,
         **({registry.VIEW_KEY: view} if view else {}),
+        **({registry.CLASS_NAMES_KEY: class_names} if class_names else {}),
         "teacher_file": Path(config.teacher).name, "teacher_sha256": settings["teacher_sha256"],
         "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
         "software": {"python": platform.python_version(), "torch": torch.__version__,

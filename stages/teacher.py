@@ -11,7 +11,7 @@ import torch
 import privacy
 import registry
 from common import distributed
-from common.batches import default_workers
+from common.batches import decode_all, default_workers
 from common.cli import RunOptions, fraction, option, positive_float, positive_int, probability
 from common.errors import DPImgSynError
 from common.files import atomic_torch_save, atomic_write_csv, resumed_history, with_suffix_once
@@ -20,6 +20,7 @@ from privacy.accountant import ACCOUNTANTS
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
 from privacy.split import split_by_content
+from synthesizer.release import check_class_names
 from training.accuracy import evaluate
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 from training.frontend import scoring_features, training_inputs, whole_model
@@ -38,6 +39,8 @@ EVAL_SPLITS = ("test", "validation")
 EVAL_SPLIT_HELP = ("where accuracies are measured: 'test' (the private test split), or 'validation' (the val_split "
                    "part of the private training records, to choose hyper-parameters without reading the test split)")
 METRICS_COLUMNS = ("epoch", "loss", "train_acc", "val_acc", "test_acc", "epsilon", "scope")
+# Above this planned total, a run without --target_epsilon is warned: the paper's largest budget short of ImageNette.
+LARGE_EPSILON = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +126,16 @@ def train_teacher(config: TeacherConfig) -> Path:
     with dist.main_first():  # one download (--download), shared by all ranks
         num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download,
                                                                 **view)
+    if config.dataset.startswith(registry.FOLDER_PREFIX):  # a user's files, unlike the registry's fixed sets:
+        for images in (train_set, test_set):  # an unreadable one stops the run here, before anything is written
+            decode_all(images, default_workers(device))
     if config.eval_split == "validation" and not config.val_split:
         raise DPImgSynError("--eval_split validation needs a validation part: give --val_split (e.g. 0.1)")
+    # Public schema like N (a folder: set's class folder names): recorded so that releases and exports name
+    # their classes; a set without names records none.
+    class_names = check_class_names(registry.class_names(config.dataset) or None, num_classes,
+                                    f"dataset {registry.artifact_name(config.dataset)}",
+                                    "rename its class folders in train/")
     train_set, val_set = split_by_content(train_set, config.val_split)
     num_examples = len(train_set)
     if config.train_batch_size > num_examples:
@@ -152,6 +163,16 @@ def train_teacher(config: TeacherConfig) -> Path:
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
     if completed_dppt(output, "settings", settings):
         return output
+    plan = statistics_plan(num_examples, config)  # stored in the teacher; without a target, said before training
+    if config.target_epsilon is None and dist.is_main:
+        line = (f"noise multiplier {config.noise_multiplier:g} (no --target_epsilon): planned total epsilon "
+                f"{plan['total_epsilon']:.3g} over DP-SGD + DP statistics at delta {config.delta:g}")
+        print(line, flush=True)
+        logger.info(line)
+        if plan["total_epsilon"] > LARGE_EPSILON:
+            logger.warning("planned total epsilon %.3g exceeds %g, the paper's largest budget short of ImageNette: "
+                           "a weak guarantee; give --target_epsilon to calibrate the noise to a budget",
+                           plan["total_epsilon"], LARGE_EPSILON)
 
     # One sampling/noise stream for all ranks; in secure mode the seed only initializes the model.
     init_seed = dist.broadcast_int(private_seed(None) if seed is None else seed)
@@ -204,9 +225,10 @@ def train_teacher(config: TeacherConfig) -> Path:
                 f"{scores}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
         print(line, flush=True)
         logger.info(line)
-        atomic_write_csv(metrics_path, [{**row, "scope": NON_PRIVATE_NOTE} for row in history], METRICS_COLUMNS)
+        atomic_write_csv(metrics_path, [{**row, "scope": NON_PRIVATE_NOTE} for row in history], METRICS_COLUMNS,
+                         private=True)
         atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
-                           "history": history}, resume_path)
+                           "history": history}, resume_path, private=True)  # its generators regenerate the noise
 
     if not dist.is_main:
         dist.barrier()  # return once rank 0 has written the teacher
@@ -221,8 +243,9 @@ def train_teacher(config: TeacherConfig) -> Path:
     test_acc = final_acc if config.eval_split == "test" else float("nan")
     payload = privacy.dppt_payload("teacher", released().state_dict(), config.model, num_classes,
                                    settings["dataset"], block, settings=settings,
-                                   plan=statistics_plan(num_examples, config), test_acc=test_acc,
-                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}))
+                                   plan=plan, test_acc=test_acc,
+                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}),
+                                   **({registry.CLASS_NAMES_KEY: class_names} if class_names else {}))
     privacy.save_dppt(output, payload)
     resume_path.unlink(missing_ok=True)
     logger.info("DP-SGD took %.1fs", time.time() - started)

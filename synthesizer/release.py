@@ -15,6 +15,9 @@ Reading needs nothing but numpy and torch: :func:`load` memory-maps the arrays a
 ``Dataset`` of ``(image, soft_label, target)`` whose ``labels`` array holds the teacher's labels.
 Releases of format version 1 (no ``labels.npy``, class counts of the targets) are read too: their
 labels and counts are derived from the soft labels on loading.
+
+``metadata.json`` may name the classes (``class_names``: label i is the i-th name, the private set's
+public schema as the teacher records it); a release without names reads as ``"0"``..``"C-1"``.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ RELEASE_FILES = (*ARRAY_FILES, LABELS_FILE, PREVIEW_FILE)
 # Keys finalize() adds to the caller's metadata; the caller must not use them.
 RESERVED_METADATA_KEYS = ("format", "version", "counts", "files", "release_settings")
 PREVIEW_MAX_CLASSES = 16
+CLASS_NAMES_KEY = "class_names"  # registry.CLASS_NAMES_KEY: the teacher's record, copied into the metadata
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -106,6 +110,27 @@ def is_complete(out_dir: str | Path) -> bool:
         return _read_metadata(Path(out_dir)) is not None
     except DPImgSynError:
         return False
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """What an unnamed release's classes are called: their labels, ``"0"``..``"C-1"``."""
+    return [str(label) for label in range(num_classes)]
+
+
+def check_class_names(names: Any, num_classes: int, what: str, fix: str = "regenerate it") -> list[str] | None:
+    """Recorded class names as a list (``None`` when none are recorded); anything but ``num_classes`` distinct,
+    non-empty, printable strings is a one-line error, since names become folder names and table cells."""
+    if names is None:
+        return None
+    if not (isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names)):
+        raise DPImgSynError(f"{what} records class names that are not a list of strings; {fix}")
+    if len(names) != num_classes:
+        raise DPImgSynError(f"{what} records {len(names)} class names for {num_classes} classes; {fix}")
+    bad = [name for name in names if not name or not name.isprintable()]
+    if bad or len(set(names)) != len(names):
+        problem = f"empty or unprintable {bad[0]!r}" if bad else "the same name twice"
+        raise DPImgSynError(f"{what} records unusable class names ({problem}); {fix}")
+    return list(names)
 
 
 def teacher_labels(soft_labels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -407,6 +432,9 @@ class ReleaseDataset(Dataset):
     def __init__(self, root: str | Path, metadata: dict) -> None:
         self.root = Path(root)
         self.images, self.soft_labels, self.targets, self.labels = _open_arrays(self.root, metadata)
+        # The names the release records (None: unnamed, e.g. releases made before names were recorded).
+        self.recorded_class_names = check_class_names(metadata.get(CLASS_NAMES_KEY), self.num_classes,
+                                                      str(self.root / METADATA_FILE), "regenerate the release")
         if _is_legacy(metadata):  # version 1 counted the targets: present its counts in today's meaning
             counts = _Counts(self.num_classes)
             counts.add(self.labels, np.asarray(self.targets))
@@ -416,6 +444,11 @@ class ReleaseDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return self.soft_labels.shape[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The recorded class names in label order, else ``"0"``..``"C-1"``."""
+        return self.recorded_class_names or default_class_names(self.num_classes)
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -605,8 +638,9 @@ def _verify_labels(dataset: ReleaseDataset) -> None:
 
 
 def save_image_grid(path: str | Path, rows: Sequence[np.ndarray | torch.Tensor], *,
-                    min_tile: int = 64, padding: int = 2, group: int = 1) -> None:
-    """Write a PNG grid; each row is an (K, C, H, W) batch in [0, 1] with C = 1 or 3.
+                    min_tile: int = 64, padding: int = 2, group: int = 1, private: bool = False) -> None:
+    """Write a PNG grid; each row is an (K, C, H, W) batch in [0, 1] with C = 1 or 3; ``private``: a grid
+    showing private images, owner-only (0600).
 
     Tiles are upscaled (nearest neighbour) to at least ``min_tile`` pixels so that 28-32 px images
     stay readable; an extra gap after every ``group`` tiles separates e.g. (before, after) pairs.
@@ -642,5 +676,5 @@ def save_image_grid(path: str | Path, rows: Sequence[np.ndarray | torch.Tensor],
             left = offset(column, tile_w)
             canvas[top:top + tile_h, left:left + tile_w] = tile
     image = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, private=private) as tmp:
         image.save(tmp, format="PNG")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ TINY_CONFIG = {
 def _few_threads():
     """Two cores are shared by the suite; extra intra-op threads only add contention."""
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_cache(tmp_path_factory):
+    """The content check keeps private keys in a folder of this session, never in the user's cache."""
+    os.environ["DPIMGSYN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

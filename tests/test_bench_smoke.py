@@ -92,6 +92,13 @@ def test_bench_paper_row_smoke() -> None:
                      re.MULTILINE), output
 
 
+def test_bench_overlap_smoke() -> None:
+    output = run_benchmark("bench_overlap.py", *TINY, "--model", "small_cnn", "--image_size", "16", "--batch_size",
+                           "8", "--steps", "2", "--num_private", "50", "--num_public", "20")
+    for figure in ("overlap_check_first", "overlap_check_kept"):
+        assert re.search(rf"^{figure}: ratio \d+\.\d\d", output, re.MULTILINE), output
+
+
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:
     scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
     code = ("import sys, runpy\n"

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 
 def test_real_process_prints_one_line_without_traceback(tmp_path):
@@ -16,6 +18,17 @@ def test_real_process_prints_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_flag_is_never_abbreviated(tmp_path, capsys):
+    """``--epoch 1`` is refused like any unknown flag, never taken for ``--epochs 1`` (in this process: fast)."""
+    import train_dp
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_dp.main(["--dataset", "nosuchset", "--epoch", "1", "--output", str(tmp_path / "t.dppt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unrecognized arguments: --epoch 1")
 
 
 # A default each script's --help must show (the paper's values), and a paper flag kept as an alias.

@@ -30,21 +30,42 @@ def test_milestones_scale_with_epochs():
     assert DistillationConfig(epochs=20).milestones() == [12, 15, 18]
 
 
-def test_random_crop_flip_keeps_shape_and_content():
+def crops_of(image: torch.Tensor, padding: int) -> list[torch.Tensor]:
+    """Every crop of the reflect-padded image, and its mirror."""
+    padded = torch.nn.functional.pad(image[None], (padding,) * 4, mode="reflect")[0]
+    side = image.shape[-1]
+    crops = [padded[:, dy:dy + side, dx:dx + side] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    return crops + [crop.flip(2) for crop in crops]
+
+
+def test_random_crop_flip_draws_crops_and_mirrors_of_each_image():
     images = torch.rand(8, 3, 16, 16)
-    out = random_crop_flip(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape
-    assert not torch.equal(out, images)
-    assert math.isclose(float(out.min()), float(images.min()), abs_tol=0.2)
+    out = random_crop_flip(images, torch.arange(8), key=1, views=3, padding=2)
+    assert out.shape == (24, 3, 16, 16)
+    for row, view in enumerate(out):  # an image's views are consecutive
+        assert any(torch.equal(view, crop) for crop in crops_of(images[row // 3], 2)), row
+    assert len({view.sum().item() for view in out[:3]}) == 3  # three different views of image 0
 
 
 def test_random_crop_flip_flips_only_when_asked():
     """Without padding the crop is the image: each output is the image, or its mirror when flips are on."""
     images = torch.rand(16, 1, 8, 8)
-    assert torch.equal(random_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flip=False), images)
-    flipped = random_crop_flip(images, torch.Generator().manual_seed(0), padding=0)
+    records = torch.arange(16)
+    assert torch.equal(random_crop_flip(images, records, key=0, padding=0, flip=False), images)
+    flipped = random_crop_flip(images, records, key=0, padding=0)
     mirrored = [bool(torch.equal(out, image.flip(2))) for out, image in zip(flipped, images)]
     assert all(m or torch.equal(out, image) for m, out, image in zip(mirrored, flipped, images)) and any(mirrored)
+
+
+def test_random_crop_flip_draws_per_record_and_key():
+    """The views of a record depend on its index and the key, not on its row or the batch around it."""
+    images = torch.rand(6, 3, 16, 16)
+    records = torch.tensor([40, 3, 17, 8, 25, 1])
+    views = random_crop_flip(images, records, key=9, views=2)
+    order = torch.tensor([4, 0, 5])
+    assert torch.equal(random_crop_flip(images[order], records[order], key=9, views=2),
+                       views.view(6, 2, 3, 16, 16)[order].flatten(0, 1))
+    assert not torch.equal(random_crop_flip(images, records, key=10, views=2), views)
 
 
 def _kd_by_hand(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

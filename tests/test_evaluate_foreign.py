@@ -14,7 +14,8 @@ import registry
 from common.errors import DPImgSynError
 from evaluation import card_fields
 from evaluation.foreign import fit_view, read_foreign
-from evaluation.release import FOREIGN_PREVIEW_FILE, GALLERY_FILE, PRIVACY_UNKNOWN, PUBLIC_INIT_REFERENCE
+from evaluation.release import (FOREIGN_PREVIEW_FILE, GALLERY_FILE, PRIVACY_UNKNOWN, PUBLIC_INIT_REFERENCE,
+                                reviewed_private_set)
 
 PRIVATE = "mnist5k"
 TINY = ["--dataset", PRIVATE, "--device", "cpu", "--max_private", "500", "--max_synthetic", "200", "--seeds", "7",
@@ -162,3 +163,27 @@ def test_both_layouts_read_the_same_pixels_and_gray_fills_the_private_channels(t
     np.testing.assert_array_equal(gray_plain.labels, labels)
     with pytest.raises(DPImgSynError, match="1 channel"):
         fit_view(gray_float, registry.dataset_info("cifar10"), "cifar10")
+
+
+def test_a_folder_set_re_viewed_at_the_releases_size_is_said_on_the_card(tmp_path):
+    """A folder: set has no fixed view: it is seen at the foreign release's size and channels, and the card says so."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("ant", "bee"):
+            (tmp_path / "pets" / split / name).mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "pets" / split / name / f"{index}.png")
+    dataset = f"folder:{tmp_path / 'pets'}"
+    release = _gen_npz(rng.random((8, 1, 28, 28)), np.arange(8) % 2, tmp_path / "gen.npz")
+    result = evaluate_release.run(["--release", str(release), "--output", str(tmp_path / "eval"), "--dataset", dataset,
+                                   "--device", "cpu", "--seeds", "7", "--epochs", "1", "--model", "small_cnn",
+                                   "--batch_size", "8", "--max_private", "8", "--k_ssim", "2", "--gallery_pairs", "2"])
+    note = "private set re-viewed at 28 x 28 x 1 to match the release (its own view: 32 x 32 x 3)"
+    assert result["card"]["internal"]["private_view"] == note
+    assert note in (tmp_path / "eval" / "release_card.md").read_text()
+    assert result["card"]["publishable"]["class_names"] == ["ant", "bee"]  # the private set's labels, by name
+    assert reviewed_private_set(dataset, {"image_size": 32, "channels": 3}) is None  # seen as it is: nothing to say
+    assert reviewed_private_set(PRIVATE, {}) is None  # a registry set has one view

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def test_card_has_every_field_and_the_release_is_untouched(evaluated_k3):
     assert public["counts_per_class"] == {str(label): count for label, count in enumerate(recorded)}
     assert sum(public["counts_per_class"].values()) == 400 and public["k"] == 3
     assert (eval_dir / public["preview_path"]).resolve() == (out / "release_k3" / "preview.png").resolve()
+    assert public["release"] == os.path.relpath(out / "release_k3", eval_dir)  # no absolute local path
 
     internal = card["internal"]
     metrics = json.loads((out / "student_k3_seed1" / "metrics.json").read_text())
@@ -90,6 +92,8 @@ def test_card_has_every_field_and_the_release_is_untouched(evaluated_k3):
         assert gallery.size[0] > gallery.size[1] > 0  # 4 rows of 4 (synthetic, private) pairs
     neighbours = np.load(eval_dir / NEIGHBOURS_FILE)
     assert neighbours["l2"].shape == (300,) and neighbours["private_train_index"].max() < 4000
+    # Both show private images or indices: owner-only whatever the umask, unlike the card.
+    assert [(eval_dir / name).stat().st_mode & 0o777 for name in (GALLERY_FILE, NEIGHBOURS_FILE)] == [0o600, 0o600]
 
 
 def test_k0_distances_equal_the_public_init_reference_and_are_exact(tiny_pipeline, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -411,6 +412,20 @@ def test_card_counts_the_teachers_labels_and_shows_the_targets_agreement() -> No
     assert "synthesis targets: not recorded" in render_card_markdown(card)
 
 
+def test_card_names_the_classes_and_says_when_the_private_set_was_re_viewed() -> None:
+    note = "private set re-viewed at 28 x 28 x 1 to match the release (its own view: 32 x 32 x 3)"
+    publishable, internal = _card_inputs(private_view=note)
+    names = ["airplane", "a|b", *map(str, range(2, 10))]  # a name equal to its label adds nothing
+    card = build_card({**publishable, "class_names": names}, internal)
+    assert card["publishable"]["class_names"] == names
+    markdown = render_card_markdown(card)
+    internal_start = markdown.index("## Internal")
+    assert "| 0: airplane | 1: a\\|b | 2 | 3 |" in markdown[:internal_start]
+    assert f"- Note: {note}" in markdown[internal_start:] and "private_view" not in markdown
+    unnamed = build_card(*_card_inputs())
+    assert unnamed["publishable"]["class_names"] is None and "| 0 | 1 | 2 |" in render_card_markdown(unnamed)
+
+
 def test_card_of_non_private_run_is_strict_json_and_says_so(tmp_path) -> None:
     publishable, internal = _card_inputs()
     internal["obfuscation"]["verdict"]["median_ratio"] = np.float64(math.inf)
@@ -420,3 +435,28 @@ def test_card_of_non_private_run_is_strict_json_and_says_so(tmp_path) -> None:
     assert stored["publishable"]["epsilon"] == "inf"
     assert stored["publishable"]["num_images"] == 20
     assert "inf (non-private run" in render_card_markdown(card)
+
+
+def test_card_names_paths_relative_to_its_folder(tmp_path, monkeypatch) -> None:
+    from evaluation.card import card_path
+
+    release = tmp_path / "runs" / "release_k3"
+    assert card_path(release, tmp_path / "runs" / "evaluation_k3") == os.path.join("..", "release_k3")
+
+    def other_drive(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(os.path, "relpath", other_drive)
+    assert card_path(release, tmp_path / "eval") == "release_k3"  # the name alone, never the absolute path
+
+
+@pytest.mark.parametrize("scored", [{"student_validation_acc": 0.5}, {"student_test_acc": 0.5}])
+def test_a_card_refuses_students_scored_on_the_validation_split(tmp_path, scored) -> None:
+    """The card reports test accuracies: a validation student (either key) would be a validation figure called test."""
+    from evaluation.release import student_results
+
+    files = {"images.npy": "0" * 64}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({**scored, "eval_split": "validation", "settings": {"release_sha256": files}}))
+    with pytest.raises(DPImgSynError, match="on the validation split.*--eval_split test"):
+        student_results([path], {"files": files})

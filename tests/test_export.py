@@ -23,7 +23,8 @@ BLOCK = privacy_block([mechanism_entry("dp_sgd", 1.0, 0.01, 100, 1.0)], 1e-5, ac
 GRAY = {"dataset": "mnist5k", "mean": [0.1307] * 3, "std": [0.3081] * 3}
 COLOUR = {"dataset": "cifar10", "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
 EXPORT_KEYS = {"format", "version", "export_format", "storage", "release", "dataset", "public_set", "k",
-               "num_classes", "images", "labels", "counts", "empty_classes", "privacy", "files"}
+               "num_classes", "class_names", "images", "labels", "soft_labels", "counts", "empty_classes", "privacy",
+               "files"}
 
 
 def make_release(root: Path, *, gray: bool, num_classes: int = 3, count: int = 20, side: int = 8,
@@ -48,6 +49,14 @@ def make_release(root: Path, *, gray: bool, num_classes: int = 3, count: int = 2
     return {**data, "labels": data["soft_labels"].argmax(axis=1)}
 
 
+def check_soft_labels_and_names(path: Path, data: dict, names: list[str]) -> None:
+    """The .npz carries the release's soft labels (distillation) and its class names, readable without pickle."""
+    with np.load(path, allow_pickle=False) as archive:
+        assert archive["soft"].dtype == np.float32
+        np.testing.assert_array_equal(archive["soft"], data["soft_labels"])
+        assert archive["class_names"].dtype.kind == "U" and archive["class_names"].tolist() == names
+
+
 def quantized(images: np.ndarray) -> np.ndarray:
     """The uint8 pixels of N x C x H x W images in [0, 1], as N x H x W x C."""
     return np.rint(images * 255).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -56,7 +65,8 @@ def quantized(images: np.ndarray) -> np.ndarray:
 def check_record(out: Path, release: Path, fmt: str, channels: int) -> dict:
     """export.json: only public facts, the release's privacy block and files, and true checksums."""
     record = json.loads((out / EXPORT_FILE).read_text())
-    assert set(record) == EXPORT_KEYS
+    assert set(record) == EXPORT_KEYS | ({"class_folders"} if fmt == "imagefolder" else set())
+    assert record["soft_labels"]["file"] in record["files"] and "logits" in record["soft_labels"]["content"]
     metadata = json.loads((release / "metadata.json").read_text())
     assert record["export_format"] == fmt and record["privacy"] == metadata["privacy"]
     assert record["release"]["files"] == metadata["files"] and record["release"]["name"] == release.name
@@ -80,8 +90,11 @@ def test_npz_round_trip(tmp_path: Path, gray: bool) -> None:
     assert y.dtype == np.int64
     np.testing.assert_array_equal(y, data["labels"])
     assert not np.array_equal(y, data["targets"])  # the teacher's labels, not the synthesis targets
+    check_soft_labels_and_names(out / "dataset.npz", data, ["0", "1", "2"])
     record = check_record(out, tmp_path / "release", "npz", 1 if gray else 3)
     assert record["empty_classes"] == [2]
+    assert record["soft_labels"] == {"file": "dataset.npz", "key": "soft", "content": record["soft_labels"]["content"]}
+    assert record["class_names"] == ["0", "1", "2"]  # an unnamed release: its labels
 
 
 def test_gen_npz_round_trip_keeps_the_release_values(tmp_path: Path) -> None:
@@ -93,7 +106,8 @@ def test_gen_npz_round_trip_keeps_the_release_values(tmp_path: Path) -> None:
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
     np.testing.assert_array_equal(x, data["images"][:, :1])
     np.testing.assert_array_equal(y, data["labels"])
-    check_record(out, tmp_path / "release", "gen_npz", 1)
+    check_soft_labels_and_names(out / "gen.npz", data, ["0", "1", "2"])
+    assert check_record(out, tmp_path / "release", "gen_npz", 1)["soft_labels"]["key"] == "soft"
 
 
 @pytest.mark.parametrize("gray, num_classes", [(True, 3), (False, 12)], ids=["gray", "colour_12_classes"])
@@ -121,6 +135,40 @@ def test_imagefolder_round_trip_with_torchvision_pil_and_the_csv(tmp_path: Path,
     assert list(rows[0]) == ["file_name", "label"] and len(rows) == 30
     by_csv = {str(out / "train" / row["file_name"]): int(row["label"]) for row in rows}
     assert by_csv == dict(folder.samples)
+    # The soft labels in index order: row i is the image numbered i, the i-th row of metadata.csv.
+    assert [int(Path(row["file_name"]).stem) for row in rows] == list(range(30))
+    soft = np.load(out / "train" / "soft_labels.npy", allow_pickle=False)
+    assert soft.dtype == np.float32
+    np.testing.assert_array_equal(soft, data["soft_labels"])
+
+
+@pytest.mark.parametrize("names, folders", [
+    (["ant", "bee", "cow"], ["ant", "bee", "cow"]),  # a folder: set's names sort in label order: kept as they are
+    (["T-shirt/top", "Trouser", "Pullover"], ["0_T-shirt_top", "1_Trouser", "2_Pullover"]),  # unsorted, unsafe
+    (["b", "a,c", ".x"], ["0_b", "1_a,c", "2_.x"]),  # unsorted; a comma and a leading dot survive the prefix
+], ids=["sorted", "unsorted", "odd"])
+def test_named_classes_name_the_folders_and_sorted_order_stays_label_order(tmp_path: Path, names, folders) -> None:
+    data = make_release(tmp_path / "release", gray=False, count=30, dataset={**COLOUR, "class_names": names})
+    out = run_export(tmp_path / "release", "imagefolder", tmp_path / "out", progress=False)
+    record = check_record(out, tmp_path / "release", "imagefolder", 3)
+    assert record["class_names"] == names and record["class_folders"] == folders
+    folder = ImageFolder(str(out / "train"), allow_empty=True)
+    assert folder.classes == sorted(folders) and folder.class_to_idx == {name: folders.index(name) for name in folders}
+    assert {int(Path(path).stem): label for path, label in folder.samples} == dict(enumerate(data["labels"].tolist()))
+    with open(out / "train" / "metadata.csv", newline="") as handle:
+        by_csv = {str(out / "train" / row["file_name"]): int(row["label"]) for row in csv.DictReader(handle)}
+    assert by_csv == dict(folder.samples)
+    run_export(tmp_path / "release", "npz", tmp_path / "npz", progress=False)
+    check_soft_labels_and_names(tmp_path / "npz" / "dataset.npz", data, names)
+
+
+def test_an_export_of_another_format_version_is_not_taken_for_this_one(tmp_path: Path) -> None:
+    make_release(tmp_path / "release", gray=True)
+    out = run_export(tmp_path / "release", "npz", tmp_path / "out", progress=False)
+    record = json.loads((out / EXPORT_FILE).read_text())
+    (out / EXPORT_FILE).write_text(json.dumps({**record, "version": 1}))  # made before soft labels were exported
+    with pytest.raises(DPImgSynError, match="format version 1, this code writes version 2; delete it"):
+        run_export(tmp_path / "release", "npz", out, progress=False)
 
 
 def test_huggingface_imagefolder_reads_the_csv_labels(tmp_path: Path) -> None:

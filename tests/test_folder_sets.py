@@ -8,6 +8,7 @@ view so that no later stage needs to be told it again, and a later stage told an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ import save_dp_db_stats
 import synthesize
 import train_dp
 import train_student
+from common.batches import decode_all
 from common.errors import DPImgSynError
 from evaluation.release import EvaluationConfig, evaluate_release
+from sources.files import ImageFiles
 
 QUIET = ["--device", "cpu", "--no_progress"]
 CLASSES = ("ant", "bee", "cow")
@@ -58,8 +61,8 @@ def run_stages(work: Path, dataset: str, public_set: str, teacher_flags: list[st
     scaling = ["--public_set", public_set] if scale_statistics else []
     stats = save_dp_db_stats.run(["--teacher", str(teacher), "--dataset", dataset, *scaling, "--seed", "0",
                                   "--output", str(work / "statistics"), *sampling, *QUIET])
-    release = synthesize.run(["--teacher", str(stats), "--public_set", public_set, "--num_samples",
-                              str(NUM_SAMPLES), "--k", "1", "--batch_size", "3", "--output", str(work / "release"),
+    release = synthesize.run(["--teacher", str(stats), "--dataset", dataset, "--public_set", public_set,
+                              "--num_samples", str(NUM_SAMPLES), "--k", "1", "--batch_size", "3", "--output", str(work / "release"),
                               *sampling, *QUIET])
     train_student.run(["--release", str(release), "--dataset", dataset, "--model", "small_cnn", "--epochs", "1",
                        "--batch_size", "3", "--T", "4", "--output", str(work / "student"), *QUIET])
@@ -91,6 +94,9 @@ def check_artifacts(paths: dict[str, Path], side: int, channels: int) -> dict:
     assert 0 <= json.loads((paths["student"] / "metrics.json").read_text())["student_test_acc"] <= 1
     card = json.loads((paths["evaluation"] / "release_card.json").read_text())
     assert "obfuscation" in json.dumps(card)
+    # The class folders' names (label order) travel from the teacher to the release and its card.
+    assert teacher["class_names"] == stats["class_names"] == metadata["class_names"] == list(CLASSES)
+    assert card["publishable"]["class_names"] == list(CLASSES)
     return metadata
 
 
@@ -148,10 +154,12 @@ def test_view_inference_rules_and_flags(tmp_path):
         (mixed / "train" / "a").mkdir(parents=True, exist_ok=True)
         Image.new(mode, size).save(mixed / "train" / "a" / f"{index}.png")
     view, note = registry.folder_view(f"folder:{mixed}")
-    assert view == {"image_size": 30, "channels": 3}  # most common shorter side; one colour file: colour
+    assert view == {"image_size": 30, "channels": 1}  # most common shorter side; most files gray: gray
     assert "image size and channels inferred from the format of 4 training files" in note
-    view, note = registry.folder_view(f"folder:{mixed}", channels=1)
-    assert view == {"image_size": 30, "channels": 1} and "x 1 (gray); image size inferred" in note
+    assert "most files read are gray: the colour ones (1 of 4) are converted to gray (luma)" in note
+    view, note = registry.folder_view(f"folder:{mixed}", channels=3)
+    assert view == {"image_size": 30, "channels": 3} and "x 3 (colour); image size inferred" in note
+    assert "most files" not in note  # the channel rule is not applied when channels are given
     assert registry.folder_view(f"folder:{mixed}", 16, 1) == ({"image_size": 16, "channels": 1}, None)
     assert registry.folder_view("mnist5k") == ({}, None)
     assert registry.folder_view("mnist5k", 32, 3) == ({}, None)  # the registry's own view may be restated
@@ -194,3 +202,91 @@ def test_a_model_refuses_images_smaller_than_it_needs(tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1 and "at least 32 x 32" in error
     assert not (tmp_path / "t.dppt").exists()
+
+
+def test_the_channel_rule_follows_the_majority_of_the_files_and_converts_the_others(tmp_path):
+    """Most files gray: colour files become their luma; most colour (or half): gray files are repeated."""
+    colours = {"L": 100, "RGB": (255, 0, 0), "RGBA": (0, 0, 255, 255)}
+    for name, modes, channels, rule in (
+            ("gray", ("L", "RGB", "L"), 1, "gray: the colour ones (1 of 3) are converted to gray (luma)"),
+            ("colour", ("RGB", "L", "RGBA", "RGB"), 3, "colour: the gray ones (1 of 4) are repeated over 3 channels"),
+            ("tie", ("RGB", "L"), 3, "colour: the gray ones (1 of 2) are repeated over 3 channels")):
+        folder = tmp_path / name / "train" / "a"
+        folder.mkdir(parents=True)
+        for index, mode in enumerate(modes):
+            Image.new(mode, (8, 8), colours[mode]).save(folder / f"{index}.png")
+        view, note = registry.folder_view(f"folder:{tmp_path / name}")
+        assert view == {"image_size": 8, "channels": channels} and f"most files read are {rule}" in note, note
+        split = registry.get_split(f"folder:{tmp_path / name}", "train", **view)
+        seen = [split[index][0] * 0.5 + 0.5 for index in range(len(modes))]  # back from the 0.5 / 0.5 normalization
+        expected = {"L": [100 / 255] * 3, "RGB": [1.0, 0.0, 0.0], "RGBA": [0.0, 0.0, 1.0]}
+        if channels == 1:
+            expected = {"L": [100 / 255], "RGB": [0.2989], "RGBA": [0.114]}
+        for image, mode in zip(seen, modes):
+            assert image.shape == (channels, 8, 8)
+            assert torch.allclose(image[:, 0, 0], torch.tensor(expected[mode]), atol=1e-3), (name, mode)
+
+
+def test_16_bit_gray_files_are_scaled_to_0_1_not_saturated(tmp_path):
+    gradient = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    wide = gradient.astype(np.int32)
+    wide[0, 0], wide[-1, -1] = -5, 70000  # mode I holds any int32: clipped to the 16-bit range
+    folder = tmp_path / "depth" / "train" / "a"
+    folder.mkdir(parents=True)
+    files = {"0.png": (Image.fromarray(gradient), "I;16"), "1.tif": (Image.fromarray(gradient.astype(">u2")), "I;16B"),
+             "2.tif": (Image.fromarray(wide), "I")}
+    for file, (image, mode) in files.items():
+        image.save(folder / file)
+        with Image.open(folder / file) as saved:
+            assert saved.mode == mode  # the modes this test is about
+    expected = torch.from_numpy(gradient / 65535).float()
+    source = ImageFiles([str(folder / file) for file in files], [0] * len(files))
+    for index in range(len(files)):
+        pixels, _ = source.raw(index, None)
+        assert pixels.shape == (3, 16, 16) and torch.allclose(pixels, expected.expand(3, -1, -1), atol=1e-6)
+    view, _ = registry.folder_view(f"folder:{tmp_path / 'depth'}")
+    assert view == {"image_size": 16, "channels": 1}  # 16-bit files are gray files
+    split = registry.get_split(f"folder:{tmp_path / 'depth'}", "train", **view)
+    assert torch.allclose(split[1][0][0] * 0.5 + 0.5, expected, atol=1e-3)  # luma weights sum to 0.9999
+
+
+def test_an_empty_class_folder_is_refused_naming_the_class_and_the_split(tmp_path):
+    empty_test = write_tree(tmp_path / "a", (8, 8), gray=True, per_class=2, test_per_class=1)
+    (empty_test / "test" / "cow" / "0.png").unlink()
+    name = f"folder:{empty_test}"
+    assert len(registry.get_split(name, "train", image_size=8, channels=1)) == 6  # the training split alone is fine
+    with pytest.raises(DPImgSynError, match=r"class 'cow' has no images in the test split .*add images to it"):
+        registry.get_split(name, "test", image_size=8, channels=1)
+    empty_train = write_tree(tmp_path / "b", (8, 8), gray=True, per_class=2, test_per_class=1)
+    for path in (empty_train / "train" / "bee").iterdir():
+        path.unlink()
+    (empty_train / "train" / "bee" / "notes.txt").write_text("not an image")
+    for split in ("train", "test"):  # 'bee' has test images but no training image, whichever split is opened
+        with pytest.raises(DPImgSynError, match=r"class 'bee' has no images in the train split"):
+            registry.get_split(f"folder:{empty_train}", split, image_size=8, channels=1)
+    shutil.rmtree(empty_train / "train" / "bee")  # no training folder at all: refused when the test split is opened
+    with pytest.raises(DPImgSynError, match=r"class folders missing from the training split: bee"):
+        registry.get_split(f"folder:{empty_train}", "test", image_size=8, channels=1)
+
+
+def test_a_truncated_image_or_an_empty_class_stops_the_teacher_in_one_line(tmp_path, capsys):
+    truncated = write_tree(tmp_path / "cut", (16, 16), gray=True, per_class=2, test_per_class=1)
+    png = truncated / "train" / "bee" / "1.png"
+    png.write_bytes(png.read_bytes()[:60])  # the header survives: the view is still inferred
+    empty = write_tree(tmp_path / "empty", (16, 16), gray=True, per_class=2, test_per_class=1)
+    (empty / "test" / "ant" / "0.png").unlink()
+    for tree, says in ((truncated, f"cannot read the image {png}: image file is truncated"),
+                       (empty, "class 'ant' has no images in the test split")):
+        output = tmp_path / f"{tree.name}.dppt"
+        with pytest.raises(SystemExit) as exit_info:
+            train_dp.main(["--dataset", f"folder:{tree}", "--model", "small_cnn", "--epochs", "1",
+                           "--train_batch_size", "2", "--stats_batch_size", "2", "--output", str(output), *QUIET])
+        error = capsys.readouterr().err
+        errors = [line for line in error.splitlines() if line.startswith("error: ")]
+        assert exit_info.value.code == 2 and len(errors) == 1 and says in errors[0] and "Traceback" not in error, error
+        assert not list(tmp_path.glob(f"{tree.name}.*"))  # found before training: no teacher, resume file or log
+    # Loader processes (used on GPU hosts) hand the same one line on, not their traceback.
+    split = registry.get_split(f"folder:{truncated}", "train", image_size=16, channels=1)
+    with pytest.raises(DPImgSynError) as error_info:
+        decode_all(split, num_workers=1)
+    assert str(error_info.value) == f"cannot read the image {png}: image file is truncated; replace or remove the file"

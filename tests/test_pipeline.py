@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import privacy
 import registry
@@ -27,6 +29,9 @@ def test_report_contract(tiny_pipeline):
     assert max(row["student_test_acc"] for row in saved["results"]) > 0.15  # chance is 0.10
     # every run also writes the results as a CSV and a plot, and every release in the configured exports
     assert (out / "results.csv").read_text().count("\n") == 1 + 1 + 2 and (out / "accuracy_vs_epsilon.png").is_file()
+    with Image.open(out / "accuracy_vs_epsilon.png") as plot:  # the test split, and no validation mark
+        assert plot.info["Description"] == "test accuracy (%) against epsilon"
+    assert "outside_guarantee" not in saved
     for k, count in ((0, 500), (3, 400)):  # one count per k
         exported = np.load(out / f"export_k{k}_npz" / "dataset.npz")
         assert exported["x"].shape == (count, 32, 32, 1) and exported["x"].dtype == np.uint8  # mnist stays gray
@@ -47,6 +52,9 @@ def test_epsilon_is_the_ledgers(tiny_pipeline, tiny_config):
     for k in (0, 3):
         metadata = json.loads((out / f"release_k{k}" / "metadata.json").read_text())
         assert metadata["privacy"]["epsilon"] == pytest.approx(report["epsilon"])
+        # The student, post-processing of its release, carries the release's privacy block.
+        student = torch.load(out / f"student_k{k}_seed1" / "student.pt", weights_only=True)
+        assert student["privacy"] == metadata["privacy"]
 
 
 def test_release_contract(tiny_pipeline):

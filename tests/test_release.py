@@ -459,3 +459,17 @@ def test_unknown_release_version_refused(release) -> None:
     (out_dir / "metadata.json").write_text(json.dumps({**metadata, "version": 3}))
     with pytest.raises(DPImgSynError, match="version 3; this code reads versions 1, 2"):
         load(out_dir)
+
+
+def test_class_names_are_read_checked_and_default_to_the_labels(release) -> None:
+    out_dir, _ = release
+    assert load(out_dir).recorded_class_names is None and load(out_dir).class_names == ["0", "1", "2"]
+    metadata = json.loads((out_dir / "metadata.json").read_text())
+    (out_dir / "metadata.json").write_text(json.dumps({**metadata, "class_names": ["ant", "bee", "cow"]}))
+    assert load(out_dir).class_names == ["ant", "bee", "cow"]
+    for names, message in ((["ant", "bee"], "2 class names for 3 classes"), (["ant", "ant", "cow"], "twice"),
+                           (["ant", "b\nee", "cow"], "unprintable"), ("abc", "not a list of strings"),
+                           ([1, 2, 3], "not a list of strings")):
+        (out_dir / "metadata.json").write_text(json.dumps({**metadata, "class_names": names}))
+        with pytest.raises(DPImgSynError, match=message):
+            load(out_dir)

@@ -1,9 +1,9 @@
 """What a shared artifact may hold, and what the two private stages agree on.
 
 A teacher or statistics ``.dppt`` and a release are meant to be shared: they may hold only DP
-outputs and public facts (no exact losses or accuracies of the training data, no local paths),
-both private stages must train and measure on the same records, and stage 2 run by hand must
-follow the budget stage 1 planned.
+outputs and public facts (the view, N, the class names; no exact losses or accuracies of the training
+data, no local paths), both private stages must train and measure on the same records, and stage 2
+run by hand must follow the budget stage 1 planned.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import save_dp_db_stats
 import stages.dp_statistics
 import stages.teacher
 import train_dp
-from common.files import atomic_write_text
+from common.files import atomic_torch_save, atomic_write_csv, atomic_write_text
+from common.runtime import setup_logging
 from privacy.split import split_by_content
 
 QUIET = ["--device", "cpu", "--no_progress"]
@@ -155,6 +156,7 @@ def test_a_folder_set_is_recorded_by_its_name_and_must_be_given_to_read_it_again
                             "--seed", "0", "--output", str(tmp_path / "teacher.dppt"), *QUIET])
     payload = privacy.load_dppt(teacher)
     assert payload["dataset"] == payload["settings"]["dataset"] == "folder:insects"
+    assert payload["class_names"] == ["ant", "bee"]  # the class folders' names: a public schema, like N
     assert_shareable(payload, tmp_path)
 
     common = ["--teacher", str(teacher), "--seed", "0", "--output", str(tmp_path / "stats"), *QUIET]
@@ -164,7 +166,7 @@ def test_a_folder_set_is_recorded_by_its_name_and_must_be_given_to_read_it_again
             save_dp_db_stats.main(common + extra)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     stats = privacy.load_dppt(save_dp_db_stats.run(common + ["--dataset", dataset]))
-    assert stats["dataset"] == "folder:insects"
+    assert stats["dataset"] == "folder:insects" and stats["class_names"] == ["ant", "bee"]  # carried forward
     assert_shareable(stats, tmp_path)
     assert registry.recorded_spec("folder:insects", 2).num_classes == 2  # synthesis needs no files
 
@@ -174,6 +176,7 @@ def test_release_metadata_names_no_local_path(tiny_pipeline):
     for release in sorted(path for path in out.glob("release_k*") if path.is_dir()):
         metadata = json.loads((release / "metadata.json").read_text())
         assert metadata["teacher_file"] == "statistics.dppt" and "teacher_path" not in metadata
+        assert metadata["class_names"] == [str(digit) for digit in range(10)]  # public schema, from the teacher
         assert_no_local_paths(metadata, out)
     for name in ("teacher.dppt", "statistics.dppt"):
         assert_shareable(privacy.load_dppt(out / name), out)
@@ -189,3 +192,25 @@ def test_artifacts_get_the_permissions_of_any_file_the_user_creates(tmp_path, um
         os.umask(previous)
     for name in ("metadata.json", "teacher.dppt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_local_secrets_are_owner_only_whatever_the_umask(tmp_path, umask):
+    """Resume states (generator states regenerate the noise), metrics and logs: 0600; an older, wider log is
+    tightened when it is opened again."""
+    (tmp_path / "old.log").write_text("an earlier run\n")
+    (tmp_path / "old.log").chmod(0o644)
+    previous = os.umask(umask)
+    try:
+        atomic_torch_save({"noise_generator": torch.Generator().get_state()}, tmp_path / "t.dppt.resume", private=True)
+        atomic_write_csv(tmp_path / "t.metrics.csv", [{"epoch": 1, "loss": 0.5}], private=True)
+        for name in ("new.log", "old.log"):
+            logger = setup_logging(tmp_path / name, name=f"test.{name}")
+            logger.info("a non-private figure")
+            for handler in logger.handlers:
+                handler.close()
+    finally:
+        os.umask(previous)
+    for name in ("t.dppt.resume", "t.metrics.csv", "new.log", "old.log"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert (tmp_path / "old.log").read_text().startswith("an earlier run\n")  # appended to, not replaced

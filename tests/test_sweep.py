@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 
 from common.errors import DPImgSynError
-from evaluation.report import percent
+from evaluation.report import OUTSIDE_GUARANTEE, percent
 from stages.config import load_config, validate_config
 from stages.pipeline import run_pipeline, teacher_accuracy
 
 SWEEP = {
     "output": "unused", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": [2.0, 8.0], "seeds": [1, 2],
-    "device": "cpu",
+    "device": "cpu", "val_split": 0.1, "eval_split": "validation",
     "teacher": {"epochs": 1, "train_batch_size": 2000, "lr": 1.0, "max_norm": 1.0},
     "statistics": {"epochs": 1, "train_batch_size": 2000, "max_norm": 1.0},
     "synthesis": {"public_set": "photos", "num_samples": 20, "g_steps": [0, 1], "batch_size": 20},
@@ -23,20 +23,34 @@ SWEEP = {
 
 
 def test_a_sweep_writes_one_run_per_epsilon_and_seed_and_a_summary(tmp_path):
+    """A tuning sweep (validation split): every report, table, CSV and plot names the split, never "test"."""
     summary = run_pipeline(validate_config(SWEEP), tmp_path, progress=False)
     assert [run["run"] for run in summary["runs"]] == ["eps2_seed1", "eps2_seed2", "eps8_seed1", "eps8_seed2"]
+    assert summary["eval_split"] == "validation" and summary["outside_guarantee"] == OUTSIDE_GUARANTEE
     for run in summary["runs"]:
         report = json.loads((tmp_path / run["run"] / "report.json").read_text())
         assert report["epsilon"] == pytest.approx(run["target_epsilon"], rel=0.01)
         assert [row["seed"] for row in report["results"]] == [run["seed"]] * 2  # one student per k and seed
+        assert "teacher_test_acc" not in report and 0 <= report["teacher_validation_acc"] <= 1
+        assert all(set(row) == {"k", "seed", "student_validation_acc"} for row in report["results"])
+        assert report["outside_guarantee"] == OUTSIDE_GUARANTEE
+        markdown = (tmp_path / run["run"] / "report.md").read_text()
+        assert OUTSIDE_GUARANTEE in markdown and "validation accuracy (%)" in markdown and " test " not in markdown
+        metrics = json.loads((tmp_path / run["run"] / f"student_k1_seed{run['seed']}" / "metrics.json").read_text())
+        assert "student_test_acc" not in metrics and metrics["outside_guarantee"] == OUTSIDE_GUARANTEE
+        assert metrics["student_validation_acc"] in [row["student_validation_acc"] for row in report["results"]]
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 * 3 and {row["method"] for row in rows} == {"teacher", "DP-ImgSyn(0)", "DP-ImgSyn(1)"}
     assert {row["seed"] for row in rows} == {"1", "2"} and all(float(row["run_minutes"]) >= 0 for row in rows)
+    assert {row["split"] for row in rows} == {"validation"}
     table = (tmp_path / "report.md").read_text()
     assert table.count("(n=2)") == 2 * 3  # two epsilons x three methods, each over two runs
+    assert "Validation accuracy (%)" in table and OUTSIDE_GUARANTEE in table
     with Image.open(tmp_path / "accuracy_vs_epsilon.png") as plot:
         assert plot.size[0] > 300 and plot.size[1] > 200
+        assert plot.info["Title"] == "mnist5k <- photos (validation split)"
+        assert plot.info["Description"] == f"validation accuracy (%) against epsilon; {OUTSIDE_GUARANTEE}"
     assert (tmp_path / "eps2_seed1" / "results.csv").is_file()
 
 

@@ -1,6 +1,9 @@
 """Stage 1: the teacher `.dppt` and kill-and-resume of DP-SGD."""
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -25,9 +28,22 @@ class Killed(Exception):
     pass
 
 
-def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch, umask_022):
     clean = train_dp.run(flags() + ["--output", str(tmp_path / "clean")])
     assert clean.name == "clean.dppt"
+    # The shareable checkpoint follows the umask; the local log and metrics are the owner's alone.
+    assert [mode(tmp_path / name) for name in ("clean.dppt", "clean.log", "clean.metrics.csv")] == [0o644, 0o600, 0o600]
     payload = torch.load(clean, weights_only=True)
     ledger = payload["privacy"]["ledger"]
     assert ledger[0]["steps"] == 2 * 4 and ledger[0]["sample_rate"] == pytest.approx(1000 / 4000)
@@ -35,6 +51,7 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
         privacy.compute_epsilon(privacy.ledger_mechanisms(ledger), 1e-5), rel=1e-6)
     assert not any(key.startswith("_module.") for key in payload["model"])
     assert payload["test_acc"] > 0.3  # 8 noisy steps; chance is 0.1
+    assert payload["class_names"] == [str(digit) for digit in range(10)]  # public schema, for releases and exports
 
     # Kill during the second epoch's evaluation: epoch 1 is checkpointed, epoch 2 is not.
     calls = {"n": 0}
@@ -50,6 +67,7 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         train_dp.run(flags() + ["--output", str(tmp_path / "resumed.dppt")])
     assert (tmp_path / "resumed.dppt.resume").exists() and not (tmp_path / "resumed.dppt").exists()
+    assert mode(tmp_path / "resumed.dppt.resume") == 0o600  # its generator states regenerate the remaining noise
     monkeypatch.setattr(stages.teacher, "evaluate", original)
     resumed = torch.load(train_dp.run(flags() + ["--output", str(tmp_path / "resumed.dppt")]), weights_only=True)
     assert resumed["privacy"]["ledger"][0]["steps"] == ledger[0]["steps"]
@@ -57,6 +75,23 @@ def test_teacher_checkpoint_and_resume(tmp_path, monkeypatch):
     for name, tensor in payload["model"].items():  # same seed: bit-identical to the uninterrupted run
         assert torch.equal(tensor, resumed["model"][name]), name
     assert not (tmp_path / "resumed.dppt.resume").exists()
+
+
+@pytest.mark.parametrize("sigma, said", [("0.5", "planned total epsilon 15.6 "),
+                                         ("1.0", "planned total epsilon 4.33 ")])
+def test_without_a_target_the_planned_epsilon_is_said_before_training(tmp_path, monkeypatch, capsys, sigma, said):
+    """The defaults can cost a large epsilon: a run without --target_epsilon says it, and warns above 10."""
+    def no_training(*args, **kwargs):
+        raise Killed()
+
+    monkeypatch.setattr(stages.teacher, "DPSGDTrainer", no_training)
+    with pytest.raises(Killed):
+        train_dp.run(flags(1) + ["--noise_multiplier", sigma, "--output", str(tmp_path / "t")])
+    out, err = capsys.readouterr()
+    assert said in out
+    warned = [line for line in err.splitlines() if "exceeds 10" in line]
+    assert warned == ([f"WARNING: {said}exceeds 10, the paper's largest budget short of ImageNette: a weak guarantee; "
+                       "give --target_epsilon to calibrate the noise to a budget"] if sigma == "0.5" else [])
 
 
 def test_rerun_of_finished_teacher_is_a_no_op(tmp_path):
@@ -237,8 +272,8 @@ def test_augmentation_multiplicity_clips_each_examples_mean_over_its_views(physi
 
     drawn = []
 
-    def recorded(*args):
-        views = random_crop_flip(*args)
+    def recorded(*args, **kwargs):
+        views = random_crop_flip(*args, **kwargs)
         drawn.append(views)
         return views
 
@@ -262,6 +297,42 @@ def test_augmentation_multiplicity_clips_each_examples_mean_over_its_views(physi
     assert norms.shape == (24,) and (norms > 0.05).all()
     for before, after, total in zip(reference, moved, expected):
         torch.testing.assert_close(after - before, -total / 24, rtol=1e-4, atol=1e-6)
+
+
+def augmented_views(monkeypatch, records: list[int], flip: bool) -> dict[int, torch.Tensor]:
+    """The K = 3 views DP-SGD's first step draws of each record when the Poisson batch is ``records`` (of 8)."""
+    from torch.utils.data import TensorDataset
+
+    import registry
+    import training.dp_sgd
+
+    drawn = []
+
+    def recorded(*args, **kwargs):
+        drawn.append(random_crop_flip(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(training.dp_sgd, "random_crop_flip", recorded)
+    monkeypatch.setattr(training.dp_sgd, "global_poisson_batch", lambda *args: torch.tensor(records))
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    config = DPSGDConfig(epochs=1, train_batch_size=8, lr=0.1, max_norm=1.0, noise_multiplier=1.0, augmult=3,
+                         augment_flip=flip, max_physical_batch_size=6)  # chunks of two examples
+    trainer = DPSGDTrainer(registry.get_model("small_cnn", 10), TensorDataset(images, torch.zeros(8, dtype=torch.long)),
+                           config, torch.device("cpu"), seed=5)
+    trainer.train_epoch(progress=False)
+    views = torch.cat(drawn)
+    return {record: views[3 * row:3 * row + 3] for row, record in enumerate(records)}
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_augmentation_of_a_record_does_not_depend_on_the_other_records(monkeypatch, flip):
+    """Record 2 is left out of the batch (as if removed from the dataset, the others keeping their indices): every
+    other record's crops at that step are the same, although it now sits in another row and another chunk."""
+    with_all = augmented_views(monkeypatch, list(range(8)), flip)
+    without = augmented_views(monkeypatch, [0, 1, 3, 4, 5, 6, 7], flip)
+    assert not torch.equal(with_all[0][0], with_all[0][1])  # different crops of one record
+    for record, views in without.items():
+        assert torch.equal(views, with_all[record]), record
 
 
 def test_the_released_weights_are_the_moving_average_of_the_iterates(single_thread):

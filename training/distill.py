@@ -25,7 +25,7 @@ from common.cli import nonnegative_float, option, positive_float, positive_int
 from common.distributed import Distributed
 from common.errors import DPImgSynError
 from common.precision import autocast, channels_last
-from common.runtime import keyed_generator
+from common.runtime import keyed_seed
 from training.augment import random_crop_flip
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
@@ -125,7 +125,7 @@ class StudentTrainer:
         self.sampler.set_epoch(self.epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         batches = order.split(self.config.batch_size // self.dist.world_size)
-        generator = keyed_generator(self.seed, self.epoch, self.dist.rank)
+        key = keyed_seed(self.seed, self.epoch)  # every image once per epoch: drawn per (seed, epoch, image)
         loss_sum = torch.zeros((), device=self.device)  # on the device: no step waits for a copy to the host
         seen = 0
         bar = tqdm(batches, desc=f"student epoch {self.epoch + 1}/{self.config.epochs}",
@@ -133,7 +133,7 @@ class StudentTrainer:
         for step, indices in enumerate(bar, start=1):
             x = self.images[indices].to(self.device, non_blocking=True)
             if self.config.augment:
-                x = random_crop_flip(x, generator, flip=self.config.augment_flip)
+                x = random_crop_flip(x, indices, key, flip=self.config.augment_flip)
             t = None if self.soft_labels is None else self.soft_labels[indices].to(self.device, non_blocking=True)
             y = self.targets[indices].to(self.device, non_blocking=True)
             with autocast(self.device, self.bf16):

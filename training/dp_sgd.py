@@ -46,7 +46,7 @@ from common.batches import batches_by_index
 from common.cli import fraction, nonnegative_float, nonnegative_int, option, positive_float, positive_int
 from common.distributed import Distributed
 from common.errors import DPImgSynError
-from common.runtime import keyed_generator
+from common.runtime import keyed_seed
 from privacy.clipping import PerExampleClipper, refuse_batch_statistics
 from privacy.noise import OS_RANDOM, RandomSource
 from privacy.optimizers import dp_optimizer_class
@@ -149,7 +149,8 @@ class DPSGDTrainer:
         if not config.secure_mode:
             self.sample_generator = torch.Generator()
             self.sample_generator.manual_seed(seed)
-        # Augmentation draws need no secrecy (the clip bounds any view); seeded ones redraw each epoch on resume.
+        # Augmentation draws are keyed by (this seed, step, record), so no record's views depend on which
+        # others are in the batch or the dataset; a resume redraws them from the step count alone.
         self.augment_seed = private_seed(None) if seed is None else seed + 2
         self.epoch = 0
         self.steps_done = 0
@@ -175,13 +176,14 @@ class DPSGDTrainer:
             for averaged, current in zip(self.ema.buffers(), self.model.buffers()):
                 averaged.copy_(current)
 
-    def _views_of(self, images: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """K random crops of each example, an example's views consecutive (one chunk, one rank)."""
+    def _views_of(self, images: torch.Tensor, labels: torch.Tensor, records: torch.Tensor,
+                  key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K random crops of each example (``records``: their dataset indices), an example's views consecutive
+        (one chunk, one rank)."""
         if not self.config.augmult:
             return images, labels
-        padding = max(1, images.shape[-1] // 8)
-        views = random_crop_flip(images.repeat_interleave(self.views, 0), generator, padding, self.config.augment_flip)
+        views = random_crop_flip(images, records, key, views=self.views, padding=max(1, images.shape[-1] // 8),
+                                 flip=self.config.augment_flip)
         return views, labels.repeat_interleave(self.views, 0)
 
     def _noise_only_step(self) -> None:
@@ -201,19 +203,20 @@ class DPSGDTrainer:
             if param.grad_sample is not None:
                 param.grad_sample = param.grad_sample.view(-1, self.views, *param.shape).sum(1)
 
-    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
+    def _logical_step(self, images: torch.Tensor, labels: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
         """Clip and accumulate every physical chunk, then one noisy step; returns (loss sum, correct).
 
         An example's loss is the mean over its views, so its gradient is their mean. The log-only
         sums stay on the device, so that no chunk waits for a device-to-host copy.
         """
         chunk = max(1, self.config.max_physical_batch_size // self.views)  # whole examples
+        key = keyed_seed(self.augment_seed, self.steps_done)
         sums = torch.zeros(2, device=self.device)
         starts = list(range(0, len(labels), chunk))
         for position, start in enumerate(starts):
             x, y = self._views_of(images[start:start + chunk].to(self.device, non_blocking=True),
-                                  labels[start:start + chunk].to(self.device, non_blocking=True), generator)
+                                  labels[start:start + chunk].to(self.device, non_blocking=True),
+                                  records[start:start + chunk], key)
             with self.clipper.recording(self.views) if self.clipper else nullcontext():
                 logits = self.wrapped(x)
             loss = F.cross_entropy(logits, y, reduction="sum") / self.views
@@ -237,16 +240,15 @@ class DPSGDTrainer:
                          for _ in range(self.steps_per_epoch)]
         seen = 0
         sums = torch.zeros(2, device=self.device)
-        generator = keyed_generator(self.augment_seed, self.epoch, self.dist.rank)
         bar = tqdm(batches_by_index(self.train_set, index_batches, self.num_workers),
                    total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not (progress and self.dist.is_main), leave=False, dynamic_ncols=True)
-        for step, batch in enumerate(bar, start=1):
+        for step, (batch, records) in enumerate(zip(bar, index_batches), start=1):
             self.optimizer.zero_grad(set_to_none=True)
             if batch is None:
                 self._noise_only_step()
             else:
-                sums += self._logical_step(*batch, generator)
+                sums += self._logical_step(*batch, records)
                 seen += len(batch[1])
             self.steps_done += 1
             self._update_ema()
