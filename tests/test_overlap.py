@@ -124,6 +124,11 @@ def test_synthesis_refuses_the_private_folder_a_renamed_copy_and_a_folder_holdin
     flags = synthesis_flags(folder_run, mixed, root / "r", private)
     error = one_error(capsys, synthesize, [*flags[:5], "14", *flags[6:]])
     assert "2 of 14 images" in error and ("x.png" in error or "y.png" in error), error
+    # Public images also shape the DP statistics' clipping (pre-scaling): a renamed copy is refused there too.
+    error = one_error(capsys, save_dp_db_stats, [
+        "--teacher", str(root / "teacher.dppt"), "--dataset", f"folder:{private}", "--public_set",
+        f"folder:{renamed}", "--sampling_dir", str(root / "lists"), "--output", str(root / "scaled.dppt"), *QUIET])
+    assert "are private images of folder:scans" in error and not (root / "scaled.dppt").exists()
     # Without the private folder the check cannot run: refused, saying what to pass.
     error = one_error(capsys, synthesize, synthesis_flags(folder_run, renamed, root / "r", None))
     assert "pass --dataset folder:PATH" in error and not (root / "r").exists()
