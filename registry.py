@@ -45,6 +45,7 @@ import models
 from common.cli import option, positive_int
 from common.errors import DPImgSynError
 from common.files import atomic_path
+from common.tables import unique_table
 from sources import embedded, paper
 from sources.convert import RawSource, RawTensors, View, view_of
 from sources.files import WIDE_GRAY_MODES, class_folders, image_formats, labeled_tree, list_images
@@ -121,7 +122,7 @@ def _spec(name: str, num_classes: int, image_size: int, grayscale: bool, norm: t
     return DatasetSpec(name, num_classes, image_size, 3, grayscale, norm[0], norm[1], role, loader, **extra)
 
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+DATASETS: dict[str, DatasetSpec] = unique_table("dataset", ((spec.name, spec) for spec in (
     _spec("mnist", 10, 32, True, MNIST_NORM, "both", paper.mnist, folders=("MNIST/raw",),
           hint=DOWNLOADABLE, downloadable=True, class_names=paper.DIGITS),
     _spec("fmnist", 10, 32, True, FMNIST_NORM, "both", paper.fmnist, folders=("FashionMNIST/raw",),
@@ -151,7 +152,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
           hint=DOWNLOADABLE + " (DTD: dtd/dtd/images/<texture>/*.jpg)", downloadable=True),
     _spec("mnist5k", 10, 32, True, MNIST_NORM, "both", embedded.mnist5k, family="mnist", class_names=paper.DIGITS),
     _spec("photos", 0, 64, False, HALF_NORM, "public", embedded.photos),
-)}
+)))
 
 MODELS = models.MODELS  # each architecture registers itself where it is defined (models/)
 
@@ -167,30 +168,33 @@ INFER_MAX_FILES = 1000  # headers read to infer a view, evenly spread over the s
 
 @dataclass(frozen=True, kw_only=True)
 class FolderViewOptions:
-    """The view of a ``folder:`` set, for every stage config that opens one (flags and pipeline keys)."""
+    """The view of a ``folder:`` set, for every stage config that opens one (flags and pipeline keys).
+
+    Run-only as given: the teacher records the view it resolves, and later stages refuse any other than the
+    one their input records.
+    """
 
     image_size: int | None = option(None, "folder: sets only: side of the square images the models see (default: "
                                     "the one the teacher records; for the teacher, inferred from the training "
-                                    "images' format: their most common shorter side)", parse=positive_int)
+                                    "images' format: their most common shorter side)", parse=positive_int,
+                                    run_only=True)
     channels: int | None = option(None, "folder: sets only: 1 (gray) or 3 (colour) (default: the teacher's record; "
                                   "for the teacher, 1 if most training images are gray files (by their format), "
                                   "else 3; the other files are converted, and the teacher says how many)",
-                                  parse=positive_int)
+                                  parse=positive_int, run_only=True)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions:
-    """Where the fixed lists of public images are kept, for every stage config that draws public images."""
+    """Where the fixed lists of public images are kept, for every stage config that draws public images.
+
+    Run-only: a list is drawn from its name's (public set, count, seed), and releases record that name.
+    """
 
     sampling_dir: str | None = option(None, "folder of the public sampling lists (default: Random_Sampling_List/ "
-                                      "of the repository, whatever the working folder)")
+                                      "of the repository, whatever the working folder)", run_only=True)
 
 OPENED_SPLITS: list[tuple[str, str]] = []
-
-
-def reset_opened_splits() -> None:
-    """Forget which splits were opened (tests call this before checking a stage)."""
-    OPENED_SPLITS.clear()
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -200,6 +204,17 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
 
 def _valid_names() -> str:
     return ", ".join(list(DATASETS) + [f"{FOLDER_PREFIX}<path>"])
+
+
+def dataset_choices(role: str) -> str:
+    """``one of: a, b, folder:PATH``: the sets that can be ``role`` ("private" or "public"), for a flag's help."""
+    return "one of: " + ", ".join([name for name, spec in DATASETS.items() if spec.role in (role, "both")]
+                                  + [f"{FOLDER_PREFIX}PATH"])
+
+
+def model_choices() -> str:
+    """``one of: a, b``: the registered architectures, for a flag's help."""
+    return "one of: " + ", ".join(MODELS)
 
 
 def _folder_loader(path: Path) -> Loader:
@@ -443,7 +458,7 @@ def check_model_input(name: str, image_size: int) -> None:
     """Refuse, in one line, images smaller than the architecture ``name`` can look at."""
     if name not in MODELS:
         raise DPImgSynError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    minimum = models.MIN_SIZES.get(name, 1)
+    minimum = MODELS[name].min_size
     if image_size < minimum:
         raise DPImgSynError(f"model {name!r} needs images of at least {minimum} x {minimum} (its pooling and strides "
                             f"shrink the side {minimum}-fold), got {image_size} x {image_size}; pass --image_size "

@@ -128,13 +128,26 @@ REQUIRED: Any = dataclasses.MISSING
 
 
 def option(default: Any = REQUIRED, help: str = "", *, parse: Callable[[str], Any] | None = None,
-           aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None) -> Any:
+           aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None, run_only: bool = False) -> Any:
     """A config field: its one default, its help, how a flag's text is parsed and checked, other names.
 
     ``aliases`` are accepted as flags and as YAML keys too (the paper's ``--g_steps`` for ``k``).
+    ``run_only``: the value as given does not make the stage's output what it is (where or how it runs, a
+    secret seed, or an input the stage records by its identity instead), so :func:`content_settings` leaves it out.
     """
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "aliases": aliases,
-                                                        "choices": choices})
+                                                        "choices": choices, "run_only": run_only})
+
+
+def content_settings(config: Any) -> dict[str, Any]:
+    """The settings that make a stage's output what it is: every field of ``config`` not marked ``run_only``.
+
+    A stage records them in its output and reuses an existing output only when they match, so a new field
+    counts unless it is marked. Values are as given: the stage replaces any that names a local input (a
+    ``folder:`` set) by its artifact name, so no local path enters an artifact.
+    """
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+            if not field.metadata.get("run_only")}
 
 
 def _options(cls: type) -> list[tuple[dataclasses.Field, type]]:
@@ -230,10 +243,10 @@ def _checked(value: Any, kind: type, meta: Any, name: str) -> Any:
 class RunOptions:
     """Where and how a stage runs; a pipeline config sets them once for every stage."""
 
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    data_root: str | None = option(None, "dataset folder (default: $DPIMGSYN_DATA, else ./data)")
-    download: bool = option(False, "let torchvision download a missing dataset")
-    progress: bool = option(True, "progress bars")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto", run_only=True)
+    data_root: str | None = option(None, "dataset folder (default: $DPIMGSYN_DATA, else ./data)", run_only=True)
+    download: bool = option(False, "let torchvision download a missing dataset", run_only=True)
+    progress: bool = option(True, "progress bars", run_only=True)
 
 
 class StageCLI:

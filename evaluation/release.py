@@ -404,9 +404,10 @@ class EvaluationConfig(DistillationConfig, registry.FolderViewOptions, registry.
     metrics: tuple[str, ...] = option((), "metrics.json files of students trained on this release (default: not "
                                       "measured)")
     dataset: str | None = option(None, "private dataset to compare with (default: the release's; required for an "
-                                 ".npz release and for a folder: set, which releases record by its folder name only)")
+                                 ".npz release and for a folder: set, which releases record by its folder name only); "
+                                 + registry.dataset_choices("private"))
     public_set: str | None = option(None, "the release's public set (default: the one it records; required for a "
-                                    "folder: set)")
+                                    "folder: set); " + registry.dataset_choices("public"))
     teacher: str | None = option(None, "teacher .dppt (default: the file the release names, looked for beside the "
                                  "release and in checkpoints/); must match the sha256 recorded in the release. For "
                                  "an .npz release: any teacher of --dataset, whose features measure fidelity "
@@ -420,7 +421,7 @@ class EvaluationConfig(DistillationConfig, registry.FolderViewOptions, registry.
     seeds: tuple[int, ...] = option((), "train one student from scratch on the release per seed and report its "
                                     "private test accuracy (default: 111 2023 50173 for an .npz release; none for a "
                                     "release folder, whose students come from --metrics)", parse=int)
-    model: str = option("resnet18", "architecture of the students trained for --seeds")
+    model: str = option("resnet18", f"architecture of the students trained for --seeds, {registry.model_choices()}")
 
 
 def evaluate_release(config: EvaluationConfig) -> dict:

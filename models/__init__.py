@@ -6,11 +6,11 @@ one whose normalization inputs stage 2 measures and the one stage 3 inverts are 
 GroupNorm network the paper used.
 
 Adding an architecture: a module here whose constructor ``name(num_classes, in_channels=3)`` is
-decorated ``@register_model`` (``@register_model(min_size=S)`` when it needs images of at least S x S),
-and its import below.
+decorated ``@register_model(norm_layers=L, min_size=S)`` (its L normalization layers; S when it needs
+images of at least S x S), and its import below.
 """
 from models import small, cifar_resnet, imagenet_resnet, scatter  # noqa: F401  (each registers its constructors)
 from models.private_ready import make_private_ready
-from models.zoo import MIN_SIZES, MODELS, register_model
+from models.zoo import MODELS, ModelSpec, register_model
 
-__all__ = ["MIN_SIZES", "MODELS", "make_private_ready", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "make_private_ready", "register_model"]

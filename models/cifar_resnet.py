@@ -83,13 +83,14 @@ def cifar_stem(in_channels: int = 3) -> nn.Module:
     )
 
 
-@register_model(min_size=STAGES_STRIDE)
+# Normalization layers: the stem's, two per block, one per projection shortcut (stages 2 to 4).
+@register_model(min_size=STAGES_STRIDE, norm_layers=1 + 2 * 8 + 3)
 def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     """CIFAR-style ResNet-18 with GroupNorm (the paper's teacher and student)."""
     return build_resnet(cifar_stem(in_channels), 18, num_classes)
 
 
-@register_model(min_size=STAGES_STRIDE)
+@register_model(min_size=STAGES_STRIDE, norm_layers=1 + 2 * 16 + 3)
 def resnet34(num_classes: int, in_channels: int = 3) -> nn.Module:
     """CIFAR-style ResNet-34 with GroupNorm."""
     return build_resnet(cifar_stem(in_channels), 34, num_classes)

@@ -24,7 +24,7 @@ def imagenet_stem(in_channels: int = 3) -> nn.Module:
     )
 
 
-@register_model(min_size=STEM_STRIDE * STAGES_STRIDE)
+@register_model(min_size=STEM_STRIDE * STAGES_STRIDE, norm_layers=20)  # like resnet18's
 def resnet18_imagenet(num_classes: int, in_channels: int = 3) -> nn.Module:
     """ImageNet-style ResNet-18 with GroupNorm."""
     return build_resnet(imagenet_stem(in_channels), 18, num_classes)

@@ -102,7 +102,7 @@ class ScatterCNN(nn.Module):
         return self.head(self.frontend(x))
 
 
-@register_model(min_size=MIN_SIDE)
+@register_model(min_size=MIN_SIDE, norm_layers=1)  # the scattering coefficients'
 def scatter_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     """Tramer & Boneh's ScatterNet+CNN; already Opacus-ready (no BatchNorm, no in-place activation)."""
     return make_private_ready(ScatterCNN(num_classes, in_channels))

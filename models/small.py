@@ -46,7 +46,7 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-@register_model(min_size=MIN_SIDE)
+@register_model(min_size=MIN_SIDE, norm_layers=len(CONV_WIDTHS))
 def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
     """The small DP-SGD network; already Opacus-ready (it has no BatchNorm to replace)."""
     return make_private_ready(SmallCNN(num_classes, in_channels))

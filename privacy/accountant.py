@@ -15,6 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.errors import DPImgSynError
+from common.tables import unique_table
 from privacy.sampling import steps_per_epoch
 
 Mechanism = tuple[float, float, int]
@@ -46,7 +47,7 @@ def _rdp_accountant():
     return RDPAccountant()
 
 
-ACCOUNTANTS = {"prv": _prv_accountant, "rdp": _rdp_accountant}
+ACCOUNTANTS = unique_table("accountant", (("prv", _prv_accountant), ("rdp", _rdp_accountant)))
 
 
 def _check_accountant(accountant: str) -> None:
@@ -125,24 +126,33 @@ def _epsilon_of_history(history: tuple[Mechanism, ...], delta: float, accountant
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
-    if accountant == "prv":
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            grid_points = _prv_grid_points(history, delta)
-        if grid_points > MAX_PRV_GRID_POINTS:
-            raise DPImgSynError(
-                f"the PRV accountant would need {grid_points:,} grid points (too much memory) for this "
-                "weak a guarantee; use a larger noise multiplier, fewer steps, or accountant 'rdp'"
-            )
-    tracker = ACCOUNTANTS[accountant]()
-    tracker.history = list(history)
-    # One BLAS thread: PRV's sums round differently with more (sigma calibrated for epsilon 10 moved by
-    # 1e-10 between 1 and 2 threads), and a rerun on another thread count would then refuse to resume
-    # a stage whose recorded sigma no longer matches.
-    with np.errstate(all="ignore"), warnings.catch_warnings(), threadpool_limits(limits=1):
-        warnings.simplefilter("ignore")  # Opacus warns about alpha ranges and numpy overflows it handles
-        epsilon = float(tracker.get_epsilon(delta=delta))
-    return epsilon if not math.isnan(epsilon) else math.inf
+    try:
+        if accountant == "prv":
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grid_points = _prv_grid_points(history, delta)
+            if grid_points > MAX_PRV_GRID_POINTS:
+                raise DPImgSynError(
+                    f"the PRV accountant would need {grid_points:,} grid points (too much memory) for this "
+                    "weak a guarantee; use a larger noise multiplier, fewer steps, or accountant 'rdp'"
+                )
+        tracker = ACCOUNTANTS[accountant]()
+        tracker.history = list(history)
+        # One BLAS thread: PRV's sums round differently with more (sigma calibrated for epsilon 10 moved by
+        # 1e-10 between 1 and 2 threads), and a rerun on another thread count would then refuse to resume
+        # a stage whose recorded sigma no longer matches.
+        with np.errstate(all="ignore"), warnings.catch_warnings(), threadpool_limits(limits=1):
+            warnings.simplefilter("ignore")  # Opacus warns about alpha ranges and numpy overflows it handles
+            epsilon = float(tracker.get_epsilon(delta=delta))
+    except (ArithmeticError, ValueError, RuntimeError) as error:
+        # The accountants' numerics give up on extreme inputs (a delta near 0 or 1, far too little noise).
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DPImgSynError(
+            f"accountant {accountant!r} cannot compute epsilon at delta {delta:g} for {list(history)} ({reason}); "
+            "use a delta such as 1e-5, more noise or fewer steps, or another accountant"
+        ) from None
+    # RDP's conversion goes below 0 for a delta near 1; (eps < 0, delta)-DP is (0, delta)-DP.
+    return max(epsilon, 0.0) if not math.isnan(epsilon) else math.inf
 
 
 def compute_epsilon(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") -> float:
@@ -210,7 +220,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, plan: list[t
         try:
             epsilon = compute_epsilon(mechanisms, delta, accountant)
         except DPImgSynError:
-            return math.inf  # PRV refuses only far too weak guarantees: this scale is too small
+            return math.inf  # accountants give up only on far too weak guarantees: this scale is too small
         return math.log(epsilon / target_epsilon) if epsilon > 0 else -math.inf
 
     low, high = _bracket(excess, target_epsilon, delta, accountant)

@@ -27,7 +27,6 @@ REQUIRED_KEYS = ("format", "version", "stage", "model", "architecture", "num_cla
 WRAPPER_PREFIXES = ("_module.", "module.")
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
-_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple)
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:

@@ -10,7 +10,7 @@ import privacy
 import registry
 from common import distributed
 from common.batches import default_workers, stack_items
-from common.cli import RunOptions, option, positive_float, positive_int, probability
+from common.cli import RunOptions, content_settings, option, positive_float, positive_int, probability
 from common.files import atomic_torch_save, atomic_write_csv, resumed_state, sha256_file, with_suffix_once
 from common.runtime import setup_logging
 from privacy.checkpoint import completed_dppt
@@ -24,9 +24,6 @@ from synthesizer.stat_norm import attach_stat_layers
 
 PUBLIC_SCALE_IMAGES = 2000  # public images for pre-scaling and the public clipping norm
 NON_PRIVATE_SCOPE = "error figures: non-private diagnostic, local only"
-# The seed is absent: it determines the noise and stays out of every artifact (see private_seed).
-CONTENT_SETTINGS = ("teacher_sha256", "dataset", "epochs", "train_batch_size", "max_norm", "noise_multiplier",
-                    "public_set", "clip_quantile", "non_private", "secure_mode")
 # Keys of teachers written by earlier versions that held exact, non-private numbers (per-epoch losses and
 # accuracies) or local paths: never copied into a statistics checkpoint.
 NOT_SHAREABLE_KEYS = ("history", "args")
@@ -40,11 +37,14 @@ UNPLANNED_DEFAULTS = {"noise_multiplier": 0.5, "epochs": 2, "train_batch_size": 
 class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, RunOptions):
     """Stage 2's settings: sigma, epochs and batch size default to the plan stored in the teacher."""
 
+    # The teacher is recorded by its sha256, the private set by the teacher's name of it.
     teacher: str = option(help="stage-1 .dppt written by train_dp.py (or imported): a local path or an "
-                          "http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/")
-    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)")
+                          "http(s)/file URL, downloaded to checkpoints/pretrained_DP_models/", run_only=True)
+    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)",
+                                run_only=True)
     dataset: str | None = option(None, "private dataset (default: the teacher's; must match it; required for a "
-                                 "folder: set, which checkpoints record by its folder name only)")
+                                 "folder: set, which checkpoints record by its folder name only); "
+                                 + registry.dataset_choices("private"), run_only=True)
     epochs: float | None = option(None, "eta_bn: passes over the data in expectation (default: the teacher's plan, "
                                   "else 2)", parse=positive_float)
     train_batch_size: int | None = option(None, "Omega_bn: expected Poisson batch size (default: the teacher's "
@@ -54,18 +54,19 @@ class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, Run
                                             "sigma train_dp.py calibrated for both stages, else 0.5)",
                                             parse=positive_float)
     public_set: str | None = option(None, "public set whose statistics pre-scale the coordinates before clipping "
-                                    "(cuts clipping bias at no privacy cost)")
+                                    "(cuts clipping bias at no privacy cost); " + registry.dataset_choices("public"))
     clip_quantile: float | None = option(None, "with --public_set: take C as this quantile of the public "
                                          "per-sample norms (overrides --max_norm)", parse=probability)
     non_private: bool = option(False, "ablation only: exact statistics, no clipping or noise; the ledger records "
                                "epsilon = inf")
     report_bias: bool = option(False, "diagnostic: re-read the private data to print the DP statistics' error "
-                               "(not private; local only)")
+                               "(not private; local only)", run_only=True)
     seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it "
-                              "can regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
+                              "can regenerate the noise: keep a fixed seed secret; it is never stored in artifacts",
+                              run_only=True)  # whoever knows it can regenerate the noise (see private_seed)
     secure_mode: bool = option(False, "draw the Poisson sampling and the noise from the operating system's "
                                "randomness (not seedable: --seed is refused; nothing can regenerate the noise)")
-    output: str = option(help="statistics .dppt path ('.dppt' appended when missing)")
+    output: str = option(help="statistics .dppt path ('.dppt' appended when missing)", run_only=True)
 
 
 def load_teacher(path: str | Path, non_private: bool) -> tuple[dict, dict]:
@@ -111,10 +112,9 @@ def capture_statistics(config: StatisticsConfig) -> Path:
                                   config.channels, f"teacher {config.teacher}")
     config, plan = apply_plan(config, checkpoint)
     output = with_suffix_once(config.output, ".dppt")
-    settings = {"teacher_sha256": sha256_file(config.teacher), **{
-        key: getattr(config, key) for key in CONTENT_SETTINGS if key != "teacher_sha256"},
-        "dataset": checkpoint["dataset"],
-        "public_set": config.public_set and registry.artifact_name(config.public_set)}
+    settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
+                "dataset": checkpoint["dataset"],
+                "public_set": config.public_set and registry.artifact_name(config.public_set)}
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 2 (DP statistics) settings: %s", settings)
     if completed_dppt(output, "statistics_settings", settings):

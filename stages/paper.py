@@ -8,7 +8,6 @@ import yaml
 
 from common.errors import DPImgSynError
 from common.files import read_yaml
-from privacy import poisson_plan
 
 ROW_KEYS = {"preset", "public_set", "k_exp"}
 
@@ -117,11 +116,3 @@ def get_preset(name: str, path: str | Path | None = None) -> dict:
     if name not in presets:
         raise DPImgSynError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     return presets[name]
-
-
-def preset_plan(preset: dict) -> list[tuple[float, int]]:
-    """The pipeline plan of a preset: its DP-SGD stage, then its DP-statistics stage."""
-    return [
-        poisson_plan(preset["train_size"], preset["train_batch_size"], preset["epochs"]),
-        poisson_plan(preset["train_size"], preset["stats_batch_size"], preset["stats_epochs"]),
-    ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import registry
 from common import distributed
-from common.cli import RunOptions, fraction, nonnegative_int, option
+from common.cli import RunOptions, content_settings, fraction, nonnegative_int, option
 from common.errors import DPImgSynError
 from common.files import (atomic_torch_save, atomic_write_csv, atomic_write_text, require_same_settings,
                           resumed_history)
@@ -33,18 +33,20 @@ class StudentConfig(DistillationConfig, registry.FolderViewOptions, RunOptions):
 
     release: tuple[str, ...] = option(help="release folder written by synthesize.py; several (e.g. one run's k = 0 "
                                       "and k = 10) train one student on all their images, at their one epsilon: "
-                                      "they must come from the same DP teacher and statistics")
+                                      "they must come from the same DP teacher and statistics",
+                                      run_only=True)  # recorded by the checksums of their files
     dataset: str | None = option(None, "private dataset for the test split (default: the release's; required for "
-                                 "a folder: set, which releases record by its folder name only)")
-    model: str = option("resnet18", "student architecture from the registry")
+                                 "a folder: set, which releases record by its folder name only); "
+                                 + registry.dataset_choices("private"))
+    model: str = option("resnet18", f"student architecture, {registry.model_choices()}")
     eval_every: int = option(0, "log test accuracy every N epochs (information only; 0 = final epoch only)",
                              parse=nonnegative_int)
     eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
     val_split: float = option(0.0, "with eval_split validation: the teacher's val_split, which picks the same "
                               "held-out records", parse=fraction)
     seed: int = option(111, "seed of init and batch order")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    output: str = option(help="folder for metrics.json and student.pt")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS, run_only=True)  # recorded as bf16 or not
+    output: str = option(help="folder for metrics.json and student.pt", run_only=True)
 
 
 def scored_set(dataset: str, config: StudentConfig, view: dict):
@@ -86,10 +88,8 @@ def train_student(config: StudentConfig) -> dict:
     if config.eval_split == "validation" and not config.val_split:
         raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
     checksums = [release.metadata.get("files", {}) for release in bundles]
-    settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, "dataset": recorded,
-                "model": config.model, "seed": config.seed, "bf16": bf16, "eval_split": config.eval_split,
-                "val_split": config.val_split,
-                **{field.name: getattr(config, field.name) for field in fields(DistillationConfig)}}
+    settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, **content_settings(config),
+                "dataset": registry.artifact_name(dataset), "bf16": bf16}
     metrics_path = output / "metrics.json"
     final_key, epoch_key = accuracy_key("student", config.eval_split), f"{config.eval_split}_acc"
     if metrics_path.exists():

@@ -25,7 +25,7 @@ import privacy
 import registry
 from common import distributed
 from common.batches import stack_items
-from common.cli import RunOptions, nonnegative_int, option, positive_int
+from common.cli import RunOptions, content_settings, nonnegative_int, option, positive_int
 from common.errors import DPImgSynError
 from common.files import atomic_write_csv, sha256_file
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
@@ -37,23 +37,23 @@ from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_
 from synthesizer.release import ReleaseWriter, check_class_names
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
-# The settings that fix a release's content (with the teacher's and the public set's identity).
-CONTENT_SETTINGS = ("num_samples", "k", "batch_size", "statistics_weight", "class_weight", "smoothness_weight",
-                    "image_norm_weight", "lr", "jitter", "flip", "targets", "seed", "non_private")
-
 
 @dataclass(frozen=True, kw_only=True)
 class SynthesisConfig(AlignmentConfig, registry.FolderViewOptions, registry.SamplingOptions, RunOptions):
     """Stage 3's settings; the defaults are the paper's."""
 
+    # The teacher is recorded by its sha256 (it names the private set), the local private set is read for the
+    # overlap check only, and the precision by whether it computes in bf16.
     teacher: str = option(help="stage-2 .dppt (teacher with DP statistics): a local path or an http(s)/file URL, "
-                          "downloaded to checkpoints/pretrained_DP_models/")
-    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)")
-    public_set: str = option(help="public dataset from the registry (e.g. tinyimagenet, photos), or folder:PATH")
+                          "downloaded to checkpoints/pretrained_DP_models/", run_only=True)
+    sha256: str | None = option(None, "expected SHA-256 of --teacher (required for a URL without a known digest)",
+                                run_only=True)
+    public_set: str = option(help=f"public dataset, {registry.dataset_choices('public')}")
     dataset: str | None = option(None, "the teacher's private dataset on this machine (default: the teacher's; "
                                  "required for a folder: set, which artifacts record by its folder name only): "
                                  "when either set is a folder: set, the public images are compared with the "
-                                 "private ones by content and refused if any is a private image")
+                                 "private ones by content and refused if any is a private image; "
+                                 + registry.dataset_choices("private"), run_only=True)
     num_samples: int = option(60000, "number of images to release", parse=positive_int)
     k: int = option(1, "optimization steps per batch (0 = public images as they are)", parse=nonnegative_int,
                     aliases=("g_steps",))
@@ -64,8 +64,8 @@ class SynthesisConfig(AlignmentConfig, registry.FolderViewOptions, registry.Samp
     non_private: bool = option(False, "ablation only: accept a teacher without DP statistics or ledger "
                                "(epsilon = inf)")
     seed: int = option(0, "seed of the jitter/flip draws (per shard)")
-    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
-    output: str = option(help="release folder to create (or resume)")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS, run_only=True)
+    output: str = option(help="release folder to create (or resume)", run_only=True)
 
 
 def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torch.device):
@@ -118,8 +118,8 @@ def synthesize(config: SynthesisConfig) -> Path:
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
-    settings = {"teacher_sha256": sha256_file(config.teacher), "public_set": registry.artifact_name(config.public_set),
-                **{key: getattr(config, key) for key in CONTENT_SETTINGS}, "bf16": use_bf16(config.precision, device)}
+    settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
+                "public_set": registry.artifact_name(config.public_set), "bf16": use_bf16(config.precision, device)}
     shard_size = config.batch_size * config.batches_per_shard
     with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
         writer = ReleaseWriter(output, num_samples=config.num_samples, shard_size=shard_size,

@@ -12,7 +12,7 @@ import privacy
 import registry
 from common import distributed
 from common.batches import decode_all, default_workers
-from common.cli import RunOptions, fraction, option, positive_float, positive_int, probability
+from common.cli import RunOptions, content_settings, fraction, option, positive_float, positive_int, probability
 from common.errors import DPImgSynError
 from common.files import atomic_torch_save, atomic_write_csv, resumed_history, with_suffix_once
 from common.runtime import rng_state, seed_everything, setup_logging
@@ -25,13 +25,6 @@ from training.accuracy import evaluate
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 from training.frontend import scoring_features, training_inputs, whole_model
 
-# Settings that determine the teacher's content; a rerun must match them to resume.
-# The seed is deliberately absent: whoever knows it can regenerate the noise, so it never
-# leaves the local resume file (see private_seed).
-CONTENT_SETTINGS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm",
-                    "noise_multiplier", "val_split", "delta", "accountant",
-                    "grad_sample_mode", "secure_mode", "target_epsilon", "stats_epochs", "stats_batch_size",
-                    "stats_noise_ratio", "augmult", "augment_flip", "ema_decay", "eval_split")
 # Printed beside every figure that reads private data outside the mechanisms (local terminal and log only).
 NON_PRIVATE_NOTE = "[non-private diagnostics: local log only, never in an artifact]"
 TEST_ACC_NOTE = "private test split, final epoch; outside the DP guarantee"
@@ -47,8 +40,8 @@ LARGE_EPSILON = 10.0
 class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
     """Stage 1's settings; the defaults are the paper's (Table 1's rows are presets of train_dp.py)."""
 
-    dataset: str | None = option(None, "private dataset from the registry (e.g. mnist, mnist5k, folder:PATH)")
-    model: str = option("resnet18", "architecture from the registry")
+    dataset: str | None = option(None, f"private dataset, {registry.dataset_choices('private')}")
+    model: str = option("resnet18", f"architecture, {registry.model_choices()}")
     epochs: int = option(14, "eta_train: DP-SGD epochs", parse=positive_int)
     train_batch_size: int = option(128, "Omega_train: expected (logical) Poisson batch size", parse=positive_int)
     lr: float = option(0.01, "gamma_train: SGD learning rate", parse=positive_float)
@@ -70,10 +63,11 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
                               "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)
     eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
     seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it can "
-                              "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts")
-    suffix: str = option("", "free text in the default output name")
+                              "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts",
+                              run_only=True)  # whoever knows it can regenerate the noise (see private_seed)
+    suffix: str = option("", "free text in the default output name", run_only=True)
     output: str | None = option(None, "teacher .dppt path (default "
-                                "checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt)")
+                                "checkpoints/<dataset>_<model>_nm_<sigma>_<suffix>_.dppt)", run_only=True)
 
 
 def default_output(config: TeacherConfig) -> Path:
@@ -156,9 +150,9 @@ def train_teacher(config: TeacherConfig) -> Path:
                   f"{config.target_epsilon} over DP-SGD + DP statistics")
 
     output = with_suffix_once(config.output or default_output(config), ".dppt")
-    settings = {key: getattr(config, key) for key in CONTENT_SETTINGS}
-    settings["dataset"] = registry.artifact_name(config.dataset)
-    settings.update(view)  # a folder: set's image_size and channels (nothing for registry sets)
+    # What makes the teacher what it is (a rerun must match it to resume); a folder: set by its folder name and the
+    # view it is seen in (image_size and channels; nothing for registry sets).
+    settings = {**content_settings(config), "dataset": registry.artifact_name(config.dataset), **view}
     logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
     logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
     if completed_dppt(output, "settings", settings):

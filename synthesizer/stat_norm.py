@@ -169,14 +169,6 @@ def attach_stat_layers(model: nn.Module) -> dict[str, StatNorm]:
     return layers
 
 
-def detach_stat_layers(model: nn.Module) -> None:
-    """Put the plain ``nn.GroupNorm`` layers back (same modules, so the same weights)."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, StatNorm):
-                setattr(parent, child_name, child.group_norm)
-
-
 def set_mode(model: nn.Module, mode: str) -> None:
     """Switch every stat layer of ``model`` to ``mode`` (one of :data:`MODES`)."""
     layers = stat_layers(model)
@@ -204,12 +196,6 @@ def load_dp_statistics(model: nn.Module, stats: dict[str, dict[str, Tensor]]) ->
                 raise DPImgSynError(f"DP statistics for layer {name!r}: {key} holds non-finite or, "
                                     "for a variance, non-positive values; the statistics file is corrupt")
             buffer.copy_(value)
-
-
-def get_dp_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """The statistics held by the synthesis buffers, in the format :func:`load_dp_statistics` reads."""
-    return {name: {"mean": layer.dp_mean.detach().cpu().clone(), "var": layer.dp_var.detach().cpu().clone()}
-            for name, layer in stat_layers(model).items()}
 
 
 def matching_loss(model: nn.Module) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from opacus.validators import ModuleValidator
 from torch import nn
 
 import registry
@@ -205,12 +206,26 @@ def test_unfold_matches_torch():
         assert torch.equal(clipping.unfold(clipping.pad(inputs, conv), conv), expected)
 
 
-@pytest.mark.parametrize("name", sorted(registry.MODELS))
-def test_every_registry_model_is_supported(name):
-    model = registry.get_model(name, 3)
-    clipper = PerExampleClipper(model, 1.0)
+def assert_clipped_or_says_hooks(model: nn.Module) -> None:
+    """Per-example rules cover every trainable parameter, or the refusal is one line that names Opacus's hooks
+    mode, which then accepts the model."""
+    try:
+        clipper = PerExampleClipper(model, 1.0)
+    except DPImgSynError as error:
+        assert clipping.OTHER_MODE in str(error) and "\n" not in str(error)
+        assert ModuleValidator.validate(model, strict=True) == []
+        return
     trainable = {param for param in model.parameters() if param.requires_grad}
     assert {param for layer in clipper.layers for param in layer.parameters(recurse=False)} == trainable
+
+
+@pytest.mark.parametrize("name", sorted(registry.MODELS))
+def test_every_registry_model_has_per_example_rules_or_says_it_needs_hooks(name):
+    assert_clipped_or_says_hooks(registry.get_model(name, 3))
+
+
+def test_a_model_without_rules_says_it_needs_hooks():
+    assert_clipped_or_says_hooks(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
 
 
 class Tied(nn.Module):

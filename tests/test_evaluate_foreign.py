@@ -116,7 +116,7 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
 def test_a_wrong_file_is_one_line_before_anything_is_read_or_written(tmp_path, capsys):
     for name, (path, words) in _bad_files(tmp_path).items():
         before = _digest(path)
-        registry.reset_opened_splits()
+        registry.OPENED_SPLITS.clear()
         with pytest.raises(SystemExit) as exit_info:
             evaluate_release.main(["--release", str(path), "--output", str(tmp_path / "eval"), *TINY])
         err = capsys.readouterr().err.strip().splitlines()

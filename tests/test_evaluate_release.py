@@ -152,7 +152,7 @@ def test_release_of_private_copies_is_flagged_not_obfuscated(tiny_pipeline, tmp_
 
 def test_missing_or_mismatched_teacher_is_a_one_line_error(tiny_pipeline, tmp_path, capsys):
     out, _ = tiny_pipeline
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     stage1_teacher = out / "teacher.dppt"  # a real checkpoint, but not the one the release was made with
     with pytest.raises(SystemExit) as exit_info:
         evaluate_release.main(["--release", str(out / "release_k0"), "--output", str(tmp_path / "eval"),
@@ -188,7 +188,7 @@ def test_refusals_happen_before_any_private_data_is_read(tiny_pipeline, tmp_path
     expected = {"output_inside_release": "must never write into a release",
                 "metrics_of_another_release": "trained on another release",
                 "metrics_and_seeds": "not both"}[case]
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     with pytest.raises(SystemExit) as exit_info:
         evaluate_release.main(["--release", str(release), *argv])
     assert exit_info.value.code == 2

@@ -177,7 +177,7 @@ def test_view_inference_rules_and_flags(tmp_path):
 def test_a_folder_set_is_a_public_set_too(tmp_path):
     private = write_tree(tmp_path / "scans", (48, 48), gray=True, per_class=2, test_per_class=1)
     public = write_tree(tmp_path / "street", (70, 60), gray=False, per_class=3, test_per_class=0, classes=("x",))
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     aligned = registry.aligned(f"folder:{public}", f"folder:{private}", image_size=48, channels=1)
     images = torch.stack([aligned[index][0] for index in range(len(aligned))])
     assert images.shape == (3, 1, 48, 48) and aligned[0][1] == registry.PUBLIC_LABEL

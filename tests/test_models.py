@@ -21,12 +21,6 @@ from per_example import per_example_gradients
 
 NUM_CLASSES = 7  # not 10, so a hard-coded CIFAR head would show
 
-# Normalization layers of each architecture: stem + two per block + one per projection shortcut;
-# scatter_cnn's one GroupNorm normalizes the scattering coefficients.
-EXPECTED_NORM_LAYERS = {"small_cnn": 3, "resnet18": 20, "resnet34": 36, "resnet18_imagenet": 20, "scatter_cnn": 1}
-# Input maps of the first convolution per image channel: scatter_cnn's fixed scattering front end turns
-# each image channel into 81 coefficient maps before any convolution.
-FIRST_CONV_MAPS_PER_CHANNEL = {"scatter_cnn": 81}
 
 
 @functools.cache
@@ -55,42 +49,47 @@ def assert_per_sample_gradients_exact(model: nn.Module, images: torch.Tensor, la
                                        rtol=rtol, atol=atol, msg=f"{name}, example {example}, {mode}")
 
 
-@pytest.mark.parametrize("name, side", [
-    ("small_cnn", 32), ("small_cnn", 64),
-    ("resnet18", 32), ("resnet18", 64), ("resnet34", 32),
-    ("resnet18_imagenet", 224),
-    ("scatter_cnn", 32), ("scatter_cnn", 64),
-])
-def test_output_is_one_logit_row_per_image(name: str, side: int) -> None:
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("scale", [1, 2])
+def test_output_is_one_logit_row_per_image_from_the_smallest_side_up(name: str, scale: int) -> None:
+    side = scale * models.MODELS[name].min_size
     with torch.no_grad():
         logits = built(name)(torch.randn(2, 3, side, side))
     assert logits.shape == (2, NUM_CLASSES)
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NORM_LAYERS))
+@pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_models_take_the_channel_count_and_their_smallest_image(name: str) -> None:
     """``name(num_classes, in_channels)``: a gray set's model sees one channel; the smallest side it declares works."""
     torch.manual_seed(0)
     model = models.MODELS[name](NUM_CLASSES, 1).eval()
-    first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
-    assert first.in_channels == FIRST_CONV_MAPS_PER_CHANNEL.get(name, 1)
-    side = models.MIN_SIZES[name]
+    assert 3 * first_conv(model).in_channels == first_conv(built(name)).in_channels
+    side = models.MODELS[name].min_size
     with torch.no_grad():
         assert model(torch.randn(2, 1, side, side)).shape == (2, NUM_CLASSES)
     assert [p.shape[1:] for p in model.parameters()][1:] == [p.shape[1:] for p in built(name).parameters()][1:]
 
 
-def test_every_registry_model_is_checked_here() -> None:
-    assert set(EXPECTED_NORM_LAYERS) == set(models.MODELS)
+def test_a_taken_model_name_is_refused() -> None:
+    before = dict(models.MODELS)
+    with pytest.raises(ValueError, match="model 'small_cnn' is registered twice"):
+        @models.register_model(norm_layers=0)
+        def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
+            return nn.Linear(in_channels, num_classes)
+    assert models.MODELS == before
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NORM_LAYERS))
+@pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_is_groupnorm_and_opacus_valid(name: str) -> None:
     model = built(name)
     assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
     norms = [module for module in model.modules() if isinstance(module, nn.GroupNorm)]
-    assert len(norms) == EXPECTED_NORM_LAYERS[name]
+    assert len(norms) == models.MODELS[name].norm_layers
     assert ModuleValidator.validate(model, strict=True) == []
     assert not any(getattr(module, "inplace", False) for module in model.modules())
 

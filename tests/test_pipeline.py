@@ -99,7 +99,7 @@ def test_student_and_synthesis_never_open_private_training_data(tiny_pipeline, t
     import synthesize
     import train_student
 
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     synthesize.run(["--teacher", str(out / "statistics.dppt"), "--public_set", "photos", "--num_samples", "100",
                     "--g_steps", "1", "--batch_size", "50", "--output", str(tmp_path / "rel"), "--no_progress",
                     "--device", "cpu"])

@@ -6,9 +6,12 @@ import pytest
 import yaml
 from opacus.accountants import PRVAccountant
 
+import train_dp
 from common.errors import DPImgSynError
-from privacy import calibrate_noise_multiplier, compute_epsilon, poisson_plan
-from stages.paper import get_preset, load_presets, preset_plan
+from common.tables import register
+from privacy import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon, poisson_plan
+from stages.paper import get_preset, load_presets
+from stages.teacher import pipeline_plan
 
 DELTA = 1e-5
 # Table 1 order; PRV at delta 1e-5 over DP-SGD and DP statistics composed (docs/paper.md quotes them).
@@ -25,6 +28,11 @@ def mechanisms(sigma, plan):
     return [(sigma, rate, steps) for rate, steps in plan]
 
 
+def preset_plan(name: str, preset: dict) -> list[tuple[float, int]]:
+    """The plan that ``train_dp.py --preset NAME`` makes, through the stage's own config and planner."""
+    return pipeline_plan(preset["train_size"], train_dp.parse_config(["--preset", name]))
+
+
 @pytest.fixture(scope="module")
 def presets():
     return load_presets()
@@ -36,7 +44,7 @@ def table1_prv(presets):
     results, seconds = {}, {}
     for name, preset in presets.items():
         start = time.perf_counter()
-        results[name] = compute_epsilon(mechanisms(preset["noise_multiplier"], preset_plan(preset)), DELTA)
+        results[name] = compute_epsilon(mechanisms(preset["noise_multiplier"], preset_plan(name, preset)), DELTA)
         seconds[name] = time.perf_counter() - start
     print("PRV seconds per Table 1 row:", {k: round(v, 1) for k, v in seconds.items()})
     return results
@@ -68,7 +76,7 @@ def test_table1_epsilon_prv(table1_prv, presets, name):
 @pytest.mark.parametrize("name", ["mnist_eps1", "fmnist_eps10", "cifar10_eps10"])
 def test_rdp_is_selectable_and_looser(table1_prv, presets, name):
     preset = presets[name]
-    rdp = compute_epsilon(mechanisms(preset["noise_multiplier"], preset_plan(preset)), DELTA, accountant="rdp")
+    rdp = compute_epsilon(mechanisms(preset["noise_multiplier"], preset_plan(name, preset)), DELTA, accountant="rdp")
     assert math.isfinite(rdp) and rdp >= table1_prv[name]
 
 
@@ -121,7 +129,7 @@ def test_prv_refuses_a_grid_too_large_for_memory():
 
 
 def test_calibration_prv_is_tight(presets):
-    plan = preset_plan(presets["mnist_eps1"])
+    plan = preset_plan("mnist_eps1", presets["mnist_eps1"])
     sigma = calibrate_noise_multiplier(1.0, DELTA, plan)
     assert isinstance(sigma, float)
     assert compute_epsilon(mechanisms(sigma, plan), DELTA) <= 1.0
@@ -130,7 +138,7 @@ def test_calibration_prv_is_tight(presets):
 
 
 def test_calibration_rdp_is_tight_and_monotone(presets):
-    plan = preset_plan(presets["fmnist_eps10"])
+    plan = preset_plan("fmnist_eps10", presets["fmnist_eps10"])
     sigma = calibrate_noise_multiplier(10.0, DELTA, plan, accountant="rdp")
     assert compute_epsilon(mechanisms(sigma, plan), DELTA, "rdp") <= 10.0
     assert compute_epsilon(mechanisms(sigma * 0.99, plan), DELTA, "rdp") > 10.0
@@ -138,7 +146,7 @@ def test_calibration_rdp_is_tight_and_monotone(presets):
 
 
 def test_calibration_honours_per_stage_ratios(presets):
-    plan = preset_plan(presets["mnist_eps10"])
+    plan = preset_plan("mnist_eps10", presets["mnist_eps10"])
     sigmas = calibrate_noise_multiplier(10.0, DELTA, plan, accountant="rdp", ratios=[1.0, 2.0])
     assert len(sigmas) == 2 and sigmas[1] == pytest.approx(2 * sigmas[0], rel=1e-12)
     as_mechanisms = [(s, rate, steps) for s, (rate, steps) in zip(sigmas, plan)]
@@ -221,3 +229,58 @@ def test_calibration_does_not_depend_on_the_number_of_blas_threads():
         with threadpool_limits(limits=threads):
             sigmas.append(calibrate_noise_multiplier(10.0, DELTA, plan, "prv"))
     assert sigmas[0] == sigmas[1]  # exactly: stages compare the recorded sigma exactly
+
+
+# Two ledger entries, the first alone costing more than the second alone (a teacher and its statistics).
+TEACHER, STATISTICS = (1.0, 0.01, 500), (4.0, 0.02, 50)
+CONTRACT_PLAN = [(0.01, 100), (0.02, 20)]
+# Inputs on which the accountants' numerics give up (a delta near 0 or 1, far too little noise).
+EXTREME_LEDGERS = [([(0.5, 1e-4, 1)], 0.99), ([TEACHER], 1e-30), ([(0.05, 1.0, 3000)], DELTA)]
+
+
+class LastEntryOnly:
+    """A broken accountant: Opacus's RDP on the last ledger entry only."""
+
+    def __init__(self) -> None:
+        from opacus.accountants import RDPAccountant
+
+        self.history, self.inner = [], RDPAccountant()
+
+    def get_epsilon(self, delta: float) -> float:
+        self.inner.history = self.history[-1:]
+        return self.inner.get_epsilon(delta=delta)
+
+
+def check_accountant_contract(name: str) -> None:
+    """What every entry of ACCOUNTANTS owes the stages: composition never costs less than a part, calibration
+    meets its target closely, and what it cannot compute is a one-line user error."""
+    teacher, statistics, both = (compute_epsilon(ledger, DELTA, name)
+                                 for ledger in ([TEACHER], [STATISTICS], [TEACHER, STATISTICS]))
+    assert both >= max(teacher, statistics), f"{name}: composition {both} costs less than a part ({teacher}, " \
+                                             f"{statistics})"
+    sigma = calibrate_noise_multiplier(2.0, DELTA, CONTRACT_PLAN, name)
+    assert 0.99 * 2.0 <= compute_epsilon(mechanisms(sigma, CONTRACT_PLAN), DELTA, name) <= 2.0, name
+    with pytest.raises(DPImgSynError, match="unreachable"):
+        calibrate_noise_multiplier(1e-4, DELTA, CONTRACT_PLAN[:1], name)
+    for ledger, delta in EXTREME_LEDGERS:
+        try:
+            assert compute_epsilon(ledger, delta, name) >= 0
+        except DPImgSynError as error:
+            assert "\n" not in str(error), name
+
+
+@pytest.mark.parametrize("name", sorted(ACCOUNTANTS))
+def test_every_accountant_keeps_the_contract(name):
+    check_accountant_contract(name)
+
+
+def test_an_accountant_that_reads_only_the_last_entry_breaks_the_contract(monkeypatch):
+    monkeypatch.setitem(ACCOUNTANTS, "last_entry_only", LastEntryOnly)
+    with pytest.raises(AssertionError, match="costs less than a part"):
+        check_accountant_contract("last_entry_only")
+
+
+def test_a_taken_accountant_name_is_refused():
+    with pytest.raises(ValueError, match="accountant 'prv' is registered twice"):
+        register(ACCOUNTANTS, "accountant", "prv", LastEntryOnly)
+    assert ACCOUNTANTS["prv"] is not LastEntryOnly

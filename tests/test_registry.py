@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +15,7 @@ import make_sampling_list
 import registry
 from common.batches import stack_items
 from common.errors import DPImgSynError
+from common.tables import unique_table
 from sources import embedded
 from sources.convert import RawSource, View, resize_square, to_view
 
@@ -49,7 +52,7 @@ def photos():
 
 
 def test_constants_and_shapes_match_the_design():
-    assert set(DESIGN_CONSTANTS) == set(registry.DATASETS)
+    """The sets the design names keep its constants; any other row is checked by the properties below."""
     for name, (mean, std) in DESIGN_CONSTANTS.items():
         spec = registry.dataset_info(name)
         assert (spec.mean, spec.std) == (mean, std), name
@@ -59,6 +62,42 @@ def test_constants_and_shapes_match_the_design():
             assert spec.role in ("private", "both")
         else:
             assert spec.num_classes == 0 and spec.role == "public"
+
+
+@pytest.mark.parametrize("name", list(registry.DATASETS))
+def test_every_dataset_loads_or_says_how_to_get_it(name, tmp_path):
+    """Embedded sets load offline; a file-backed one, absent, is one line naming where it looked and what to do."""
+    spec = registry.dataset_info(name)
+    if not spec.folders:
+        image, label = registry.get_split(name, "train", tmp_path)[0]
+        assert image.shape == (spec.channels, spec.image_size, spec.image_size) and isinstance(label, int)
+        return
+    with pytest.raises(DPImgSynError) as error:
+        registry.get_split(name, "train", tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / spec.folders[0]) in message
+    assert spec.hint and spec.hint in message
+    assert ("--download" in message) == spec.downloadable
+
+
+def test_a_taken_dataset_name_is_refused():
+    with pytest.raises(ValueError, match="dataset 'mnist' is registered twice"):
+        unique_table("dataset", [("mnist", registry.DATASETS["mnist"]), ("mnist", registry.DATASETS["mnist5k"])])
+
+
+FLAG_ROLES = {"--dataset": "private", "--public_set": "public"}
+
+
+@pytest.mark.parametrize("script", ["train_dp", "save_dp_db_stats", "synthesize", "train_student", "evaluate_release"])
+def test_stage_help_lists_the_registered_models_and_datasets(script):
+    parser = importlib.import_module(script).build_parser()
+    words = {flag: set(re.findall(r"[\w:]+", action.help or "")) for action in parser._actions
+             for flag in action.option_strings if flag in (*FLAG_ROLES, "--model")}
+    assert words, f"{script} has none of the flags"
+    for flag, role in FLAG_ROLES.items():
+        names = {name for name, spec in registry.DATASETS.items() if spec.role in (role, "both")}
+        assert names | {"folder:PATH"} <= words.get(flag, names | {"folder:PATH"}), flag
+    assert set(registry.MODELS) <= words.get("--model", set(registry.MODELS))
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -79,7 +118,7 @@ def test_dataset_info_never_touches_data(monkeypatch):
 
     for name, spec in list(registry.DATASETS.items()):
         monkeypatch.setitem(registry.DATASETS, name, replace(spec, loader=refuse))
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     for name in registry.DATASETS:
         assert registry.dataset_info(name).name == name
     assert registry.OPENED_SPLITS == []
@@ -251,7 +290,7 @@ def test_aligned_photos_look_like_mnist5k_without_opening_it(monkeypatch):
 
     spec = registry.DATASETS["mnist5k"]
     monkeypatch.setitem(registry.DATASETS, "mnist5k", replace(spec, loader=refuse))
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     dataset = registry.aligned("photos", "mnist5k")
     images = torch.stack([dataset[index][0] for index in range(20)])
     assert all(dataset[index][1] == registry.PUBLIC_LABEL for index in range(3))
@@ -273,7 +312,7 @@ def test_aligned_refuses_wrong_roles_and_shared_images():
 
 
 def test_aligned_in_memory_public_set_stays_in_memory():
-    registry.reset_opened_splits()
+    registry.OPENED_SPLITS.clear()
     dataset = registry.aligned("mnist5k", "cifar10")
     images, labels = dataset.tensors
     assert images.shape == (4000, 3, 32, 32)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from common.errors import DPImgSynError
-from synthesizer.stat_norm import (StatNorm, attach_stat_layers, detach_stat_layers, get_dp_statistics,
-                                   load_dp_statistics, matching_loss, per_sample_moments, set_mode, stat_layers)
+from synthesizer.stat_norm import (StatNorm, attach_stat_layers, load_dp_statistics, matching_loss,
+                                   per_sample_moments, set_mode, stat_layers)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,6 +30,20 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def detach_stat_layers(model: nn.Module) -> None:
+    """Put the plain ``nn.GroupNorm`` layers back (same modules, so the same weights)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, StatNorm):
+                setattr(parent, child_name, child.group_norm)
+
+
+def get_dp_statistics(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics held by the synthesis buffers, in the format ``load_dp_statistics`` reads."""
+    return {name: {"mean": layer.dp_mean.detach().cpu().clone(), "var": layer.dp_var.detach().cpu().clone()}
+            for name, layer in stat_layers(model).items()}
 
 
 def tiny_cnn() -> nn.Module:

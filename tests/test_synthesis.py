@@ -1,6 +1,8 @@
 """Stage 3's optimizer: k = 0 is the identity, k > 0 moves images toward the DP statistics."""
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from common.batches import stack_items
 from stages.synthesis import load_teacher_for_synthesis
 from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.stat_norm import matching_loss
+from synthesizer.terms import TERMS, loss_term
 
 
 def _setup(tiny_pipeline):
@@ -131,5 +134,17 @@ def test_synthesize_cli_hands_its_loss_weights_to_the_optimizer(tiny_pipeline, t
     assert len(used) == 1, "synthesis did not call optimize_batch as imported by stages.synthesis"
     steps, weights = used[0]
     assert steps == 1
-    assert weights.term_weights() == {"statistics": 3.0, "class": 0.25, "smoothness": 1e-4, "image_norm": 2e-8}
-    assert weights.lr == 0.05
+    expected = AlignmentConfig(statistics_weight=3.0, class_weight=0.25, smoothness_weight=1e-4,
+                               image_norm_weight=2e-8, lr=0.05)
+    assert {field.name: getattr(weights, field.name) for field in fields(AlignmentConfig)} == asdict(expected)
+
+
+def test_every_loss_term_has_its_weight_field_and_every_weight_field_its_term():
+    assert sorted(AlignmentConfig().term_weights()) == sorted(TERMS)
+
+
+def test_a_taken_loss_term_name_is_refused():
+    before = dict(TERMS)
+    with pytest.raises(ValueError, match="loss term 'class' is registered twice"):
+        loss_term("class")(lambda inputs: inputs.logits.sum())
+    assert TERMS == before

@@ -74,7 +74,7 @@ class DPSGDConfig:
     momentum: float = option(0.9, "SGD momentum", parse=nonnegative_float)
     weight_decay: float = option(5e-4, "SGD weight decay", parse=nonnegative_float)
     max_physical_batch_size: int = option(256, "largest chunk processed at once; bigger Poisson batches are "
-                                          "accumulated", parse=positive_int)
+                                          "accumulated", parse=positive_int, run_only=True)  # a memory bound
     grad_sample_mode: str = option(FUSED, "per-example clipping: 'fused' computes norms and the clipped sum in one "
                                    "backward pass (fastest); 'hooks', 'functorch', 'ew' store Opacus's per-sample "
                                    "gradients (same guarantee, for layers 'fused' does not support)",

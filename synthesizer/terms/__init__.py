@@ -13,6 +13,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from common.tables import register
+
 TERMS: dict[str, Callable[[TermInputs], Tensor]] = {}
 
 
@@ -28,11 +30,10 @@ class TermInputs:
 
 
 def loss_term(name: str) -> Callable:
-    """Register ``function(inputs) -> scalar tensor`` as the term ``name``."""
-    def register(function: Callable[[TermInputs], Tensor]) -> Callable[[TermInputs], Tensor]:
-        TERMS[name] = function
-        return function
-    return register
+    """Register ``function(inputs) -> scalar tensor`` as the term ``name`` (a taken name is refused)."""
+    def add(function: Callable[[TermInputs], Tensor]) -> Callable[[TermInputs], Tensor]:
+        return register(TERMS, "loss term", name, function)
+    return add
 
 
 for _module in pkgutil.iter_modules(__path__):
