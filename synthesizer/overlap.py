@@ -246,7 +246,7 @@ def refuse_private_images(checked: ContentKeys, describe: Callable[[int], str], 
         f"{what}: {len(matches)} of {len(checked)} images are private images of {registry.artifact_name(private)} "
         f"({len(matches.exact)} equal, {len(matches.near)} nearly equal once seen through its view), e.g. "
         f"{describe(matches.first())}; public images must share nothing with the private data: remove them from "
-        "the public set or choose another; nothing was written")
+        "the public set or choose another; no artifact was written")
 
 
 def check_public_items(public_name: str, public, indices: np.ndarray, private: str,

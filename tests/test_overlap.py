@@ -118,7 +118,7 @@ def test_synthesis_refuses_the_private_folder_a_renamed_copy_and_a_folder_holdin
     for index, (public, said) in enumerate(cases):
         output = root / f"release_{index}"
         error = one_error(capsys, synthesize, synthesis_flags(folder_run, public, output, private))
-        assert said in error and "public file " + str(public) in error and "nothing was written" in error, error
+        assert said in error and "public file " + str(public) in error and "no artifact was written" in error, error
         assert not output.exists()
     # The folder holding two private images among twelve others: all 14 are released, so both are found.
     flags = synthesis_flags(folder_run, mixed, root / "r", private)
