@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 
 from common.cli import ArgumentParser, main_guard, nonnegative_int, positive_int, probability
-from privacy.accountant import ACCOUNTANTS
+from privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_DELTA
 
 DEFAULT_OUTPUT = "runs/privacy_audit.json"
 
@@ -38,10 +38,10 @@ def build_parser() -> ArgumentParser:
                         help="also audit subsampled and multi-step configurations, with more trials (minutes)")
     parser.add_argument("--mechanisms", nargs="+", choices=("dp_statistics", "dp_sgd"),
                         default=["dp_statistics", "dp_sgd"], help="mechanisms to audit (default both)")
-    parser.add_argument("--delta", type=probability, default=1e-5,
-                        help="delta of the bound and of the accountant (default 1e-5)")
-    parser.add_argument("--accountant", choices=tuple(ACCOUNTANTS), default="prv",
-                        help="accountant whose epsilon the bounds are compared with (default prv)")
+    parser.add_argument("--delta", type=probability, default=DEFAULT_DELTA,
+                        help="delta of the bound and of the accountant (default %(default)g)")
+    parser.add_argument("--accountant", choices=tuple(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT,
+                        help="accountant whose epsilon the bounds are compared with (default %(default)s)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed of every trial's sampling and noise (default 0)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON result file (default {DEFAULT_OUTPUT})")

@@ -21,7 +21,8 @@ Examples:
 from __future__ import annotations
 
 from common.cli import ArgumentParser, main_guard, nonnegative_float, probability
-from privacy.accountant import ACCOUNTANTS
+from privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_DELTA
+from registry import DEFAULT_MODEL
 from stages.fetch import resolve_checkpoint
 from stages.importer import import_original
 
@@ -33,15 +34,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sha256", help="expected SHA-256 of --source (required for a URL without a known digest)")
     parser.add_argument("--dataset", required=True, help="private dataset the checkpoint was trained on "
                         "(registry name, e.g. mnist, fmnist, cifar10)")
-    parser.add_argument("--model", default="resnet18", help="architecture of the checkpoint (registry name)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="architecture of the checkpoint (registry name)")
     parser.add_argument("--as_teacher", action="store_true",
                         help="import only the teacher weights of a statistics file, to recompute DP statistics "
                         "with save_dp_db_stats.py")
     parser.add_argument("--epsilon", type=nonnegative_float,
                         help="the source's published epsilon, for a teacher file that records no accountant history")
     parser.add_argument("--delta", type=probability,
-                        help="the source's delta (default 1e-5) for --epsilon or for accounting a recorded history")
-    parser.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default="prv",
+                        help=f"the source's delta (default {DEFAULT_DELTA:g}) for --epsilon or for accounting a "
+                        "recorded history")
+    parser.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT,
                         help="accountant that turns a recorded teacher history into epsilon")
     parser.add_argument("--output", required=True, help="our .dppt to write ('.dppt' appended when missing)")
     parser.add_argument("--no_progress", action="store_true", help="no download progress bar")

@@ -155,6 +155,7 @@ DATASETS: dict[str, DatasetSpec] = unique_table("dataset", ((spec.name, spec) fo
 )))
 
 MODELS = models.MODELS  # each architecture registers itself where it is defined (models/)
+DEFAULT_MODEL = "resnet18"  # the paper's architecture: every stage's and tool's default
 
 FOLDER_OPTIONS = ("image_size", "channels")  # the view of a folder: set; artifacts record it under VIEW_KEY
 FOLDER_CHANNELS = (1, 3)

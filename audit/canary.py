@@ -36,7 +36,7 @@ from torch.utils.data import TensorDataset
 
 from audit.bounds import CONFIDENCE, audit_bound, max_certifiable_epsilon
 from common.errors import DPImgSynError
-from privacy import compute_epsilon
+from privacy import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, compute_epsilon
 from synthesizer import dp_stats
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
 
@@ -87,7 +87,7 @@ class AuditConfig:
     max_norm: float = 1.0
     breakage: str = "none"
     trials: int = QUICK_TRIALS
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     augmult: int = 0  # DP-SGD's augmentation multiplicity (views per example)
 
     def __post_init__(self) -> None:
@@ -248,7 +248,7 @@ class AuditResult:
                 "seconds": self.seconds}
 
 
-def run_audit(config: AuditConfig, seed: int = 0, accountant: str = "prv",
+def run_audit(config: AuditConfig, seed: int = 0, accountant: str = DEFAULT_ACCOUNTANT,
               confidence: float = CONFIDENCE) -> AuditResult:
     """Audit one configuration: canary experiment, held-out threshold test, accountant comparison."""
     start = time.perf_counter()

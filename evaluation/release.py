@@ -40,7 +40,7 @@ from evaluation.foreign import ForeignRelease, fit_view, is_foreign, read_foreig
 from registry import model_from_checkpoint
 from synthesizer import overlap, release as release_io
 from training.accuracy import evaluate
-from training.distill import DistillationConfig, StudentTrainer, hard_label_config
+from training.distill import PAPER_SEEDS, DistillationConfig, StudentTrainer, hard_label_config
 
 GALLERY_PAIRS_PER_ROW = 4
 PRECISION_RECALL_K = 3
@@ -51,7 +51,6 @@ NEIGHBOURS_FILE = "nearest_neighbours.npz"
 LOG_FILE = "evaluate_release.log"
 FOREIGN_PREVIEW_FILE = "release_preview.png"  # a foreign release has no preview: one is drawn from its images
 PREVIEW_PER_CLASS = 8
-PAPER_SEEDS = (111, 2023, 50173)  # the paper's student seeds: a foreign release's default
 UNKNOWN = "unknown"
 PRIVACY_UNKNOWN = "privacy unknown"
 
@@ -419,9 +418,10 @@ class EvaluationConfig(DistillationConfig, registry.FolderViewOptions, registry.
     k_ssim: int = option(5, "SSIM is computed on this many L2-nearest candidates", parse=positive_int)
     gallery_pairs: int = option(16, "closest synthetic/private pairs in the gallery", parse=positive_int)
     seeds: tuple[int, ...] = option((), "train one student from scratch on the release per seed and report its "
-                                    "private test accuracy (default: 111 2023 50173 for an .npz release; none for a "
+                                    "private test accuracy (default: the paper's seeds for an .npz release; none for a "
                                     "release folder, whose students come from --metrics)", parse=int)
-    model: str = option("resnet18", f"architecture of the students trained for --seeds, {registry.model_choices()}")
+    model: str = option(registry.DEFAULT_MODEL, "architecture of the students trained for --seeds, "
+                        + registry.model_choices())
 
 
 def evaluate_release(config: EvaluationConfig) -> dict:

@@ -22,6 +22,7 @@ Mechanism = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)`` of one Poisson-subsampled Gaussian mechanism."""
 
 DEFAULT_DELTA = 1e-5
+DEFAULT_ACCOUNTANT = "prv"
 
 # PRV discretizes the privacy loss on a grid whose size grows with epsilon and sqrt(steps), and
 # peaks at about 200 bytes per point: the ImageNette row of Table 1 needs 2.6e7 points (~5 GB),
@@ -155,7 +156,7 @@ def _epsilon_of_history(history: tuple[Mechanism, ...], delta: float, accountant
     return max(epsilon, 0.0) if not math.isnan(epsilon) else math.inf
 
 
-def compute_epsilon(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") -> float:
+def compute_epsilon(mechanisms: list[Mechanism], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon of the composition of all ``mechanisms`` at ``delta``, in one accountant call.
 
     A mechanism with noise multiplier 0 adds no noise, so the result is ``math.inf``.
@@ -196,7 +197,7 @@ def _check_plan(plan: list[tuple[float, int]], ratios: list[float] | None) -> li
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, plan: list[tuple[float, int]],
-                               accountant: str = "prv", ratios: list[float] | None = None
+                               accountant: str = DEFAULT_ACCOUNTANT, ratios: list[float] | None = None
                                ) -> float | list[float]:
     """Smallest noise multiplier whose composed epsilon over the whole ``plan`` meets the target.
 

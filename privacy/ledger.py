@@ -22,7 +22,7 @@ import math
 import numbers
 
 from common.errors import DPImgSynError
-from privacy.accountant import DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
+from privacy.accountant import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
 
 NON_PRIVATE = "non_private"
 CLAIMED = "claimed_by_source"
@@ -138,7 +138,7 @@ def _guarantee(ledger: list[dict], accountant_delta: float, accountant: str) -> 
     return epsilon, delta
 
 
-def privacy_block(ledger: list[dict], delta: float, accountant: str = "prv") -> dict:
+def privacy_block(ledger: list[dict], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> dict:
     """The block every artifact carries: epsilon and delta of the whole ledger, plus its entries."""
     if not isinstance(ledger, list) or not ledger:
         raise DPImgSynError("a privacy ledger must list every mechanism applied to the private data; it is empty")

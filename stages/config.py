@@ -15,7 +15,6 @@ from pathlib import Path
 from common.cli import RunOptions, config_from_mapping, fraction, option, positive_float, probability
 from common.errors import DPImgSynError
 from common.files import read_yaml
-from privacy import DEFAULT_DELTA
 from privacy.accountant import ACCOUNTANTS
 from stages.dp_statistics import StatisticsConfig
 from stages.paper import expand_row
@@ -23,9 +22,9 @@ from stages.student import StudentConfig
 from stages.synthesis import SynthesisConfig
 from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS, TeacherConfig
 from synthesizer.export import FORMATS
+from training.distill import PAPER_SEEDS
 
 SECTIONS = ("teacher", "statistics", "synthesis", "student")
-PAPER_SEEDS = (111, 2023, 50173)
 UNSET = ""  # a path the pipeline fills in once the output folder is known
 
 
@@ -35,15 +34,18 @@ class PipelineSettings(RunOptions):
 
     output: str = option(help="output folder of the run")
     dataset: str = option(help="private dataset from the registry")
-    model: str = option("resnet18", "teacher architecture from the registry")
-    delta: float = option(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
-    accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
-    target_epsilon: float | None = option(None, "total epsilon of both private stages (sigma is calibrated); a "
-                                          "list sweeps over several, one run folder each", parse=positive_float)
+    # Settings the pipeline hands to the teacher: the teacher stage's defaults (noise_multiplier has none here:
+    # a pipeline gives exactly one of it and target_epsilon).
+    model: str = option(TeacherConfig.model, "teacher architecture from the registry")
+    delta: float = option(TeacherConfig.delta, "delta of the (epsilon, delta) guarantee", parse=probability)
+    accountant: str = option(TeacherConfig.accountant, "privacy accountant", choices=tuple(ACCOUNTANTS))
+    target_epsilon: float | None = option(TeacherConfig.target_epsilon, "total epsilon of both private stages "
+                                          "(sigma is calibrated); a list sweeps over several, one run folder each",
+                                          parse=positive_float)
     noise_multiplier: float | None = option(None, "the one sigma of both private stages", parse=positive_float)
-    val_split: float = option(0.0, "expected fraction of the private training records held out for validation "
-                              "(both private stages train on the rest)", parse=fraction)
-    eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
+    val_split: float = option(TeacherConfig.val_split, "expected fraction of the private training records held out "
+                              "for validation (both private stages train on the rest)", parse=fraction)
+    eval_split: str = option(TeacherConfig.eval_split, EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
     evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
     exports: tuple[str, ...] = option((), f"export every release in these formats ({', '.join(FORMATS)}) "
                                       "to export_k<k>_<format>/")

@@ -18,6 +18,7 @@ from privacy.sampling import private_seed
 from privacy.split import split_by_content
 from registry import model_from_checkpoint
 from stages.fetch import resolve_checkpoint
+from stages.teacher import TeacherConfig
 from synthesizer import overlap
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
 from synthesizer.stat_norm import attach_stat_layers
@@ -27,10 +28,11 @@ NON_PRIVATE_SCOPE = "error figures: non-private diagnostic, local only"
 # Keys of teachers written by earlier versions that held exact, non-private numbers (per-epoch losses and
 # accuracies) or local paths: never copied into a statistics checkpoint.
 NOT_SHAREABLE_KEYS = ("history", "args")
-# The mechanism's settings when the teacher records no plan (imported or older teachers): Table 1's
-# most common statistics row and the paper's shared sigma.
+# The mechanism's settings when the teacher records no plan (imported or older teachers): the teacher
+# stage's own plan defaults (Table 1's most common statistics row and the paper's shared sigma).
 PLAN_KEYS = ("noise_multiplier", "epochs", "train_batch_size")
-UNPLANNED_DEFAULTS = {"noise_multiplier": 0.5, "epochs": 2, "train_batch_size": 64}
+UNPLANNED_DEFAULTS = {"noise_multiplier": TeacherConfig.noise_multiplier, "epochs": TeacherConfig.stats_epochs,
+                      "train_batch_size": TeacherConfig.stats_batch_size}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,12 +48,13 @@ class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, Run
                                  "folder: set, which checkpoints record by its folder name only); "
                                  + registry.dataset_choices("private"), run_only=True)
     epochs: float | None = option(None, "eta_bn: passes over the data in expectation (default: the teacher's plan, "
-                                  "else 2)", parse=positive_float)
+                                  f"else {UNPLANNED_DEFAULTS['epochs']})", parse=positive_float)
     train_batch_size: int | None = option(None, "Omega_bn: expected Poisson batch size (default: the teacher's "
-                                          "plan, else 64)", parse=positive_int)
+                                          f"plan, else {UNPLANNED_DEFAULTS['train_batch_size']})", parse=positive_int)
     max_norm: float = option(1.0, "C: L2 clipping norm of each per-sample statistics vector", parse=positive_float)
     noise_multiplier: float | None = option(None, "sigma: noise std / C (default: the teacher's plan, i.e. the "
-                                            "sigma train_dp.py calibrated for both stages, else 0.5)",
+                                            "sigma train_dp.py calibrated for both stages, else "
+                                            f"{UNPLANNED_DEFAULTS['noise_multiplier']})",
                                             parse=positive_float)
     public_set: str | None = option(None, "public set whose statistics pre-scale the coordinates before clipping "
                                     "(cuts clipping bias at no privacy cost); " + registry.dataset_choices("public"))

@@ -40,7 +40,7 @@ import torch
 import registry
 from common.errors import DPImgSynError
 from common.files import require_same_settings, sha256_file, with_suffix_once
-from privacy.accountant import DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
+from privacy.accountant import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
 from privacy.checkpoint import STAGES, dppt_payload, load_dppt, save_dppt, strip_wrapper_prefixes
 from privacy.ledger import claimed_entry, non_private_entry, privacy_block
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics
@@ -420,9 +420,9 @@ def source_claim(original: OriginalCheckpoint, stage: str, epsilon: float | None
                         "as published by its source (e.g. the paper's Table 1)")
 
 
-def convert(original: OriginalCheckpoint, dataset: str, architecture: str = "resnet18", stage: str | None = None,
-            epsilon: float | None = None, delta: float | None = None, accountant: str = "prv",
-            origin: dict | None = None) -> dict:
+def convert(original: OriginalCheckpoint, dataset: str, architecture: str = registry.DEFAULT_MODEL,
+            stage: str | None = None, epsilon: float | None = None, delta: float | None = None,
+            accountant: str = DEFAULT_ACCOUNTANT, origin: dict | None = None) -> dict:
     """A ``.dppt`` payload of our format for ``original``; the weights are checked to load."""
     stage = stage or original.layout
     if stage not in STAGES:
@@ -460,9 +460,9 @@ def convert(original: OriginalCheckpoint, dataset: str, architecture: str = "res
     return dppt_payload(stage, model_state, architecture, num_classes, dataset, block, **extra)
 
 
-def import_original(source: str | Path, output: str | Path, dataset: str, architecture: str = "resnet18",
+def import_original(source: str | Path, output: str | Path, dataset: str, architecture: str = registry.DEFAULT_MODEL,
                     stage: str | None = None, epsilon: float | None = None, delta: float | None = None,
-                    accountant: str = "prv") -> Path:
+                    accountant: str = DEFAULT_ACCOUNTANT) -> Path:
     """Convert an original release file into a ``.dppt`` at ``output``; return its path.
 
     An existing output made from the same file with the same settings is kept (nothing to do);

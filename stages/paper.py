@@ -30,7 +30,7 @@ def expand_row(paper: dict, row: str | None, path: str | Path = "configs/paper.y
     return {
         "output": f"{defaults.get('output_root', 'runs/paper')}/{row}",
         "dataset": preset["dataset"], "model": preset["model"],
-        "delta": defaults.get("delta", 1e-5), "accountant": defaults.get("accountant", "prv"),
+        **{key: defaults[key] for key in ("delta", "accountant") if key in defaults},
         "noise_multiplier": preset["noise_multiplier"],
         "teacher": {"epochs": preset["epochs"], "train_batch_size": preset["train_batch_size"],
                     "lr": preset["lr"], "max_norm": preset["max_norm"]},

@@ -38,7 +38,7 @@ class StudentConfig(DistillationConfig, registry.FolderViewOptions, RunOptions):
     dataset: str | None = option(None, "private dataset for the test split (default: the release's; required for "
                                  "a folder: set, which releases record by its folder name only); "
                                  + registry.dataset_choices("private"))
-    model: str = option("resnet18", f"student architecture, {registry.model_choices()}")
+    model: str = option(registry.DEFAULT_MODEL, f"student architecture, {registry.model_choices()}")
     eval_every: int = option(0, "log test accuracy every N epochs (information only; 0 = final epoch only)",
                              parse=nonnegative_int)
     eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)

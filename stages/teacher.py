@@ -16,7 +16,7 @@ from common.cli import RunOptions, content_settings, fraction, option, positive_
 from common.errors import DPImgSynError
 from common.files import atomic_torch_save, atomic_write_csv, resumed_history, with_suffix_once
 from common.runtime import rng_state, seed_everything, setup_logging
-from privacy.accountant import ACCOUNTANTS
+from privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
 from privacy.split import split_by_content
@@ -41,7 +41,7 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
     """Stage 1's settings; the defaults are the paper's (Table 1's rows are presets of train_dp.py)."""
 
     dataset: str | None = option(None, f"private dataset, {registry.dataset_choices('private')}")
-    model: str = option("resnet18", f"architecture, {registry.model_choices()}")
+    model: str = option(registry.DEFAULT_MODEL, f"architecture, {registry.model_choices()}")
     epochs: int = option(14, "eta_train: DP-SGD epochs", parse=positive_int)
     train_batch_size: int = option(128, "Omega_train: expected (logical) Poisson batch size", parse=positive_int)
     lr: float = option(0.01, "gamma_train: SGD learning rate", parse=positive_float)
@@ -57,7 +57,7 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
                                       "target_epsilon both are calibrated jointly to meet it (1: the paper's one "
                                       "shared sigma)", parse=positive_float)
     delta: float = option(privacy.DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee", parse=probability)
-    accountant: str = option("prv", "privacy accountant", choices=tuple(ACCOUNTANTS))
+    accountant: str = option(DEFAULT_ACCOUNTANT, "privacy accountant", choices=tuple(ACCOUNTANTS))
     val_split: float = option(0.0, "expected fraction of the private training records held out for validation; a "
                               "record's side is fixed by a hash of its content, both private stages train on the "
                               "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Whether the teacher's and the student's augmentation also flip horizontally unless told to: off, because a
+# flipped digit or letter is another one (flips cost a digits student 33 points, docs/utility.md); natural images
+# turn it on.
+AUGMENT_FLIP = False
 _OFFSET_BITS = 24  # bits per crop offset: the modulo bias stays under 4e-6 for any padding up to 32
 
 

@@ -26,8 +26,9 @@ from common.distributed import Distributed
 from common.errors import DPImgSynError
 from common.precision import autocast, channels_last
 from common.runtime import keyed_seed
-from training.augment import random_crop_flip
+from training.augment import AUGMENT_FLIP, random_crop_flip
 
+PAPER_SEEDS = (111, 2023, 50173)  # the paper's student seeds: a pipeline's and a foreign release's default
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
 
 
@@ -60,8 +61,8 @@ class DistillationConfig:
     temperature: float = option(100.0, "distillation temperature (paper: 100)", parse=positive_float, aliases=("T",))
     alpha: float = option(1.0, "weight of the soft (KL) term", parse=nonnegative_float)
     beta: float = option(0.0, "weight of the hard-label CE term", parse=nonnegative_float)
-    augment: bool = option(False, "random crop + flip of the released images")
-    augment_flip: bool = option(True, "with augment: flip horizontally too (turn off for digits and text)")
+    augment: bool = option(False, "random crops (and flips with augment_flip) of the released images")
+    augment_flip: bool = option(AUGMENT_FLIP, "with augment: flip horizontally too (not for digits or text)")
 
     def milestones(self) -> list[int]:
         """120/150/180 of 200 epochs, scaled to the configured length."""

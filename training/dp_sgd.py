@@ -51,7 +51,7 @@ from privacy.clipping import PerExampleClipper, refuse_batch_statistics
 from privacy.noise import OS_RANDOM, RandomSource
 from privacy.optimizers import dp_optimizer_class
 from privacy.sampling import global_poisson_batch, private_seed, steps_per_epoch
-from training.augment import random_crop_flip
+from training.augment import AUGMENT_FLIP, random_crop_flip
 
 FUSED = "fused"
 GRAD_SAMPLE_MODES = (FUSED, "hooks", "functorch", "ew")
@@ -84,8 +84,8 @@ class DPSGDConfig:
     augmult: int = option(0, "augmentation multiplicity K: each sampled example enters as K random crops "
                           "(reflect padding of 1/8 of the side) whose mean gradient is clipped as one; 0: no "
                           "augmentation (the paper)", parse=nonnegative_int)
-    augment_flip: bool = option(False, "with augmult: also flip the views horizontally at random (not for digits "
-                                "or text)")
+    augment_flip: bool = option(AUGMENT_FLIP, "with augmult: also flip the views horizontally at random (not for "
+                                "digits or text)")
     ema_decay: float = option(0.0, "exponential moving average of the weights after each step (e.g. 0.999), "
                               "saved instead of the last iterate; 0: off (the paper)", parse=fraction)
 
