@@ -11,6 +11,7 @@ Rank 0 assembles it once every rank has written its shards.
 """
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -118,8 +119,11 @@ def synthesize(config: SynthesisConfig) -> Path:
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
+    # The list is found by its file name in --sampling_dir (run-only), so its content is what identifies it.
     settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
-                "public_set": registry.artifact_name(config.public_set), "bf16": use_bf16(config.precision, device)}
+                "public_set": registry.artifact_name(config.public_set),
+                "sampling_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
+                "bf16": use_bf16(config.precision, device)}
     shard_size = config.batch_size * config.batches_per_shard
     with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
         writer = ReleaseWriter(output, num_samples=config.num_samples, shard_size=shard_size,

@@ -82,3 +82,23 @@ def test_finished_teacher_rerun_with_other_momentum_is_refused(tiny_pipeline, tm
     with pytest.raises(DPImgSynError, match=r"exists with different settings \(momentum\);"):
         train_teacher(dataclasses.replace(config, momentum=0.0))
     assert teacher.read_bytes() == before
+
+
+def test_a_release_rerun_with_another_sampling_list_of_the_same_name_is_refused(tiny_pipeline, tmp_path, capsys):
+    """--sampling_dir only says where lists are kept; a list of the same name holding other public images would
+    make other images, so the release records the list's content."""
+    import numpy as np
+
+    import synthesize
+
+    out, _ = tiny_pipeline
+    lists = tmp_path / "lists"
+    flags = ["--teacher", str(out / "statistics.dppt"), "--public_set", "photos", "--num_samples", "6", "--k", "0",
+             "--batch_size", "6", "--output", str(tmp_path / "release"), "--no_progress", "--device", "cpu"]
+    synthesize.run([*flags, "--sampling_dir", str(lists)])
+    (name,) = [path.name for path in lists.iterdir()]
+    other = tmp_path / "other"
+    other.mkdir()
+    np.save(other / name, np.load(lists / name)[::-1].copy())
+    with pytest.raises(DPImgSynError, match=r"exists with different settings \(settings\.sampling_sha256:"):
+        synthesize.run([*flags, "--sampling_dir", str(other)])
