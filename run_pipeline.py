@@ -10,6 +10,8 @@ accuracy_vs_epsilon.png over all of them. --epsilons and --seeds sweep any confi
 
 A config may start from another (base: demo.yaml, relative to the file) and give only the keys
 it changes (configs/demo_eps1.yaml); synthesis.num_samples is one count for every k or one per k.
+With 'recipe: auto' the numbers follow rules of N and epsilon instead (configs/demo_auto.yaml,
+docs/recipes.md): one file for a private set of any size.
 
 Examples:
   python run_pipeline.py --config configs/demo.yaml

@@ -8,8 +8,8 @@ default to the plan train_dp.py stored in the teacher, so the total epsilon is t
 calibrated for; a run that deviates prints the resulting total next to the planned one.
 
 Example:
-  python save_dp_db_stats.py --teacher checkpoints/mnist_resnet18_nm_0.5__.dppt --epochs 2 \\
-      --train_batch_size 64 --max_norm 1 --noise_multiplier 0.5 --output checkpoints/mnist_stats.dppt
+  python save_dp_db_stats.py --teacher checkpoints/mnist_resnet18_nm_0.5__.dppt --stats_epochs 2 \\
+      --stats_batch_size 64 --max_norm 1 --noise_multiplier 0.5 --output checkpoints/mnist_stats.dppt
 Several GPUs: torchrun --standalone --nproc_per_node 4 save_dp_db_stats.py ... (noise added once, same ledger).
 """
 from __future__ import annotations

@@ -2,11 +2,11 @@
 """Stage 3: align public images to the DP teacher and its DP statistics; write a release bundle.
 
 Reads only the stage-2 `.dppt` (teacher + DP statistics + ledger) and the public set; never
-private data. --g_steps 0 releases the aligned public images unchanged (DP-ImgSyn(0)).
+private data. --k 0 releases the aligned public images unchanged (DP-ImgSyn(0)).
 
 Example:
   python synthesize.py --teacher checkpoints/mnist_stats.dppt --public_set tinyimagenet \\
-      --num_samples 60000 --g_steps 10 --output releases/mnist_tiny_k10
+      --num_samples 60000 --k 10 --output releases/mnist_tiny_k10
 Rerun the same command after an interruption: finished shards are kept, the rest is redone.
 Several GPUs: torchrun --standalone --nproc_per_node 4 synthesize.py ... (the same release, faster).
 """

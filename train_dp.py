@@ -5,6 +5,7 @@ Examples:
   python train_dp.py --preset mnist_eps10
   python train_dp.py --dataset mnist5k --model small_cnn --epochs 10 --train_batch_size 256 \\
       --lr 2 --max_norm 1 --target_epsilon 10
+  python train_dp.py --dataset folder:my_images --model scatter_cnn --recipe auto --target_epsilon 1
 Rerun the same command after an interruption: training resumes at the last finished epoch.
 Several GPUs: torchrun --standalone --nproc_per_node 4 train_dp.py ... (same ledger, same epsilon).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from common.cli import StageCLI, config_from_args
 from common.errors import DPImgSynError
 from stages.paper import get_preset
+from stages.recipe import TEACHER_KEYS
 from stages.teacher import TeacherConfig, train_teacher
 
 PRESET_KEYS = ("dataset", "model", "epochs", "train_batch_size", "lr", "max_norm", "noise_multiplier",
@@ -31,6 +33,13 @@ class TeacherCLI(StageCLI):
     def parse_config(self, argv: list[str] | None = None) -> TeacherConfig:
         parser = self.build_parser()
         args = parser.parse_args(argv)
+        if args.recipe:  # a flag given beside the recipe is refused, even when it repeats a default
+            probe = self.build_parser()
+            probe.set_defaults(**dict.fromkeys(TEACHER_KEYS))
+            given = [f"--{key}" for key in TEACHER_KEYS if getattr(probe.parse_args(argv), key) is not None]
+            if given or args.preset:
+                raise DPImgSynError(f"--recipe {args.recipe} chooses {', '.join(given or ['the preset numbers'])}: "
+                                    "drop them, or drop --recipe and give every number yourself")
         if args.preset:
             preset = get_preset(args.preset)
             parser.set_defaults(**{key: preset[key] for key in PRESET_KEYS})

@@ -9,7 +9,10 @@ is built from Opacus's parts, on one physical batch. Each mode is first checked 
 correctness: with zero noise, one full-batch step must move the weights as clipping every
 example's own gradient (one backward per example) and averaging does. The check runs in float64,
 so that rounding (a ReLU flipped at zero, TF32 convolutions on a GPU) cannot fail a correct mode;
-the timings run in float32. The figure the goal applies to is the default mode's.
+the timings run in float32. The figure the goal applies to is the default mode's. The default mode
+with shape-stable padded batches (``pad_batches``) is checked and timed too: ``dp_sgd_padded`` is
+its step over the unpadded one (on a CPU the padding rows cost their arithmetic; on a GPU static
+shapes are what CUDA graphs and ``torch.compile`` need).
 
     python benchmarks/bench_dp_sgd.py
     python benchmarks/bench_dp_sgd.py --model resnet18 --device cuda --batch_size 128
@@ -17,6 +20,7 @@ the timings run in float32. The figure the goal applies to is the default mode's
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -33,6 +37,7 @@ from training.dp_sgd import GRAD_SAMPLE_MODES, DPSGDConfig, DPSGDTrainer
 
 GOALS = {"cpu": Goal("<=", 1.5), "cuda": Goal("<=", 1.3)}
 GHOST = "ghost"
+PADDED = "padded"  # the default mode with pad_batches
 DEFAULT_MODE = DPSGDConfig.__dataclass_fields__["grad_sample_mode"].default
 LR, MAX_NORM, NOISE = 0.1, 1.0, 1.0
 TOLERANCE = 1e-9  # float64
@@ -95,7 +100,9 @@ def weight_change(args, device: torch.device, images: torch.Tensor, labels: torc
     initial = [param.detach().clone() for param in model.parameters()]
     config = dp_config(args, train_batch_size=len(labels), noise_multiplier=0.0, momentum=0.0, weight_decay=0.0,
                        lr=1.0, max_physical_batch_size=len(labels),
-                       grad_sample_mode=mode if mode != GHOST else DEFAULT_MODE)
+                       grad_sample_mode=mode if mode not in (GHOST, PADDED) else DEFAULT_MODE)
+    if mode == PADDED:  # chunks of B - 1 examples: the second chunk is one example padded to B - 1
+        config = replace(config, max_physical_batch_size=max(1, len(labels) - 1), pad_batches=True)
     if mode == GHOST:
         GhostClipping(model, config, args.seed).step(images.to(device), labels.to(device))
     else:
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                         default=[*GRAD_SAMPLE_MODES, GHOST], help="per-sample modes to time")
     args = parser.parse_args(argv)
     device = set_up(args)
-    modes = list(dict.fromkeys([DEFAULT_MODE, *args.modes]))
+    modes = list(dict.fromkeys([DEFAULT_MODE, PADDED, *args.modes]))
 
     generator = torch.Generator().manual_seed(args.seed)
     check_images = random_images(args.check_size, args, generator).double()
@@ -172,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             ghost_sampler = sampler()
             sides[mode] = lambda: epoch_of(ghost.step, images, labels, args.steps, rate, ghost_sampler, device)
         else:
-            trainer = DPSGDTrainer(make_model(args, device), TensorDataset(images, labels),
-                                   dp_config(args, grad_sample_mode=mode), device, seed=args.seed)
+            config = dp_config(args, pad_batches=True) if mode == PADDED else dp_config(args, grad_sample_mode=mode)
+            trainer = DPSGDTrainer(make_model(args, device), TensorDataset(images, labels), config, device,
+                                   seed=args.seed)
             sides[mode] = trainer_epoch(trainer)
 
     timings = time_sides(sides, args.repeats, args.warmup, device)
@@ -182,9 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     goal = GOALS.get(device.type, GOALS["cpu"])
     ratios = {}
     for mode in usable:
-        ratios[mode] = report(f"dp_sgd_mode_{mode}", timings[mode], timings["non-private"], Goal(), unit="step")
+        if mode != PADDED:
+            ratios[mode] = report(f"dp_sgd_mode_{mode}", timings[mode], timings["non-private"], Goal(), unit="step")
     if DEFAULT_MODE in usable:
         report("dp_sgd_step", timings[DEFAULT_MODE], timings["non-private"], goal, unit="step")
+        if PADDED in usable:
+            report("dp_sgd_padded", timings[PADDED], timings[DEFAULT_MODE], Goal(), unit="step")
     if ratios:
         fastest = min(ratios, key=ratios.get)
         print(f"dp_sgd_modes: fastest correct {fastest}, default {DEFAULT_MODE} "

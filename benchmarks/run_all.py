@@ -44,11 +44,13 @@ BENCHMARKS = (
     Benchmark("bench_synthesis.py", paper_arguments=("--batch_size", "80")),
     Benchmark("bench_student.py", paper_arguments=("--batch_size", "256", "--num_images", "10240",
                                                    "--temperature", "100")),
+    Benchmark("bench_scatter.py"),  # scatter_cnn (the demo's model) whatever --model says
     Benchmark("bench_data_path.py"),
     Benchmark("bench_release_load.py", ("--num_original", "10000"), common_flags=False),
     Benchmark("bench_allocator.py"),
     Benchmark("bench_paper_row.py"),
     Benchmark("bench_overlap.py"),
+    Benchmark("bench_frontend_cache.py"),  # scatter_cnn's front-end cache on a folder set and a release
 )
 
 

@@ -25,6 +25,33 @@ def in_memory_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | N
     return tensors[0], tensors[1]
 
 
+# Transforms that draw at random when an item is read, beyond torchvision's ``Random*`` classes.
+RANDOM_TRANSFORMS = frozenset({"ColorJitter", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix",
+                               "GaussianBlur", "GaussianNoise", "ElasticTransform", "JPEG"})
+
+
+def _transforms(transform: object, depth: int = 0) -> Iterator[object]:
+    """``transform`` and every transform it composes (``Compose``'s list, an ``nn.Sequential``'s layers)."""
+    yield transform
+    inner = getattr(transform, "transforms", None)
+    if depth < 8 and isinstance(inner, (list, tuple, torch.nn.Module)):
+        for part in inner:
+            yield from _transforms(part, depth + 1)
+
+
+def random_transform(dataset: Dataset) -> str | None:
+    """The name of a random transform a per-item dataset applies when an item is read (torchvision style:
+    ``transform``/``transforms`` attributes, also below a ``Subset``), else None. Reading such a set once would
+    freeze one random view of every item."""
+    for holder in (dataset, getattr(dataset, "dataset", None)):
+        for attribute in ("transform", "transforms", "target_transform"):
+            for part in _transforms(getattr(holder, attribute, None)):
+                name = type(part).__name__
+                if name.startswith("Random") or name in RANDOM_TRANSFORMS:
+                    return name
+    return None
+
+
 def _collate_or_none(items: Sequence[tuple[torch.Tensor, int]]) -> Batch | None:
     if not items:
         return None

@@ -211,7 +211,7 @@ def config_from_mapping(cls: type, mapping: Any, where: str = "", fixed: dict[st
         field, kind = keys[key]
         if value is not None:
             values[field.name] = _checked(value, kind, field.metadata, f"{where}{key}")
-    missing = [f"{where}{name}" for name in required if name not in mapping or mapping[name] is None]
+    missing = [f"{where}{name}" for name in required if values.get(name) is None]  # given under an alias too
     missing += [f"{where}{field.name}" for field, _ in _options(cls)
                 if field.default is REQUIRED and field.name not in values]
     if missing:

@@ -24,6 +24,16 @@ from common.errors import DPImgSynError
 from common.runtime import open_private, set_rng_state
 
 
+CACHE_ENV = "DPIMGSYN_CACHE"
+
+
+def cache_root() -> Path:
+    """The data owner's local cache (kept keys of private sets, front-end features): ``$DPIMGSYN_CACHE``, else
+    ``$XDG_CACHE_HOME/dpimgsyn``, else ``~/.cache/dpimgsyn``. Each user of it keeps a 0700 folder inside."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpimgsyn"
+    return Path(root).expanduser()
+
+
 def with_suffix_once(path: str | Path, suffix: str) -> Path:
     """``path`` with ``suffix`` appended unless it already ends with it."""
     path = Path(path)

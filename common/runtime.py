@@ -116,6 +116,13 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
     return descriptor
 
 
+def say(logger: logging.Logger | None, line: str) -> None:
+    """Print ``line`` and log it (once a log is open): the log keeps what the terminal showed."""
+    print(line, flush=True)
+    if logger is not None:
+        logger.info(line)
+
+
 def setup_logging(log_file: str | os.PathLike | None, name: str = "dpimgsyn") -> logging.Logger:
     """Log to a file (everything; owner-only, see :func:`open_private`) and to stderr (warnings only, so
     progress bars stay readable)."""

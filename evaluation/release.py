@@ -32,7 +32,7 @@ from common.batches import stack_items
 from common.cli import RunOptions, option, positive_int
 from common.errors import DPImgSynError
 from common.files import atomic_path, sha256_file
-from common.runtime import resolve_device, seed_everything, setup_logging
+from common.runtime import resolve_device, say, seed_everything, setup_logging
 from evaluation import (PUBLISHABLE_FIELDS, build_card, frechet_distance, gallery_rows, nn_report,
                         obfuscation_verdict, penultimate_features, precision_recall, write_card)
 from evaluation.card import PRIVATE_VIEW_FIELD, card_path
@@ -487,8 +487,7 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     verdict = obfuscation_section["verdict"]
     summary = (f"release card: {markdown_path} ({'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
                f"{verdict['reason']}); closest pairs: {gallery}")
-    print(summary)
-    logger.info(summary)
+    say(logger, summary)
     return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
             "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}
 
@@ -591,8 +590,7 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
     logger.info("evaluating the foreign release %s (%s) against the private data of %s", release, foreign.layout,
                 dataset)
     if reviewed:
-        print(f"note: {reviewed}")
-        logger.info("note: %s", reviewed)
+        say(logger, f"note: {reviewed}")
     started = time.time()
     sets = private_image_sets(images.numpy(), dataset, config.data_root, options, config.max_synthetic,
                               config.max_private)
@@ -631,7 +629,6 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
     summary = (f"release card: {markdown_path} ({PRIVACY_UNKNOWN}; student test accuracy {accuracy['mean']:.4f} "
                f"over {accuracy['n']} seed(s); {'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
                f"{verdict['reason']}); closest pairs: {gallery}")
-    print(summary)
-    logger.info(summary)
+    say(logger, summary)
     return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
             "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}

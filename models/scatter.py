@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from torch import nn
 
+from models.fast_scattering import MorletBank, build_bank, scattering
 from models.private_ready import make_private_ready
 from models.zoo import register_model
 
@@ -45,32 +45,32 @@ def path_count(scales: int, angles: int) -> int:
 class Scattering(nn.Module):
     """The 2-D scattering transform of every channel: (B, C, H, W) -> (B, C * paths, H', W').
 
-    kymatio's transform is built for one input shape and holds its Morlet filters as persistent
-    buffers. This front end keeps one transform per (shape, device, dtype) in a plain dict, out of
-    the module tree, so the filters (a function of the shape alone) never enter the ``state_dict``
-    (checkpoints stay small and load for any image size, with ``weights_only=True``), follow the
-    input's device without a ``.to()``, and are never buffers that a DP-SGD engine must check.
-    The transform has no parameters and treats each example alone.
+    kymatio's transform (``ScatteringTorch2D``), computed by ``models.fast_scattering`` from kymatio's
+    own filters in a few batched operations instead of kymatio's path-by-path loop (figures:
+    ``benchmarks/bench_scatter.py``, docs/performance.md). The filters of one input shape are kept per (shape,
+    device, dtype) in a plain dict, out of the module tree, so they (a function of the shape alone)
+    never enter the ``state_dict`` (checkpoints stay small and load for any image size, with
+    ``weights_only=True``), follow the input's device without a ``.to()``, and are never buffers that
+    a DP-SGD engine must check. The transform has no parameters and treats each example alone.
     """
 
     def __init__(self, scales: int = SCALES, angles: int = ANGLES) -> None:
         super().__init__()
         self.scales, self.angles = scales, angles
         self.paths = path_count(scales, angles)
-        self._transforms: dict[tuple, ScatteringTorch2D] = {}
+        self._banks: dict[tuple, MorletBank] = {}
 
-    def _transform(self, side: tuple[int, int], device: torch.device, dtype: torch.dtype) -> ScatteringTorch2D:
+    def _bank(self, side: tuple[int, int], device: torch.device, dtype: torch.dtype) -> MorletBank:
         key = (side, device, dtype)
-        transform = self._transforms.get(key)
-        if transform is None:
-            transform = ScatteringTorch2D(J=self.scales, shape=side, L=self.angles).to(device=device, dtype=dtype)
-            self._transforms[key] = transform
-        return transform
+        bank = self._banks.get(key)
+        if bank is None:
+            bank = self._banks[key] = build_bank(side, self.scales, self.angles, device, dtype)
+        return bank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At least float32: the FFTs have no bf16 kernels, and autocast leaves them alone.
-        x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()  # kymatio refuses strided views
-        coefficients = self._transform(tuple(x.shape[-2:]), x.device, x.dtype)(x)  # (B, C, paths, H', W')
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        coefficients = scattering(x, self._bank(tuple(x.shape[-2:]), x.device, x.dtype))  # (B, C, paths, H', W')
         return coefficients.flatten(1, 2)
 
     def extra_repr(self) -> str:

@@ -169,6 +169,53 @@ def compute_epsilon(mechanisms: list[Mechanism], delta: float, accountant: str =
     return _epsilon_of_history(_merge(list(mechanisms)), float(delta), accountant)
 
 
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+"""Opacus's RDP accountant's orders, so that a curve over them converts to exactly that accountant's epsilon."""
+
+
+def rdp_curve(mechanisms: list[Mechanism]) -> np.ndarray:
+    """Renyi DP of the composition of ``mechanisms`` at every order of ``RDP_ORDERS`` (inf if one is noiseless).
+
+    For bounds that are stated in RDP and have no PRV form (paid hyper-parameter tuning, ``privacy.tuning``).
+    """
+    curve = np.zeros(len(RDP_ORDERS))
+    for sigma, rate, steps in _merge(list(mechanisms)):
+        curve += _rdp_of_mechanism(sigma, rate, steps)
+    return curve
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_of_mechanism(sigma: float, rate: float, steps: int) -> np.ndarray:
+    """One validated mechanism's RDP curve (cached: ledgers are recomputed whenever an artifact is read)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    if sigma == 0:
+        curve = np.full(len(RDP_ORDERS), math.inf)
+    else:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            curve = np.asarray(compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS)),
+                               dtype=np.float64)
+    curve.flags.writeable = False
+    return curve
+
+
+def epsilon_of_rdp(curve: np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve over ``RDP_ORDERS``, by the RDP accountant's own conversion."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    _check_delta(delta)
+    curve = np.asarray(curve, dtype=np.float64)
+    if curve.shape != (len(RDP_ORDERS),) or np.isnan(curve).any() or (curve < 0).any():
+        raise DPImgSynError(f"an RDP curve needs one value >= 0 per order ({len(RDP_ORDERS)}), got {curve!r}")
+    if np.isinf(curve).all():
+        return math.inf
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns when the best order is at an end of the range
+        epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
+    return max(float(epsilon), 0.0)
+
+
 def _check_target(target_epsilon: float) -> None:
     if (isinstance(target_epsilon, bool) or not isinstance(target_epsilon, numbers.Real)
             or not math.isfinite(target_epsilon) or target_epsilon <= 0):

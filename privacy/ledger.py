@@ -4,10 +4,13 @@ Every artifact carries a *privacy block* ``{"epsilon", "delta", "accountant", "l
 epsilon is recomputed from the ledger whenever a stage consumes the artifact, so a block that
 lost its ledger or whose epsilon was edited is refused ("privacy violation").
 
-Three kinds of entries:
+Four kinds of entries:
 
 - a DP mechanism (:func:`mechanism_entry`): a Poisson-subsampled Gaussian mechanism; all of them
   are composed by one accountant call;
+- a paid hyper-parameter selection (:func:`tuning_entry`): the best of a random number of runs over public
+  candidates (``privacy.tuning``). Its bound exists in RDP only, so a ledger holding one is accounted with the
+  RDP accountant (its curve plus the curves of the other mechanisms, converted once) and refuses any other;
 - a non-private step (:func:`non_private_entry`), e.g. an ablation without noise: epsilon is inf;
 - a guarantee claimed by the source of an imported artifact (:func:`claimed_entry`), which we
   cannot re-derive. Claims compose with the rest by basic composition: their epsilons and deltas
@@ -22,12 +25,16 @@ import math
 import numbers
 
 from common.errors import DPImgSynError
-from privacy.accountant import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, Mechanism, compute_epsilon, validate_mechanism
+from privacy.accountant import (DEFAULT_ACCOUNTANT, DEFAULT_DELTA, Mechanism, compute_epsilon, epsilon_of_rdp,
+                                rdp_curve, validate_mechanism)
+from privacy.tuning import TRUNCATED_NEGATIVE_BINOMIAL, RunCount, run_rdp, selection_rdp
 
 NON_PRIVATE = "non_private"
 CLAIMED = "claimed_by_source"
+TUNING = "paid_tuning"
+TUNING_ACCOUNTANT = "rdp"
 MECHANISM_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_norm")
-RESERVED_EXTRA_KEYS = {NON_PRIVATE, CLAIMED}
+RESERVED_EXTRA_KEYS = {NON_PRIVATE, CLAIMED, TUNING}
 BLOCK_KEYS = ("epsilon", "delta", "accountant", "ledger")
 
 # Stored and recomputed epsilon must agree this closely (recomputation is deterministic; the
@@ -87,6 +94,37 @@ def claimed_entry(name: str, epsilon: float, delta: float, **extra) -> dict:
     return _json_checked(entry)
 
 
+def tuning_entry(name: str, distribution: RunCount, candidates: list[list[dict]], **extra) -> dict:
+    """Ledger entry of a paid selection: the best of K runs, K ~ ``distribution``, each run one candidate drawn
+    uniformly from ``candidates``, each candidate the list of its mechanism entries (DP-SGD, the noisy score).
+
+    Every candidate is listed, run or not: the guarantee covers the random choice, and the list is public.
+    """
+    _check_extra(extra)
+    entry = {"name": _check_name(name), TUNING: True, "distribution": distribution.kind,
+             "mean_runs": float(distribution.mean),
+             **({"shape": float(distribution.shape)} if distribution.kind == TRUNCATED_NEGATIVE_BINOMIAL else {}),
+             "candidates": [list(mechanisms) for mechanisms in candidates], **extra}
+    _tuning_of(entry, f"ledger entry {name!r}")
+    return _json_checked(copy.deepcopy(entry))
+
+
+def _tuning_of(entry: dict, where: str) -> tuple[RunCount, list[list[Mechanism]]]:
+    """The distribution of the number of runs and every candidate's mechanisms of a tuning entry (validated)."""
+    distribution = RunCount(entry.get("distribution"), entry.get("mean_runs"), entry.get("shape", 1.0))
+    candidates = entry.get("candidates")
+    if not isinstance(candidates, list) or not candidates or not all(
+            isinstance(mechanisms, list) and mechanisms for mechanisms in candidates):
+        raise DPImgSynError(f"{where}: a tuning entry lists each candidate's mechanism entries (a non-empty list "
+                            "of non-empty lists)")
+    runs = []
+    for number, mechanisms in enumerate(candidates):
+        if not all(isinstance(item, dict) and not item.keys() & RESERVED_EXTRA_KEYS for item in mechanisms):
+            raise DPImgSynError(f"{where}: candidate {number} may list only DP mechanism entries")
+        runs.append([_mechanism_of(item, f"{where}, candidate {number}") for item in mechanisms])
+    return distribution, runs
+
+
 def _check_claim(entry: dict, where: str) -> None:
     epsilon, delta = entry.get("epsilon"), entry.get("delta")
     if not _is_real(epsilon) or math.isnan(epsilon) or epsilon < 0:
@@ -106,7 +144,8 @@ def ledger_mechanisms(ledger: list[dict]) -> list[Mechanism]:
     """The accountable mechanisms of a ledger, in order (every entry is validated).
 
     A non-private entry becomes ``(0.0, 1.0, 1)`` (one noiseless step), so that
-    ``compute_epsilon`` of the result is inf; claimed entries are not mechanisms and are skipped.
+    ``compute_epsilon`` of the result is inf; claimed and tuning entries are not single mechanisms and
+    are skipped (:func:`privacy_block` counts them).
     """
     if not isinstance(ledger, list):
         raise DPImgSynError(f"a privacy ledger must be a list of entries, got {type(ledger).__name__}")
@@ -119,6 +158,8 @@ def ledger_mechanisms(ledger: list[dict]) -> list[Mechanism]:
             mechanisms.append((0.0, 1.0, 1))
         elif entry.get(CLAIMED) is True:
             _check_claim(entry, where)
+        elif entry.get(TUNING) is True:
+            _tuning_of(entry, where)
         else:
             mechanisms.append(_mechanism_of(entry, where))
     return mechanisms
@@ -128,13 +169,32 @@ def _claims(ledger: list[dict]) -> list[dict]:
     return [entry for entry in ledger if entry.get(CLAIMED) is True]
 
 
+def _tunings(ledger: list[dict]) -> list[dict]:
+    return [entry for entry in ledger if entry.get(TUNING) is True]
+
+
+def _tuned_epsilon(mechanisms: list[Mechanism], tunings: list[dict], delta: float, accountant: str) -> float:
+    """Epsilon of mechanisms and paid selections together: every RDP curve summed, then converted once."""
+    if accountant != TUNING_ACCOUNTANT:
+        raise DPImgSynError(f"a ledger with paid tuning can only be accounted in RDP (its bound has no "
+                            f"{accountant!r} form); use --accountant {TUNING_ACCOUNTANT}")
+    curve = rdp_curve(mechanisms)
+    for entry in tunings:
+        distribution, candidates = _tuning_of(entry, f"ledger entry ({entry['name']})")
+        curve = curve + selection_rdp(run_rdp(candidates), distribution)
+    return epsilon_of_rdp(curve, delta)
+
+
 def _guarantee(ledger: list[dict], accountant_delta: float, accountant: str) -> tuple[float, float]:
     """(epsilon, delta) of the whole ledger: accountant composition plus basic composition of claims."""
     mechanisms = ledger_mechanisms(ledger)
-    claims = _claims(ledger)
-    epsilon = compute_epsilon(mechanisms, accountant_delta, accountant)
+    claims, tunings = _claims(ledger), _tunings(ledger)
+    if tunings:
+        epsilon = _tuned_epsilon(mechanisms, tunings, accountant_delta, accountant)
+    else:
+        epsilon = compute_epsilon(mechanisms, accountant_delta, accountant)
     epsilon += sum(float(claim["epsilon"]) for claim in claims)
-    delta = (accountant_delta if mechanisms else 0.0) + sum(float(claim["delta"]) for claim in claims)
+    delta = (accountant_delta if mechanisms or tunings else 0.0) + sum(float(claim["delta"]) for claim in claims)
     return epsilon, delta
 
 
@@ -157,7 +217,7 @@ def _recomputed(block: dict, what: str) -> tuple[float, float]:
     """Recompute the block's (epsilon, delta) from its ledger; structural problems are violations."""
     ledger, accountant, delta = block["ledger"], block["accountant"], block["delta"]
     try:
-        has_mechanisms = bool(ledger_mechanisms(ledger))  # validates every entry first
+        has_mechanisms = bool(ledger_mechanisms(ledger) or _tunings(ledger))  # validates every entry first
         claims_delta = sum(float(claim["delta"]) for claim in _claims(ledger))
         accountant_delta = delta - claims_delta if has_mechanisms else DEFAULT_DELTA
         return _guarantee(ledger, accountant_delta, accountant)

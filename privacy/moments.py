@@ -154,7 +154,10 @@ def private_mean(per_example: PerExample, dimension: int, train_set: Dataset, *,
         config["secure_mode"] = True  # a seeded run's state (it has a generator) cannot resume a secure one
     state = _initial_state(config, seed) if state is None else _checked_state(state, config)
     generator: RandomSource = OS_RANDOM if secure_mode else torch.Generator().set_state(state["generator"])
-    moment_sum = state["moment_sum"].clone()
+    # Accumulated where the sums are (float64, so bit for bit as on the host) and read back once at the end:
+    # a copy to the host in every step would make each step wait for the device.
+    moment_sum = state["moment_sum"].to(device, copy=True)
+    divisors = None if scales is None else scales.to(device)
 
     with tqdm(total=steps, initial=state["step"], desc="DP statistics", unit="step",
               disable=not (progress and dist.is_main)) as bar:
@@ -163,21 +166,21 @@ def private_mean(per_example: PerExample, dimension: int, train_set: Dataset, *,
             total = torch.zeros(dimension, dtype=torch.float64, device=device)
             for images in image_batches(train_set, dist.share(indices), max_physical_batch_size, num_workers):
                 vectors = per_example(images.to(device, non_blocking=True))
-                if scales is not None:
-                    vectors = vectors / scales.to(vectors.device)
+                if divisors is not None:
+                    vectors = vectors / divisors.to(vectors.device)
                 total += clipped_sum(vectors, max_norm)  # the only path of private data into the release
-            noisy = noisy_global_sum(total, max_norm, noise_multiplier, generator, dist).cpu()
+            noisy = noisy_global_sum(total, max_norm, noise_multiplier, generator, dist)
             moment_sum += noisy / batch_size  # the expected batch size q * N, whatever was sampled
             bar.update(1)
             bar.set_postfix(batch=len(indices))
             done = step + 1
             if checkpoint_fn is not None and done % checkpoint_every == 0 and done < steps:
-                saved = {"step": done, "moment_sum": moment_sum.clone(), "config": dict(config)}
+                saved = {"step": done, "moment_sum": moment_sum.cpu().clone(), "config": dict(config)}
                 if not secure_mode:
                     saved["generator"] = generator.get_state()
                 checkpoint_fn(saved)
 
-    moments = moment_sum / steps
+    moments = moment_sum.cpu() / steps
     mechanism = {"noise_multiplier": float(noise_multiplier), "sample_rate": sample_rate, "steps": steps,
                  "max_norm": float(max_norm), "prescaled": scales is not None}
     return MomentsResult(moments if scales is None else moments * scales.to(torch.float64), moments, mechanism)

@@ -19,6 +19,14 @@ from common.distributed import Distributed
 from common.errors import DPImgSynError
 from privacy.noise import RandomSource, is_os_random, uniform
 
+# Shape-stable steps (opt-in): a Poisson batch's chunks are padded to a few fixed sizes in multiples of 8, so
+# that a GPU step sees the same few shapes (and can be captured or compiled once per shape) instead of a new
+# size every step: the expected batch times BUCKET_FACTORS, and for the rest of a batch split into physical
+# chunks, the chunk times CHUNK_FRACTIONS (else a few rows over a chunk would cost a second full chunk).
+BUCKET_FACTORS = (1.0, 1.125, 1.25, 1.5, 2.0)
+CHUNK_FRACTIONS = (0.125, 0.25, 0.5)
+PAD_MULTIPLE = 8
+
 
 def poisson_batch(num_examples: int, sample_rate: float, generator: RandomSource) -> torch.Tensor:
     """Indices of one Poisson-sampled batch (possibly empty), drawn from ``generator`` (or the OS source)."""
@@ -39,6 +47,33 @@ def global_poisson_batch(num_examples: int, sample_rate: float, source: RandomSo
         return poisson_batch(num_examples, sample_rate, source)
     drawn = poisson_batch(num_examples, sample_rate, source) if dist.is_main else torch.empty(0, dtype=torch.int64)
     return dist.broadcast_tensor(drawn)
+
+
+def bucket_sizes(expected_batch: float, largest: int) -> tuple[int, ...]:
+    """The few padded chunk sizes of shape-stable steps: the expected batch times :data:`BUCKET_FACTORS` and
+    ``largest`` (the physical chunk) times :data:`CHUNK_FRACTIONS`, rounded up to a multiple of
+    :data:`PAD_MULTIPLE`, at most ``largest``."""
+    if largest < 1:
+        raise ValueError(f"largest must be at least 1, got {largest}")
+    sizes = [expected_batch * factor for factor in BUCKET_FACTORS] + [largest * part for part in CHUNK_FRACTIONS]
+    return tuple(sorted({min(largest, PAD_MULTIPLE * math.ceil(size / PAD_MULTIPLE)) for size in sizes}))
+
+
+def physical_chunks(rows: int, chunk: int, buckets: tuple[int, ...] | None = None) -> list[tuple[int, int, int]]:
+    """``(start, stop, size)`` of each physical chunk of a batch of ``rows``: size is ``stop - start``, or with
+    ``buckets`` the smallest bucket that holds the chunk (chunks are then at most the largest bucket).
+
+    Padding happens after the sampling and never changes which records a step sees; the rows beyond
+    ``stop - start`` are for the trainer to fill with zero-weight rows.
+    """
+    if buckets:
+        chunk = min(chunk, buckets[-1])
+    plan = []
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        size = next(bucket for bucket in buckets if bucket >= stop - start) if buckets else stop - start
+        plan.append((start, stop, size))
+    return plan
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

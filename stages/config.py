@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import registry
 from common.cli import RunOptions, config_from_mapping, fraction, option, positive_float, probability
 from common.errors import DPImgSynError
 from common.files import read_yaml
 from privacy.accountant import ACCOUNTANTS
 from stages.dp_statistics import StatisticsConfig
 from stages.paper import expand_row
+from stages.recipe import RECIPES, STUDENT_EPOCHS, TEACHER_KEYS, release_sizes
 from stages.student import StudentConfig
 from stages.synthesis import SynthesisConfig
 from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS, TeacherConfig
@@ -46,6 +48,10 @@ class PipelineSettings(RunOptions):
     val_split: float = option(TeacherConfig.val_split, "expected fraction of the private training records held out "
                               "for validation (both private stages train on the rest)", parse=fraction)
     eval_split: str = option(TeacherConfig.eval_split, EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
+    recipe: str | None = option(TeacherConfig.recipe, "'auto': the teacher's and the DP statistics' numbers follow "
+                                "rules of N and target_epsilon, the release sizes and the student's epochs rules of "
+                                "the class count (stages/recipe.py); the keys it chooses are then refused",
+                                choices=RECIPES)
     evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
     exports: tuple[str, ...] = option((), f"export every release in these formats ({', '.join(FORMATS)}) "
                                       "to export_k<k>_<format>/")
@@ -97,6 +103,19 @@ def _release_sizes(synthesis: dict, releases: int) -> tuple[int, ...]:
     return sizes
 
 
+# The keys a recipe chooses, per section: given beside it, they are refused (the pipeline checks before any stage).
+RECIPE_KEYS = {"teacher": TEACHER_KEYS, "statistics": ("epochs", "train_batch_size"), "synthesis": ("num_samples",),
+               "student": ("epochs",)}
+
+
+def _refuse_recipe_keys(raw: dict, recipe: str) -> None:
+    for name, keys in RECIPE_KEYS.items():
+        given = [key for key in keys if isinstance(raw[name], dict) and key in raw[name]]
+        if given:
+            raise DPImgSynError(f"config: recipe {recipe} chooses '{name}.{given[0]}'; remove it, or remove 'recipe' "
+                                "and give every number yourself")
+
+
 def _section(raw: dict, name: str) -> dict:
     if not isinstance(raw[name], dict):
         raise DPImgSynError(f"config: {name} must be a mapping")
@@ -127,25 +146,36 @@ def validate_config(raw: dict) -> Pipeline:
     if top.eval_split == "validation" and (not top.val_split or top.evaluate):
         raise DPImgSynError("config: eval_split 'validation' needs 'val_split' > 0 and no 'evaluate' (release cards "
                             "read the test split)")
+    if top.recipe:
+        _refuse_recipe_keys(raw, top.recipe)
+        if top.target_epsilon is None:
+            raise DPImgSynError(f"config: recipe {top.recipe} needs 'target_epsilon' (its rules depend on it)")
     run = {"device": top.device, "data_root": top.data_root}
     split = {"val_split": top.val_split, "eval_split": top.eval_split}
-    statistics = config_from_mapping(StatisticsConfig, raw["statistics"], "statistics.", required=(
-        "epochs", "train_batch_size", "max_norm"), fixed={**run, "teacher": UNSET, "output": UNSET,
-                                                         "dataset": top.dataset, "noise_multiplier": None})
-    if not float(statistics.epochs).is_integer():
+    # With a recipe, the teacher plans the statistics' epochs and batch for its N, and stage 2 follows the plan.
+    statistics = config_from_mapping(StatisticsConfig, raw["statistics"], "statistics.",
+                                     required=() if top.recipe else ("epochs", "train_batch_size"), fixed={
+        **run, "teacher": UNSET, "output": UNSET, "dataset": top.dataset, "noise_multiplier": None})
+    if statistics.epochs is not None and not float(statistics.epochs).is_integer():
         raise DPImgSynError("config: key 'statistics.epochs' must be a whole number of epochs in a pipeline")
-    teacher = config_from_mapping(TeacherConfig, raw["teacher"], "teacher.", required=(
+    planned = {} if top.recipe else {"stats_epochs": int(statistics.epochs),
+                                     "stats_batch_size": statistics.train_batch_size}
+    teacher = config_from_mapping(TeacherConfig, raw["teacher"], "teacher.", required=() if top.recipe else (
         "epochs", "train_batch_size", "lr", "max_norm"), fixed={
         **run, **split, "dataset": top.dataset, "model": top.model, "delta": top.delta, "accountant": top.accountant,
-        "noise_multiplier": top.noise_multiplier or 1.0, "target_epsilon": top.target_epsilon,
-        "stats_epochs": int(statistics.epochs), "stats_batch_size": statistics.train_batch_size})
+        "noise_multiplier": top.noise_multiplier or 1.0, "target_epsilon": top.target_epsilon, "recipe": top.recipe,
+        **planned})
     synthesis_section = _section(raw, "synthesis")
     ks = _int_list(synthesis_section, ("k", "g_steps"), "synthesis.", None, minimum=0)
+    if top.recipe:
+        synthesis_section["num_samples"] = list(release_sizes(registry.dataset_info(top.dataset).num_classes, ks))
     num_samples = _release_sizes(synthesis_section, len(ks))
     synthesis = config_from_mapping(SynthesisConfig, synthesis_section, "synthesis.", required=(
         "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0,
                                                "dataset": top.dataset})
     student_section = _section(raw, "student")
+    if top.recipe:
+        student_section["epochs"] = STUDENT_EPOCHS
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
     together = student_section.pop("together", False)
     if not isinstance(together, bool):

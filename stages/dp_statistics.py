@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import statistics as pystats
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import privacy
 import registry
-from common import distributed
 from common.batches import default_workers, stack_items
 from common.cli import RunOptions, content_settings, option, positive_float, positive_int, probability
-from common.files import atomic_torch_save, atomic_write_csv, resumed_state, sha256_file, with_suffix_once
-from common.runtime import setup_logging
+from common.errors import DPImgSynError
+from common.files import resumed_state, sha256_file, with_suffix_once
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
 from privacy.split import split_by_content
 from registry import model_from_checkpoint
 from stages.fetch import resolve_checkpoint
+from stages.skeleton import StageRun
 from stages.teacher import TeacherConfig
 from synthesizer import overlap
 from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
@@ -33,6 +32,7 @@ NOT_SHAREABLE_KEYS = ("history", "args")
 PLAN_KEYS = ("noise_multiplier", "epochs", "train_batch_size")
 UNPLANNED_DEFAULTS = {"noise_multiplier": TeacherConfig.noise_multiplier, "epochs": TeacherConfig.stats_epochs,
                       "train_batch_size": TeacherConfig.stats_batch_size}
+DEFAULT_MAX_NORM = 1.0  # C unless clip_quantile derives it from public data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,10 +48,14 @@ class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, Run
                                  "folder: set, which checkpoints record by its folder name only); "
                                  + registry.dataset_choices("private"), run_only=True)
     epochs: float | None = option(None, "eta_bn: passes over the data in expectation (default: the teacher's plan, "
-                                  f"else {UNPLANNED_DEFAULTS['epochs']})", parse=positive_float)
+                                  f"else {UNPLANNED_DEFAULTS['epochs']})", parse=positive_float,
+                                  aliases=("stats_epochs",))
     train_batch_size: int | None = option(None, "Omega_bn: expected Poisson batch size (default: the teacher's "
-                                          f"plan, else {UNPLANNED_DEFAULTS['train_batch_size']})", parse=positive_int)
-    max_norm: float = option(1.0, "C: L2 clipping norm of each per-sample statistics vector", parse=positive_float)
+                                          f"plan, else {UNPLANNED_DEFAULTS['train_batch_size']})", parse=positive_int,
+                                          aliases=("stats_batch_size",))
+    max_norm: float | None = option(None, "C: L2 clipping norm of each per-sample statistics vector; not with "
+                                    f"--clip_quantile, which takes C from public data (default: {DEFAULT_MAX_NORM})",
+                                    parse=positive_float)
     noise_multiplier: float | None = option(None, "sigma: noise std / C (default: the teacher's plan, i.e. the "
                                             "sigma train_dp.py calibrated for both stages, else "
                                             f"{UNPLANNED_DEFAULTS['noise_multiplier']})",
@@ -59,7 +63,7 @@ class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, Run
     public_set: str | None = option(None, "public set whose statistics pre-scale the coordinates before clipping "
                                     "(cuts clipping bias at no privacy cost); " + registry.dataset_choices("public"))
     clip_quantile: float | None = option(None, "with --public_set: take C as this quantile of the public "
-                                         "per-sample norms (overrides --max_norm)", parse=probability)
+                                         "per-sample norms (instead of --max_norm)", parse=probability)
     non_private: bool = option(False, "ablation only: exact statistics, no clipping or noise; the ledger records "
                                "epsilon = inf")
     report_bias: bool = option(False, "diagnostic: re-read the private data to print the DP statistics' error "
@@ -70,6 +74,11 @@ class StatisticsConfig(registry.FolderViewOptions, registry.SamplingOptions, Run
     secure_mode: bool = option(False, "draw the Poisson sampling and the noise from the operating system's "
                                "randomness (not seedable: --seed is refused; nothing can regenerate the noise)")
     output: str = option(help="statistics .dppt path ('.dppt' appended when missing)", run_only=True)
+
+    def __post_init__(self) -> None:
+        if self.clip_quantile is not None and (self.max_norm is not None or not self.public_set):
+            raise DPImgSynError("clip_quantile takes C from the public set's norms: give it with public_set and "
+                                "without max_norm")
 
 
 def load_teacher(path: str | Path, non_private: bool) -> tuple[dict, dict]:
@@ -82,10 +91,15 @@ def load_teacher(path: str | Path, non_private: bool) -> tuple[dict, dict]:
 
 def apply_plan(config: StatisticsConfig, checkpoint: dict) -> tuple[StatisticsConfig, dict | None]:
     """The config with the mechanism settings left unset taken from the teacher's plan (else the
-    unplanned defaults), and the plan (``None`` for a teacher without one) to compare the result with."""
+    unplanned defaults), and the plan (``None`` for a teacher without one) to compare the result with.
+
+    An unset C is its default, unless clip_quantile derives it from public data (then it stays unset).
+    """
     plan = checkpoint.get("plan") if isinstance(checkpoint.get("plan"), dict) else None
-    planned = plan["statistics"] if plan else UNPLANNED_DEFAULTS
-    return replace(config, **{key: planned[key] for key in PLAN_KEYS if getattr(config, key) is None}), plan
+    planned = {**(plan["statistics"] if plan else UNPLANNED_DEFAULTS),
+               "max_norm": DEFAULT_MAX_NORM if config.clip_quantile is None else None}
+    unset = [key for key in (*PLAN_KEYS, "max_norm") if getattr(config, key) is None]
+    return replace(config, **{key: planned[key] for key in unset}), plan
 
 
 def plan_report(plan: dict | None, config: StatisticsConfig, total_epsilon: float) -> str | None:
@@ -104,114 +118,108 @@ def plan_report(plan: dict | None, config: StatisticsConfig, total_epsilon: floa
 
 def capture_statistics(config: StatisticsConfig) -> Path:
     """Run (or resume) stage 2; return the path of the statistics `.dppt` (written by rank 0 alone)."""
-    dist, device = distributed.setup(config.device)
-    seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
-    with dist.main_first():  # a URL is downloaded once
-        config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
-                                                                  progress=config.progress)))
-    checkpoint, block = load_teacher(config.teacher, config.non_private)
-    dataset = registry.local_dataset(checkpoint["dataset"], config.dataset, f"teacher {config.teacher}")
-    view = registry.recorded_view(checkpoint["dataset"], checkpoint.get(registry.VIEW_KEY), config.image_size,
-                                  config.channels, f"teacher {config.teacher}")
-    config, plan = apply_plan(config, checkpoint)
-    output = with_suffix_once(config.output, ".dppt")
-    settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
-                "dataset": checkpoint["dataset"],
-                "public_set": config.public_set and registry.artifact_name(config.public_set)}
-    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
-    logger.info("stage 2 (DP statistics) settings: %s", settings)
-    if completed_dppt(output, "statistics_settings", settings):
+    with StageRun(config.device) as run:
+        seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+        with run.dist.main_first():  # a URL is downloaded once
+            config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
+                                                                      progress=config.progress)))
+        checkpoint, block = load_teacher(config.teacher, config.non_private)
+        dataset = registry.local_dataset(checkpoint["dataset"], config.dataset, f"teacher {config.teacher}")
+        view = registry.recorded_view(checkpoint["dataset"], checkpoint.get(registry.VIEW_KEY), config.image_size,
+                                      config.channels, f"teacher {config.teacher}")
+        config, plan = apply_plan(config, checkpoint)
+        output = with_suffix_once(config.output, ".dppt")
+        settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
+                    "dataset": checkpoint["dataset"],
+                    "public_set": config.public_set and registry.artifact_name(config.public_set)}
+        run.open_log(with_suffix_once(output.with_suffix(""), ".log"), "stage 2 (DP statistics)", settings,
+                     with_suffix_once(output, ".resume"))
+        if completed_dppt(output, "statistics_settings", settings):
+            return output
+        model = model_from_checkpoint(checkpoint, config.teacher).to(run.device).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        attach_stat_layers(model)
+        scales, max_norm = _public_scaling(config, model, dataset, view, run)
+        with run.dist.main_first():
+            _, train_set, _ = registry.get_dataset(dataset, config.data_root, config.download, **view)
+        # Exactly the records stage 1 trained on: the same content-keyed split (see privacy.split).
+        train_set, _ = split_by_content(train_set, checkpoint.get("settings", {}).get("val_split", 0.0))
+        state = (resumed_state(run.resume_file, settings) or {}).get("state")
+        if state is not None:
+            run.say(f"resuming DP statistics at step {state['step']}")
+        result = compute_dp_statistics(
+            model, train_set, epochs=config.epochs, batch_size=config.train_batch_size, max_norm=max_norm,
+            noise_multiplier=config.noise_multiplier, seed=None if seed is None else run.dist.broadcast_int(seed),
+            secure_mode=config.secure_mode, device=run.device, scales=scales, non_private=config.non_private,
+            progress=config.progress, state=state, checkpoint_fn=lambda loop_state: run.save_state(state=loop_state),
+            num_workers=default_workers(run.device), dist=run.dist)
+        if not run.is_main:
+            return output
+        new_block = privacy.privacy_block(list(block["ledger"]) + [_statistics_entry(result.mechanism, config)],
+                                          block["delta"], block["accountant"])
+        kept = {key: value for key, value in checkpoint.items() if key not in NOT_SHAREABLE_KEYS}
+        privacy.save_dppt(output, {**kept, "stage": "statistics", "dp_statistics": result.stats,
+                                   "privacy": new_block, "statistics_settings": settings})
+        run.finish(f"DP statistics written to {output}: total epsilon {new_block['epsilon']:.3f} at delta "
+                   f"{new_block['delta']:g} (teacher + statistics, {new_block['accountant']}); "
+                   f"teacher accuracy {checkpoint.get('test_acc', float('nan')):.4f} "
+                   f"({checkpoint.get('test_acc_note', 'private test split')})")
+        deviation = None if config.non_private else plan_report(plan, config, new_block["epsilon"])
+        if deviation:
+            run.say(f"note: {deviation}")
+        row = {**result.mechanism, "total_epsilon": new_block["epsilon"], "delta": new_block["delta"]}
+        if config.report_bias:
+            row.update(report_bias(model, train_set, result.stats, run, config.progress))
+        run.write_metrics(with_suffix_once(output.with_suffix(""), ".metrics.csv"), [row])
         return output
 
-    model = model_from_checkpoint(checkpoint, config.teacher).to(device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    attach_stat_layers(model)
-    scales, max_norm = None, config.max_norm
-    if config.public_set:
-        with dist.main_first():
-            public = registry.aligned(config.public_set, dataset, config.data_root, config.download, **view)
-        chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public),
-                                        config.sampling_dir)
-        overlap.check_public_items(config.public_set, public, chosen, dataset, config.data_root, view,
-                                   f"public set {config.public_set}")
-        public = stack_items(public, chosen)
-        scales = public_scales(model, public, device=device)
-        if config.clip_quantile is not None:
-            max_norm = public_clip_norm(model, public, scales, quantile=config.clip_quantile, device=device)
-            if dist.is_main:
-                print(f"clipping norm {max_norm:.4g} from the public set ({config.clip_quantile:g} quantile)")
-    with dist.main_first():
-        _, train_set, _ = registry.get_dataset(dataset, config.data_root, config.download, **view)
-    # Exactly the records stage 1 trained on: the same content-keyed split (see privacy.split).
-    train_set, _ = split_by_content(train_set, checkpoint.get("settings", {}).get("val_split", 0.0))
 
-    resume_path = with_suffix_once(output, ".resume")
-    state = (resumed_state(resume_path, settings) or {}).get("state")
-    if state is not None and dist.is_main:
-        print(f"resuming DP statistics at step {state['step']}")
-
-    def checkpoint_fn(loop_state: dict) -> None:
-        if dist.is_main:
-            atomic_torch_save({"settings": settings, "state": loop_state}, resume_path, private=True)
-
-    started = time.time()
-    result = compute_dp_statistics(
-        model, train_set, epochs=config.epochs, batch_size=config.train_batch_size, max_norm=max_norm,
-        noise_multiplier=config.noise_multiplier, seed=None if seed is None else dist.broadcast_int(seed),
-        secure_mode=config.secure_mode, device=device, scales=scales, non_private=config.non_private,
-        progress=config.progress, state=state,
-        checkpoint_fn=checkpoint_fn, num_workers=default_workers(device), dist=dist)
-    if not dist.is_main:
-        dist.barrier()  # return once rank 0 has written the statistics
-        return output
-    mechanism = dict(result.mechanism)
-    entry = (privacy.non_private_entry(mechanism.pop("name"), stage="statistics") if mechanism.get("non_private")
-             else privacy.mechanism_entry(mechanism.pop("name"), mechanism.pop("noise_multiplier"),
-                                          mechanism.pop("sample_rate"), mechanism.pop("steps"),
-                                          mechanism.pop("max_norm"), stage="statistics",
-                                          epochs=config.epochs, batch_size=config.train_batch_size, **mechanism))
-    new_block = privacy.privacy_block(list(block["ledger"]) + [entry], block["delta"], block["accountant"])
-    kept = {key: value for key, value in checkpoint.items() if key not in NOT_SHAREABLE_KEYS}
-    payload = {**kept, "stage": "statistics", "dp_statistics": result.stats, "privacy": new_block,
-               "statistics_settings": settings}
-    privacy.save_dppt(output, payload)
-    resume_path.unlink(missing_ok=True)
-    logger.info("DP statistics took %.1fs", time.time() - started)
-    summary = (f"DP statistics written to {output}: total epsilon {new_block['epsilon']:.3f} at delta "
-               f"{new_block['delta']:g} (teacher + statistics, {new_block['accountant']}); "
-               f"teacher accuracy {checkpoint.get('test_acc', float('nan')):.4f} "
-               f"({checkpoint.get('test_acc_note', 'private test split')})")
-    print(summary)
-    logger.info(summary)
-    deviation = None if config.non_private else plan_report(plan, config, new_block["epsilon"])
-    if deviation:
-        print(f"note: {deviation}")
-        logger.info("note: %s", deviation)
-    row = {**result.mechanism, "total_epsilon": new_block["epsilon"], "delta": new_block["delta"]}
-    if config.report_bias:
-        row.update(report_bias(model, train_set, result.stats, device, logger, config.progress))
-    atomic_write_csv(with_suffix_once(output.with_suffix(""), ".metrics.csv"), [row], private=True)  # local only
-    dist.barrier()
-    return output
+def _public_scaling(config: StatisticsConfig, model, dataset: str, view: dict,
+                   run: StageRun) -> tuple[dict | None, float]:
+    """The public pre-scaling of the coordinates (``None`` without a public set) and the clipping norm C."""
+    if not config.public_set:
+        return None, config.max_norm
+    with run.dist.main_first():
+        public = registry.aligned(config.public_set, dataset, config.data_root, config.download, **view)
+    chosen = registry.sampling_list(config.public_set, min(PUBLIC_SCALE_IMAGES, len(public)), 0, len(public),
+                                    config.sampling_dir)
+    overlap.check_public_items(config.public_set, public, chosen, dataset, config.data_root, view,
+                               f"public set {config.public_set}")
+    public = stack_items(public, chosen)
+    scales = public_scales(model, public, device=run.device)
+    if config.clip_quantile is None:
+        return scales, config.max_norm
+    max_norm = public_clip_norm(model, public, scales, quantile=config.clip_quantile, device=run.device)
+    run.say(f"clipping norm {max_norm:.4g} from the public set ({config.clip_quantile:g} quantile)")
+    return scales, max_norm
 
 
-def report_bias(model, train_set, dp_stats: dict, device, logger, progress: bool) -> dict:
+def _statistics_entry(mechanism: dict, config: StatisticsConfig) -> dict:
+    """The ledger entry of the mechanism that ran (a non-private run's records epsilon = inf)."""
+    mechanism = dict(mechanism)
+    if mechanism.get("non_private"):
+        return privacy.non_private_entry(mechanism.pop("name"), stage="statistics")
+    return privacy.mechanism_entry(mechanism.pop("name"), mechanism.pop("noise_multiplier"),
+                                   mechanism.pop("sample_rate"), mechanism.pop("steps"), mechanism.pop("max_norm"),
+                                   stage="statistics", epochs=config.epochs, batch_size=config.train_batch_size,
+                                   **mechanism)
+
+
+def report_bias(model, train_set, dp_stats: dict, run: StageRun, progress: bool) -> dict:
     """Local diagnostic: relative L2 error of the DP statistics against the exact ones.
 
     It re-reads the private training set without any privacy protection, so its figures go to
     the terminal, the local log and metrics.csv (labelled non-private) only, never into an artifact.
     """
-    print("--report_bias: re-reading the private training set for a NON-PRIVATE diagnostic (do not publish)")
+    run.say("--report_bias: re-reading the private training set for a NON-PRIVATE diagnostic (do not publish)")
     exact = compute_dp_statistics(model, train_set, epochs=1, batch_size=1, max_norm=1.0, noise_multiplier=1.0,
-                                  seed=0, device=device, non_private=True, progress=progress).stats
+                                  seed=0, device=run.device, non_private=True, progress=progress).stats
     errors = relative_errors(dp_stats, exact)
     errors_row = {}
     for key in ("mean", "var"):
         values = [layer[key] for layer in errors.values()]
-        line = (f"clipping+noise error of DP {key}s (relative L2 per layer): median {pystats.median(values):.3f}, "
+        run.say(f"clipping+noise error of DP {key}s (relative L2 per layer): median {pystats.median(values):.3f}, "
                 f"max {max(values):.3f} over {len(values)} layers [non-private diagnostic]")
-        print(line)
-        logger.info(line)
         errors_row[f"{key}_error_median"] = pystats.median(values)
     return {**errors_row, "scope": NON_PRIVATE_SCOPE}

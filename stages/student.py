@@ -11,15 +11,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 import registry
-from common import distributed
 from common.cli import RunOptions, content_settings, fraction, nonnegative_int, option
 from common.errors import DPImgSynError
-from common.files import (atomic_torch_save, atomic_write_csv, atomic_write_text, require_same_settings,
-                          resumed_history)
+from common.files import atomic_torch_save, atomic_write_text, require_same_settings, resumed_history
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
-from common.runtime import seed_everything, setup_logging
+from common.runtime import seed_everything
 from evaluation.report import accuracy_key, split_notes
 from privacy.split import split_by_content
+from stages.skeleton import StageRun
 from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS
 from synthesizer import release as release_io
 from training.accuracy import evaluate
@@ -67,7 +66,62 @@ def train_student(config: StudentConfig) -> dict:
 
     Under torchrun the other ranks train their share and return ``{}``.
     """
-    dist, device = distributed.setup(config.device)
+    with StageRun(config.device) as run:
+        bundles, paths, dataset, view = _releases(config)
+        bundle, output, bf16 = bundles[0], Path(config.output), use_bf16(config.precision, run.device)
+        if config.eval_split == "validation" and not config.val_split:
+            raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
+        checksums = [release.metadata.get("files", {}) for release in bundles]
+        settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, **content_settings(config),
+                    "dataset": registry.artifact_name(dataset), "bf16": bf16}
+        metrics_path, final_key = output / "metrics.json", accuracy_key("student", config.eval_split)
+        if metrics_path.exists():
+            return _finished(metrics_path, settings, final_key, config.eval_split, run)
+        run.open_log(output / "train_student.log", "stage 4 (student)", settings, output / "student.resume")
+        with run.dist.main_first():  # only rank 0 evaluates; it alone may download the split
+            test_set = scored_set(dataset, config, view) if run.is_main else None
+        model, trainer = _student(config, bundles, run, bf16)
+        history = resumed_history(run.resume_file, settings, trainer)
+        if history:
+            run.say(f"resuming student after epoch {trainer.epoch}")
+        epoch_key = f"{config.eval_split}_acc"
+
+        def after_epoch(stats: dict) -> None:
+            """Rank 0 logs the epoch (metrics.csv, the log) and saves the resume state."""
+            if not run.is_main:
+                return
+            if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
+                stats[epoch_key] = evaluate(model, test_set, run.device)
+            history.append(stats)
+            test = f"  {config.eval_split} acc {stats[epoch_key]:.4f}" if epoch_key in stats else ""
+            run.logger.info("epoch %d/%d  loss %.4f%s", stats["epoch"], config.epochs, stats["loss"], test)
+            run.write_metrics(output / "metrics.csv", history, ("epoch", "loss", epoch_key))
+            run.save_state(trainer=trainer.state_dict(), history=history)
+
+        trainer.fit(config.progress, after_epoch)
+        if not run.is_main:
+            return {}
+        final_acc = evaluate(model, test_set, run.device)
+        # The student is post-processing of its releases: it carries their one privacy block (refuse_mixed_sources).
+        atomic_torch_save({"model": model.state_dict(), "architecture": config.model,
+                           "num_classes": trainer.soft_labels.shape[1], "dataset": dataset,
+                           "privacy": bundle.metadata.get("privacy"),
+                           **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
+        ks = [release.metadata.get("k") for release in bundles]
+        metrics = {final_key: final_acc, **split_notes(config.eval_split), "epochs": config.epochs,
+                   "dataset": dataset, "release": str(Path(paths[0])) if len(paths) == 1
+                   else [str(Path(path)) for path in paths], "k": ks[0] if len(ks) == 1 else joined_k(ks),
+                   "public_set": bundle.metadata.get("public_set"), "seed": config.seed,
+                   "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"), "eval_split": config.eval_split,
+                   "seconds": time.time() - run.started, "history": history, "settings": settings}
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+        run.finish(f"student {config.eval_split} accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
+        return metrics
+
+
+def _releases(config: StudentConfig) -> tuple[list[release_io.ReleaseDataset], tuple[str, ...], str, dict]:
+    """The releases a student trains on, checked (the same sources, a recorded private set), their paths, the
+    private set they name and the view it is seen in (the release's, i.e. the teacher's view of a folder: set)."""
     paths = (config.release,) if isinstance(config.release, str) else tuple(config.release)
     if not paths:
         raise DPImgSynError("give at least one release folder")
@@ -78,84 +132,40 @@ def train_student(config: StudentConfig) -> dict:
     if not recorded:
         raise DPImgSynError(f"{paths[0]} does not record its private dataset; regenerate it with synthesize.py")
     dataset = config.dataset or registry.local_dataset(recorded, None, f"release {name}")
-    # The test split is seen as the release's images are (the teacher's view of a folder: set).
     view = registry.recorded_view(recorded, bundle.metadata.get(registry.VIEW_KEY)
                                   or registry.shape_view(bundle.images.shape[1:]), config.image_size,
                                   config.channels, f"release {name}")
     registry.check_model_input(config.model, bundle.images.shape[-1])
-    output = Path(config.output)
-    bf16 = use_bf16(config.precision, device)
-    if config.eval_split == "validation" and not config.val_split:
-        raise DPImgSynError("--eval_split validation needs the teacher's --val_split")
-    checksums = [release.metadata.get("files", {}) for release in bundles]
-    settings = {"release_sha256": checksums[0] if len(bundles) == 1 else checksums, **content_settings(config),
-                "dataset": registry.artifact_name(dataset), "bf16": bf16}
-    metrics_path = output / "metrics.json"
-    final_key, epoch_key = accuracy_key("student", config.eval_split), f"{config.eval_split}_acc"
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        require_same_settings(metrics_path, metrics.get("settings", {}), settings)
-        if final_key not in metrics:  # a validation student of an earlier version filed it as a test accuracy
-            raise DPImgSynError(f"{metrics_path} holds no {final_key} (an earlier version wrote it); delete {output} "
-                                "to train this student again")
-        if dist.is_main:
-            print(f"{metrics_path} already complete (student {config.eval_split} accuracy {metrics[final_key]:.4f})")
-        return metrics
-    logger = setup_logging(output / "train_student.log" if dist.is_main else None)
-    logger.info("stage 4 (student) settings: %s", settings)
-    with dist.main_first():  # only rank 0 evaluates; it alone may download the split
-        test_set = scored_set(dataset, config, view) if dist.is_main else None
+    return bundles, paths, dataset, view
 
+
+def _finished(metrics_path: Path, settings: dict, final_key: str, eval_split: str, run: StageRun) -> dict:
+    """The metrics of this student, trained already (refused if trained with other settings)."""
+    metrics = json.loads(metrics_path.read_text())
+    require_same_settings(metrics_path, metrics.get("settings", {}), settings)
+    if final_key not in metrics:  # a validation student of an earlier version filed it as a test accuracy
+        raise DPImgSynError(f"{metrics_path} holds no {final_key} (an earlier version wrote it); delete "
+                            f"{metrics_path.parent} to train this student again")
+    run.say(f"{metrics_path} already complete (student {eval_split} accuracy {metrics[final_key]:.4f})")
+    return metrics
+
+
+def _student(config: StudentConfig, bundles: list[release_io.ReleaseDataset], run: StageRun,
+             bf16: bool) -> tuple[torch.nn.Module, StudentTrainer]:
+    """The student network and its trainer on the releases' images (normalized as the teacher saw them) and soft
+    labels; the targets are the synthesis aims, not labels."""
     seed_everything(config.seed)
-    arrays = [release.tensors() for release in bundles]  # the targets are the synthesis aims, not labels
+    arrays = [release.tensors() for release in bundles]
     images, soft_labels = (torch.cat([array[index] for array in arrays]) for index in (0, 1))
     labels = torch.cat([release.labels_tensor() for release in bundles])
-    mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(bundle.metadata["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(bundles[0].metadata["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(bundles[0].metadata["std"]).view(1, -1, 1, 1)
     images = (images - mean) / std
     model = registry.get_model(config.model, soft_labels.shape[1], images.shape[1], images.shape[-1])
     # A fixed front end (scatter_cnn's scattering) runs once per released image, not once per epoch;
-    # training the head on its outputs trains ``model``, which is then evaluated and saved whole.
-    trained, inputs = training_inputs(model, TensorDataset(images, labels), augmented=config.augment, device=device)
-    trainer = StudentTrainer(trained, inputs.tensors[0], soft_labels, labels, config, device, config.seed, dist, bf16)
-    resume_path = output / "student.resume"
-    history = resumed_history(resume_path, settings, trainer)
-    if history and dist.is_main:
-        print(f"resuming student after epoch {trainer.epoch}")
-    started = time.time()
-
-    def after_epoch(stats: dict) -> None:
-        """Rank 0 logs the epoch (metrics.csv, the log) and saves the resume state."""
-        if not dist.is_main:
-            return
-        if config.eval_every and (trainer.epoch % config.eval_every == 0 or trainer.epoch == config.epochs):
-            stats[epoch_key] = evaluate(model, test_set, device)
-        history.append(stats)
-        test = f"  {config.eval_split} acc {stats[epoch_key]:.4f}" if epoch_key in stats else ""
-        logger.info("epoch %d/%d  loss %.4f%s", stats["epoch"], config.epochs, stats["loss"], test)
-        atomic_write_csv(output / "metrics.csv", history, ("epoch", "loss", epoch_key), private=True)
-        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "history": history}, resume_path,
-                          private=True)
-
-    trainer.fit(config.progress, after_epoch)
-    if not dist.is_main:
-        dist.barrier()  # return once rank 0 has written the student
-        return {}
-    final_acc = evaluate(model, test_set, device)
-    # The student is post-processing of its releases: it carries their one privacy block (refuse_mixed_sources).
-    atomic_torch_save({"model": model.state_dict(), "architecture": config.model,
-                       "num_classes": soft_labels.shape[1], "dataset": dataset,
-                       "privacy": bundle.metadata.get("privacy"),
-                       **({registry.VIEW_KEY: view} if view else {})}, output / "student.pt")
-    ks = [release.metadata.get("k") for release in bundles]
-    metrics = {final_key: final_acc, **split_notes(config.eval_split), "epochs": config.epochs, "dataset": dataset,
-               "release": str(Path(paths[0])) if len(paths) == 1 else [str(Path(path)) for path in paths],
-               "k": ks[0] if len(ks) == 1 else joined_k(ks),
-               "public_set": bundle.metadata.get("public_set"), "seed": config.seed,
-               "epsilon": bundle.metadata.get("privacy", {}).get("epsilon"), "eval_split": config.eval_split,
-               "seconds": time.time() - started, "history": history, "settings": settings}
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-    resume_path.unlink(missing_ok=True)
-    print(f"student {config.eval_split} accuracy {final_acc:.4f} (final epoch) -> {metrics_path}")
-    dist.barrier()
-    return metrics
+    # training the head on its outputs trains ``model``, which is then evaluated and saved whole. The images
+    # are DP outputs: their features are kept for every student on them.
+    trained, inputs = training_inputs(model, TensorDataset(images, labels), augmented=config.augment,
+                                      device=run.device, public=True)
+    return model, StudentTrainer(trained, inputs.tensors[0], soft_labels, labels, config, run.device, config.seed,
+                                 run.dist, bf16)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import opacus
@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 import privacy
 import registry
-from common import distributed
 from common.batches import stack_items
 from common.cli import RunOptions, content_settings, nonnegative_int, option, positive_int
 from common.errors import DPImgSynError
-from common.files import atomic_write_csv, sha256_file
+from common.files import sha256_file
 from common.precision import PRECISION_HELP, PRECISIONS, use_bf16
-from common.runtime import keyed_generator, setup_logging
+from common.runtime import keyed_generator
 from registry import model_from_checkpoint
 from stages.fetch import resolve_checkpoint
+from stages.skeleton import StageRun
 from synthesizer import overlap
 from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
 from synthesizer.release import ReleaseWriter, check_class_names
@@ -92,96 +92,104 @@ def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torc
 
 def synthesize(config: SynthesisConfig) -> Path:
     """Run (or resume) stage 3 and return the release folder."""
-    dist, device = distributed.setup(config.device)
-    output = Path(config.output)
-    with dist.main_first():  # a URL is downloaded once
-        config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
-                                                                  progress=config.progress)))
-    teacher, checkpoint, block = load_teacher_for_synthesis(config.teacher, config.non_private, device)
-    if config.k > 0 and "dp_statistics" not in checkpoint:
-        raise DPImgSynError(f"--g_steps {config.k} matches statistics, but {config.teacher} holds none; "
-                            "run save_dp_db_stats.py (or --g_steps 0)")
-    private_name = checkpoint["dataset"]
-    view = registry.recorded_view(private_name, checkpoint.get(registry.VIEW_KEY), config.image_size,
-                                  config.channels, f"teacher {config.teacher}")
-    spec = registry.recorded_spec(private_name, checkpoint["num_classes"], view)
-    class_names = check_class_names(checkpoint.get(registry.CLASS_NAMES_KEY), checkpoint["num_classes"],
-                                    f"teacher {config.teacher}", "re-create it")
-    with dist.main_first():
+    with StageRun(config.device) as run:
+        output = Path(config.output)
+        with run.dist.main_first():  # a URL is downloaded once
+            config = replace(config, teacher=str(resolve_checkpoint(config.teacher, config.sha256,
+                                                                      progress=config.progress)))
+        teacher, checkpoint, block = load_teacher_for_synthesis(config.teacher, config.non_private, run.device)
+        if config.k > 0 and "dp_statistics" not in checkpoint:
+            raise DPImgSynError(f"--k {config.k} matches statistics, but {config.teacher} holds none; "
+                                "run save_dp_db_stats.py (or --k 0)")
+        view = registry.recorded_view(checkpoint["dataset"], checkpoint.get(registry.VIEW_KEY), config.image_size,
+                                      config.channels, f"teacher {config.teacher}")
+        spec = registry.recorded_spec(checkpoint["dataset"], checkpoint["num_classes"], view)
+        class_names = check_class_names(checkpoint.get(registry.CLASS_NAMES_KEY), checkpoint["num_classes"],
+                                        f"teacher {config.teacher}", "re-create it")
+        public, indices = _public_images(config, checkpoint["dataset"], spec, view, run)
+        # The list is found by its file name in --sampling_dir (run-only), so its content is what identifies it.
+        settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
+                    "public_set": registry.artifact_name(config.public_set),
+                    "sampling_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
+                    "bf16": use_bf16(config.precision, run.device)}
+        with run.dist.main_first():  # rank 0 records the settings (or refuses the folder) first
+            writer = ReleaseWriter(output, num_samples=config.num_samples,
+                                   shard_size=config.batch_size * config.batches_per_shard,
+                                   image_shape=(spec.channels, spec.image_size, spec.image_size),
+                                   num_classes=checkpoint["num_classes"], settings=settings)
+        run.open_log(output.parent / f"{output.name}.log", "stage 3 (synthesis)", settings)
+        pending = [shard for shard in writer.pending_shards() if run.dist.owns(shard)]
+        bar = tqdm(total=sum(stop - start for start, stop in map(writer.shard_range, pending)), unit="img",
+                   desc=f"synthesis k={config.k}", disable=not (config.progress and run.is_main), dynamic_ncols=True)
+        loss_rows: list[dict] = []  # the last step's loss terms of every batch this process optimized
+        for shard in pending:
+            loss_rows += _write_shard(writer, shard, teacher, public, indices, config, spec, settings["bf16"],
+                                      run.device, bar)
+        bar.close()
+        if loss_rows:  # beside the release's log, never inside the release
+            run.write_metrics(output.parent / f"{output.name}.metrics.csv", loss_rows)
+        run.dist.barrier()  # every rank's shards are on disk
+        if run.is_main:
+            writer.finalize({
+                "privacy": block, "dataset": checkpoint["dataset"], "mean": list(spec.mean), "std": list(spec.std),
+                "public_set": settings["public_set"], "sampling_list": registry.sampling_list_path(
+                    config.public_set, config.num_samples, registry.SAMPLING_SEED).name,
+                "k": config.k, "settings": settings,
+                **({registry.VIEW_KEY: view} if view else {}),
+                **({registry.CLASS_NAMES_KEY: class_names} if class_names else {}),
+                "teacher_file": Path(config.teacher).name, "teacher_sha256": settings["teacher_sha256"],
+                "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
+                "software": {"python": platform.python_version(), "torch": torch.__version__,
+                             "opacus": opacus.__version__, "numpy": np.__version__}})
+            run.finish(f"release written to {output} ({config.num_samples} images, k={config.k}, "
+                       f"epsilon {block['epsilon']:.3f}); preview: {output / 'preview.png'}")
+        return output
+
+
+def _public_images(config: SynthesisConfig, private_name: str, spec: registry.DatasetSpec, view: dict,
+                   run: StageRun) -> tuple[Any, np.ndarray]:
+    """The public set in the private view and the indices of the images to release, refused if any is private."""
+    with run.dist.main_first():
         public = registry.aligned(config.public_set, spec, config.data_root, config.download)
     indices = registry.sampling_list(config.public_set, config.num_samples, registry.SAMPLING_SEED, len(public),
                                      config.sampling_dir)
-    sampling_file = registry.sampling_list_path(config.public_set, config.num_samples, registry.SAMPLING_SEED).name
     if config.dataset is not None or overlap.needs_check(private_name, config.public_set):
         local = registry.local_dataset(private_name, config.dataset, f"teacher {config.teacher}")
         overlap.check_public_items(config.public_set, public, indices, local, config.data_root, view,
                                    f"public set {config.public_set}")
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
+    return public, indices
+
+
+def _write_shard(writer: ReleaseWriter, shard: int, teacher: torch.nn.Module, public: Any, indices: np.ndarray,
+                 config: SynthesisConfig, spec: registry.DatasetSpec, bf16: bool, device: torch.device,
+                 bar: tqdm) -> list[dict]:
+    """Align one shard's public images batch by batch and write it; the last step's loss terms of each batch."""
+    mean, std = torch.tensor(spec.mean).view(-1, 1, 1), torch.tensor(spec.std).view(-1, 1, 1)
     low, high = ((0 - mean) / std).flatten().to(device), ((1 - mean) / std).flatten().to(device)
-    # The list is found by its file name in --sampling_dir (run-only), so its content is what identifies it.
-    settings = {"teacher_sha256": sha256_file(config.teacher), **content_settings(config),
-                "public_set": registry.artifact_name(config.public_set),
-                "sampling_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
-                "bf16": use_bf16(config.precision, device)}
-    shard_size = config.batch_size * config.batches_per_shard
-    with dist.main_first():  # rank 0 records the settings (or refuses the folder) first
-        writer = ReleaseWriter(output, num_samples=config.num_samples, shard_size=shard_size,
-                               image_shape=(spec.channels, spec.image_size, spec.image_size),
-                               num_classes=checkpoint["num_classes"], settings=settings)
-    logger = setup_logging(output.parent / f"{output.name}.log" if dist.is_main else None)
-    logger.info("stage 3 (synthesis) settings: %s", settings)
-    pending = [shard for shard in writer.pending_shards() if dist.owns(shard)]
-    started = time.time()
-    bar = tqdm(total=sum(stop - start for start, stop in map(writer.shard_range, pending)), unit="img",
-               desc=f"synthesis k={config.k}", disable=not (config.progress and dist.is_main), dynamic_ncols=True)
-    loss_rows: list[dict] = []  # the last step's loss terms of every batch this process optimized
-    for shard in pending:
-        start, stop = writer.shard_range(shard)
-        generator = keyed_generator(config.seed, shard)  # any shard is redone alone, identically
-        parts: dict[str, list[torch.Tensor]] = {"images": [], "initial": [], "logits": [], "targets": []}
-        for batch_start in range(start, stop, config.batch_size):
-            batch_stop = min(batch_start + config.batch_size, stop)
-            x0 = stack_items(public, indices[batch_start:batch_stop]).to(device)
-            if config.targets == "teacher":
-                with torch.no_grad():
-                    targets = teacher(x0).argmax(1)
-            else:
-                targets = cyclic_targets(batch_start, batch_stop, checkpoint["num_classes"]).to(device)
-            result = optimize_batch(teacher, x0, targets, config.k, config, low, high, generator,
-                                    grayscale=spec.grayscale, bf16=settings["bf16"])
-            parts["images"].append((result.images * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
-            parts["initial"].append((x0 * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
-            parts["logits"].append(result.logits.float().cpu())
-            parts["targets"].append(targets.cpu())
-            bar.update(batch_stop - batch_start)
-            bar.set_postfix({name: f"{value:.3g}" for name, value in result.losses.items()})
-            loss_rows.append({"shard": shard, "first_image": batch_start, **result.losses})
-        writer.write_shard(shard, images=torch.cat(parts["images"]).numpy(),
-                           soft_labels=torch.cat(parts["logits"]).numpy(),
-                           targets=torch.cat(parts["targets"]).numpy().astype(np.int64),
-                           initial_images=torch.cat(parts["initial"]).numpy())
-    bar.close()
-    if dist.is_main and loss_rows:  # beside the release's log, never inside the release
-        atomic_write_csv(output.parent / f"{output.name}.metrics.csv", loss_rows, private=True)
-    dist.barrier()  # every rank's shards are on disk
-    if not dist.is_main:
-        dist.barrier()  # return once rank 0 has assembled the release
-        return output
-    metadata = {
-        "privacy": block, "dataset": private_name, "mean": list(spec.mean), "std": list(spec.std),
-        "public_set": settings["public_set"], "sampling_list": sampling_file, "k": config.k, "settings": settings,
-        **({registry.VIEW_KEY: view} if view else {}),
-        **({registry.CLASS_NAMES_KEY: class_names} if class_names else {}),
-        "teacher_file": Path(config.teacher).name, "teacher_sha256": settings["teacher_sha256"],
-        "teacher_architecture": checkpoint["architecture"], "num_classes": checkpoint["num_classes"],
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "opacus": opacus.__version__, "numpy": np.__version__},
-    }
-    writer.finalize(metadata)
-    elapsed = time.time() - started
-    print(f"release written to {output} ({config.num_samples} images, k={config.k}, "
-          f"epsilon {block['epsilon']:.3f}); preview: {output / 'preview.png'}")
-    logger.info("synthesis finished in %.1fs", elapsed)
-    dist.barrier()
-    return output
+    start, stop = writer.shard_range(shard)
+    generator = keyed_generator(config.seed, shard)  # any shard is redone alone, identically
+    parts: dict[str, list[torch.Tensor]] = {"images": [], "initial": [], "logits": [], "targets": []}
+    loss_rows = []
+    for batch_start in range(start, stop, config.batch_size):
+        batch_stop = min(batch_start + config.batch_size, stop)
+        x0 = stack_items(public, indices[batch_start:batch_stop]).to(device)
+        if config.targets == "teacher":
+            with torch.no_grad():
+                targets = teacher(x0).argmax(1)
+        else:
+            targets = cyclic_targets(batch_start, batch_stop, writer.num_classes).to(device)
+        result = optimize_batch(teacher, x0, targets, config.k, config, low, high, generator,
+                                grayscale=spec.grayscale, bf16=bf16)
+        parts["images"].append((result.images * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
+        parts["initial"].append((x0 * std.to(device) + mean.to(device)).clamp(0, 1).cpu())
+        parts["logits"].append(result.logits.float().cpu())
+        parts["targets"].append(targets.cpu())
+        bar.update(batch_stop - batch_start)
+        bar.set_postfix({name: f"{value:.3g}" for name, value in result.losses.items()})
+        loss_rows.append({"shard": shard, "first_image": batch_start, **result.losses})
+    writer.write_shard(shard, images=torch.cat(parts["images"]).numpy(),
+                       soft_labels=torch.cat(parts["logits"]).numpy(),
+                       targets=torch.cat(parts["targets"]).numpy().astype(np.int64),
+                       initial_images=torch.cat(parts["initial"]).numpy())
+    return loss_rows
+

@@ -2,24 +2,26 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch.utils.data import Dataset
 
 import privacy
 import registry
-from common import distributed
 from common.batches import decode_all, default_workers
 from common.cli import RunOptions, content_settings, fraction, option, positive_float, positive_int, probability
 from common.errors import DPImgSynError
-from common.files import atomic_torch_save, atomic_write_csv, resumed_history, with_suffix_once
-from common.runtime import rng_state, seed_everything, setup_logging
+from common.files import resumed_history, with_suffix_once
+from common.runtime import rng_state, seed_everything
 from privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
 from privacy.split import split_by_content
+from stages.recipe import RECIPES, with_recipe
+from stages.skeleton import StageRun
 from synthesizer.release import check_class_names
 from training.accuracy import evaluate
 from training.dp_sgd import DPSGDConfig, DPSGDTrainer
@@ -62,6 +64,9 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
                               "record's side is fixed by a hash of its content, both private stages train on the "
                               "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)
     eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
+    recipe: str | None = option(None, "'auto': choose epochs, train_batch_size, lr, max_norm, momentum, stats_epochs "
+                                "and stats_batch_size by rules of N and target_epsilon (stages/recipe.py); those "
+                                "flags are then refused", choices=RECIPES)
     seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it can "
                               "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts",
                               run_only=True)  # whoever knows it can regenerate the noise (see private_seed)
@@ -107,22 +112,83 @@ def _teacher_entry(config: TeacherConfig, sample_rate: float, steps: int) -> dic
         epochs=config.epochs, batch_size=config.train_batch_size, stage="teacher")
 
 
+class PrivateData(NamedTuple):
+    """The private set as stage 1 reads it: its view, spec and class names (public schema), and its splits."""
+
+    view: dict
+    spec: registry.DatasetSpec
+    num_classes: int
+    class_names: list[str] | None
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+
+
 def train_teacher(config: TeacherConfig) -> Path:
     """Run (or resume) stage 1 and return the path of the final `.dppt` (written by rank 0 alone)."""
-    dist, device = distributed.setup(config.device)
-    seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+    with StageRun(config.device) as run:
+        seed = private_seed(config.seed, config.secure_mode)  # None in secure mode, which refuses a seed
+        data = _private_data(config, run)
+        num_examples = len(data.train)
+        config = with_recipe(config, num_examples, run.is_main)  # its numbers become the config's, recorded below
+        config = _calibrated(config, num_examples, run)
+        output = with_suffix_once(config.output or default_output(config), ".dppt")
+        # What makes the teacher what it is (a rerun must match it to resume); a folder: set by its folder name and
+        # the view it is seen in (image_size and channels; nothing for registry sets).
+        settings = {**content_settings(config), "dataset": registry.artifact_name(config.dataset), **data.view}
+        run.open_log(with_suffix_once(output.with_suffix(""), ".log"), "stage 1 (DP-SGD teacher)", settings,
+                     with_suffix_once(output, ".resume"))
+        if completed_dppt(output, "settings", settings):
+            return output
+        plan = statistics_plan(num_examples, config)  # stored in the teacher; without a target, said before training
+        if config.target_epsilon is None:
+            _say_plan(plan, config, run)
+        # One sampling/noise stream for all ranks; in secure mode the seed only initializes the model.
+        init_seed = run.dist.broadcast_int(private_seed(None) if seed is None else seed)
+        seed_everything(init_seed)
+        model = registry.get_model(config.model, data.num_classes, data.spec.channels, data.spec.image_size)
+        # A fixed front end (scatter_cnn's scattering) runs once per example, not once per epoch: the same
+        # per-example gradients, so the same mechanism over the same N records (training_inputs says which).
+        trained, inputs = training_inputs(model, data.train, augmented=config.augmult > 0, device=run.device)
+        trainer = DPSGDTrainer(trained, inputs, config, run.device, None if seed is None else init_seed,
+                               num_workers=default_workers(run.device), dist=run.dist)
+        history = resumed_history(run.resume_file, settings, trainer)
+        if history:
+            run.say(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
+        released = _train(trainer, model, trained, data, history, config, run,
+                          with_suffix_once(output.with_suffix(""), ".metrics.csv"))  # beside the log: local only
+        if not run.is_main:
+            return output
+        block = privacy.privacy_block([_teacher_entry(config, trainer.sample_rate, trainer.steps_done)],
+                                      config.delta, config.accountant)
+        final_acc = history[-1]["test_acc" if config.eval_split == "test" else "val_acc"] if history else float("nan")
+        # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
+        # private data outside the mechanism and stay in the local log. The test-split accuracy may be
+        # shared, labelled; with eval_split validation the test split was not read (NaN).
+        privacy.save_dppt(output, privacy.dppt_payload(
+            "teacher", released.state_dict(), config.model, data.num_classes, settings["dataset"], block,
+            settings=settings, plan=plan, test_acc=final_acc if config.eval_split == "test" else float("nan"),
+            test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: data.view} if data.view else {}),
+            **({registry.CLASS_NAMES_KEY: data.class_names} if data.class_names else {})))
+        run.finish(f"teacher written to {output}: {config.eval_split} accuracy {final_acc:.4f} (final epoch), "
+                   f"epsilon {block['epsilon']:.3f} at delta {config.delta:g} ({config.accountant})")
+        return output
+
+
+def _private_data(config: TeacherConfig, run: StageRun) -> PrivateData:
+    """The private set, checked before anything is written; the training split is what both private stages read."""
     # The view of a folder: set (given, or inferred from its files' format): recorded, so later stages reuse it.
     view, note = registry.folder_view(config.dataset, config.image_size, config.channels)
     spec = registry.dataset_info(config.dataset, **view)
     registry.check_model_input(config.model, spec.image_size)
-    if note and dist.is_main:
-        print(note)
-    with dist.main_first():  # one download (--download), shared by all ranks
+    if note:
+        run.say(note)
+    with run.dist.main_first():  # one download (--download), shared by all ranks
         num_classes, train_set, test_set = registry.get_dataset(config.dataset, config.data_root, config.download,
                                                                 **view)
     if config.dataset.startswith(registry.FOLDER_PREFIX):  # a user's files, unlike the registry's fixed sets:
         for images in (train_set, test_set):  # an unreadable one stops the run here, before anything is written
-            decode_all(images, default_workers(device))
+            decode_all(images, default_workers(run.device))
     if config.eval_split == "validation" and not config.val_split:
         raise DPImgSynError("--eval_split validation needs a validation part: give --val_split (e.g. 0.1)")
     # Public schema like N (a folder: set's class folder names): recorded so that releases and exports name
@@ -131,82 +197,61 @@ def train_teacher(config: TeacherConfig) -> Path:
                                     f"dataset {registry.artifact_name(config.dataset)}",
                                     "rename its class folders in train/")
     train_set, val_set = split_by_content(train_set, config.val_split)
-    num_examples = len(train_set)
+    return PrivateData(view, spec, num_classes, class_names, train_set, val_set, test_set)
+
+
+def _calibrated(config: TeacherConfig, num_examples: int, run: StageRun) -> TeacherConfig:
+    """The config with DP-SGD's sigma calibrated to the target epsilon (when given), once the plan is checked."""
     if config.train_batch_size > num_examples:
         raise DPImgSynError(f"--train_batch_size {config.train_batch_size} exceeds the {num_examples} training "
                             "examples")
-    if config.delta >= 1 / num_examples and dist.is_main:
+    if config.delta >= 1 / num_examples and run.is_main:
         logging.getLogger("dpimgsyn").warning("delta %.3g >= 1/N = %.3g: a weak guarantee", config.delta,
                                               1 / num_examples)
+    if config.target_epsilon is None:
+        return config
+    sigmas = privacy.calibrate_noise_multiplier(config.target_epsilon, config.delta,
+                                                pipeline_plan(num_examples, config), config.accountant,
+                                                ratios=[1.0, config.stats_noise_ratio])
+    config = replace(config, noise_multiplier=sigmas[0])
+    statistics = "" if config.stats_noise_ratio == 1 else f" (DP statistics: {statistics_sigma(config):.4f})"
+    run.say(f"calibrated noise multiplier {config.noise_multiplier:.4f}{statistics} for total epsilon "
+            f"{config.target_epsilon} over DP-SGD + DP statistics")
+    return config
 
-    if config.target_epsilon is not None:
-        sigmas = privacy.calibrate_noise_multiplier(config.target_epsilon, config.delta,
-                                                    pipeline_plan(num_examples, config), config.accountant,
-                                                    ratios=[1.0, config.stats_noise_ratio])
-        config = replace(config, noise_multiplier=sigmas[0])
-        if dist.is_main:
-            statistics = "" if config.stats_noise_ratio == 1 else f" (DP statistics: {statistics_sigma(config):.4f})"
-            print(f"calibrated noise multiplier {config.noise_multiplier:.4f}{statistics} for total epsilon "
-                  f"{config.target_epsilon} over DP-SGD + DP statistics")
 
-    output = with_suffix_once(config.output or default_output(config), ".dppt")
-    # What makes the teacher what it is (a rerun must match it to resume); a folder: set by its folder name and the
-    # view it is seen in (image_size and channels; nothing for registry sets).
-    settings = {**content_settings(config), "dataset": registry.artifact_name(config.dataset), **view}
-    logger = setup_logging(with_suffix_once(output.with_suffix(""), ".log") if dist.is_main else None)
-    logger.info("stage 1 (DP-SGD teacher) settings: %s", settings)
-    if completed_dppt(output, "settings", settings):
-        return output
-    plan = statistics_plan(num_examples, config)  # stored in the teacher; without a target, said before training
-    if config.target_epsilon is None and dist.is_main:
-        line = (f"noise multiplier {config.noise_multiplier:g} (no --target_epsilon): planned total epsilon "
-                f"{plan['total_epsilon']:.3g} over DP-SGD + DP statistics at delta {config.delta:g}")
-        print(line, flush=True)
-        logger.info(line)
-        if plan["total_epsilon"] > LARGE_EPSILON:
-            logger.warning("planned total epsilon %.3g exceeds %g, the paper's largest budget short of ImageNette: "
+def _say_plan(plan: dict, config: TeacherConfig, run: StageRun) -> None:
+    """Without a target epsilon, the total that the given sigma spends, said before training (warned when large)."""
+    run.say(f"noise multiplier {config.noise_multiplier:g} (no --target_epsilon): planned total epsilon "
+            f"{plan['total_epsilon']:.3g} over DP-SGD + DP statistics at delta {config.delta:g}")
+    if plan["total_epsilon"] > LARGE_EPSILON and run.is_main:
+        run.logger.warning("planned total epsilon %.3g exceeds %g, the paper's largest budget short of ImageNette: "
                            "a weak guarantee; give --target_epsilon to calibrate the noise to a budget",
                            plan["total_epsilon"], LARGE_EPSILON)
 
-    # One sampling/noise stream for all ranks; in secure mode the seed only initializes the model.
-    init_seed = dist.broadcast_int(private_seed(None) if seed is None else seed)
-    seed_everything(init_seed)
-    seed = None if seed is None else init_seed
-    model = registry.get_model(config.model, num_classes, spec.channels, spec.image_size)
-    workers = default_workers(device)
-    # A fixed front end (scatter_cnn's scattering) runs once per example, not once per epoch:
-    # the same per-example gradients, so the same mechanism over the same N records.
-    trained, data = training_inputs(model, train_set, augmented=config.augmult > 0, device=device)
-    if trained is not model and dist.is_main:
-        print("DP-SGD trains the head on the fixed front end's outputs, computed once per example")
-    trainer = DPSGDTrainer(trained, data, config, device, seed, num_workers=workers, dist=dist)
-    resume_path = with_suffix_once(output, ".resume")
-    metrics_path = with_suffix_once(output.with_suffix(""), ".metrics.csv")  # beside the log: local only
-    history = resumed_history(resume_path, settings, trainer)
-    if history and dist.is_main:
-        print(f"resuming {output} after epoch {trainer.epoch} ({trainer.steps_done} steps already counted)")
 
-    started = time.time()
-
+def _train(trainer: DPSGDTrainer, model: torch.nn.Module, trained: torch.nn.Module, data: PrivateData,
+           history: list[dict], config: TeacherConfig, run: StageRun, metrics_path: Path) -> torch.nn.Module:
+    """DP-SGD's remaining epochs, each scored by rank 0 (non-private diagnostics: local log and metrics only) and
+    saved for resumption; returns what DP-SGD outputs (the averaged weights with ema_decay), as the whole network."""
     def released() -> torch.nn.Module:
-        """What DP-SGD outputs (the averaged weights with ema_decay), as the whole network."""
         return trainer.released_model if trained is model else whole_model(model, trainer.released_model)
 
-    scored = {"test_acc": test_set} if config.eval_split == "test" else {}
-    if val_set is not None:
-        scored["val_acc"] = val_set
+    scored = {"test_acc": data.test} if config.eval_split == "test" else {}
+    if data.val is not None:
+        scored["val_acc"] = data.val
     # The front end's outputs for the scored sets, computed once (None: the network scores the images).
-    features = {key: scoring_features(model, trained, dataset, device)
-                for key, dataset in scored.items() if dist.is_main}
+    features = {key: scoring_features(model, trained, dataset, run.device)
+                for key, dataset in scored.items() if run.is_main}
 
     def score(key: str) -> float:
         if features.get(key) is not None:
-            return evaluate(trainer.released_model, features[key], device)
-        return evaluate(released(), scored[key], device, num_workers=workers)
+            return evaluate(trainer.released_model, features[key], run.device)
+        return evaluate(released(), scored[key], run.device, num_workers=default_workers(run.device))
 
     while trainer.epoch < config.epochs:
         stats = trainer.train_epoch(progress=config.progress)
-        if not dist.is_main:
+        if not run.is_main:
             continue  # the other ranks wait for rank 0 at the next step's all-reduce
         stats.update({key: score(key) for key in scored})
         stats["epsilon"] = privacy.compute_epsilon(
@@ -215,37 +260,8 @@ def train_teacher(config: TeacherConfig) -> Path:
         history.append(stats)
         scores = "".join(f"  {name} acc {stats[key]:.4f}" for key, name in (("val_acc", "val"), ("test_acc", "test"))
                          if key in stats)
-        line = (f"epoch {trainer.epoch}/{config.epochs}  loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}"
-                f"{scores}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
-        print(line, flush=True)
-        logger.info(line)
-        atomic_write_csv(metrics_path, [{**row, "scope": NON_PRIVATE_NOTE} for row in history], METRICS_COLUMNS,
-                         private=True)
-        atomic_torch_save({"settings": settings, "trainer": trainer.state_dict(), "rng": rng_state(),
-                           "history": history}, resume_path, private=True)  # its generators regenerate the noise
-
-    if not dist.is_main:
-        dist.barrier()  # return once rank 0 has written the teacher
-        return output
-    ledger = [_teacher_entry(config, trainer.sample_rate, trainer.steps_done)]
-    block = privacy.privacy_block(ledger, config.delta, config.accountant)
-    score_key = "test_acc" if config.eval_split == "test" else "val_acc"
-    final_acc = history[-1][score_key] if history else float("nan")
-    # Only DP outputs and public facts: the per-epoch losses and train/validation accuracies read the
-    # private data outside the mechanism and stay in the local log. The test-split accuracy may be
-    # shared, labelled; with eval_split validation the test split was not read (NaN).
-    test_acc = final_acc if config.eval_split == "test" else float("nan")
-    payload = privacy.dppt_payload("teacher", released().state_dict(), config.model, num_classes,
-                                   settings["dataset"], block, settings=settings,
-                                   plan=plan, test_acc=test_acc,
-                                   test_acc_note=TEST_ACC_NOTE, **({registry.VIEW_KEY: view} if view else {}),
-                                   **({registry.CLASS_NAMES_KEY: class_names} if class_names else {}))
-    privacy.save_dppt(output, payload)
-    resume_path.unlink(missing_ok=True)
-    logger.info("DP-SGD took %.1fs", time.time() - started)
-    summary = (f"teacher written to {output}: {config.eval_split} accuracy {final_acc:.4f} (final epoch), "
-               f"epsilon {block['epsilon']:.3f} at delta {config.delta:g} ({config.accountant})")
-    print(summary)
-    logger.info(summary)
-    dist.barrier()
-    return output
+        run.say(f"epoch {trainer.epoch}/{config.epochs}  loss {stats['loss']:.4f}  train acc "
+                f"{stats['train_acc']:.4f}{scores}  epsilon {stats['epsilon']:.3f}  {NON_PRIVATE_NOTE}")
+        run.write_metrics(metrics_path, history, METRICS_COLUMNS, scope=NON_PRIVATE_NOTE)
+        run.save_state(trainer=trainer.state_dict(), rng=rng_state(), history=history)
+    return released()

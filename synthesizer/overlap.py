@@ -42,14 +42,13 @@ import torch.nn.functional as F
 import registry
 from common.batches import stack_items
 from common.errors import DPImgSynError
-from common.files import atomic_path
+from common.files import CACHE_ENV, atomic_path, cache_root  # noqa: F401  (CACHE_ENV: where tests point it)
 from sources.files import list_images
 
 THUMBNAIL = 16
 NEAR_TOLERANCE = 0.015  # mean absolute thumbnail difference, in pixel units of [0, 1]
 CELL = 4 * NEAR_TOLERANCE  # quadrant means of near duplicates differ by at most this
 BATCH = 512  # images converted at once
-CACHE_ENV = "DPIMGSYN_CACHE"
 CHECK_BLOCK = 4096  # checked images whose candidate pairs are compared at once: memory stays bounded
 
 
@@ -171,8 +170,7 @@ def dataset_keys(dataset, spec: registry.DatasetSpec, indices: np.ndarray | None
 def cache_dir() -> Path:
     """Where the keys of private folder sets are kept between runs: ``$DPIMGSYN_CACHE``, else
     ``$XDG_CACHE_HOME/dpimgsyn``, else ``~/.cache/dpimgsyn``; then ``overlap/`` (0700, files 0600)."""
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpimgsyn"
-    return Path(root).expanduser() / "overlap"
+    return cache_root() / "overlap"
 
 
 def _signature(name: str) -> str:

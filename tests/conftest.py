@@ -12,7 +12,7 @@ TINY_CONFIG = {
     "output": "unused", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": 10.0,
     "delta": 1e-5, "device": "cpu", "exports": ["npz"],
     "teacher": {"epochs": 2, "train_batch_size": 256, "lr": 1.0, "max_norm": 1.0, "seed": 0},
-    "statistics": {"epochs": 1, "train_batch_size": 256, "max_norm": 1.0, "public_set": "photos",
+    "statistics": {"epochs": 1, "train_batch_size": 256, "public_set": "photos",
                    "clip_quantile": 0.5, "seed": 0},
     "synthesis": {"public_set": "photos", "num_samples": [500, 400], "g_steps": [0, 3], "batch_size": 100,
                   "batches_per_shard": 2, "lr_g": 0.1},

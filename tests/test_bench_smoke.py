@@ -45,7 +45,21 @@ def test_bench_dp_sgd_smoke() -> None:
         assert re.search(rf"^# mode {mode}: correct ", output, re.MULTILINE), output
         figure(output, f"dp_sgd_mode_{mode}", "measured")
     figure(output, "dp_sgd_step", "<= 1.5")
+    assert re.search(r"^# mode padded: correct ", output, re.MULTILINE), output
+    figure(output, "dp_sgd_padded", "measured")  # the default mode with pad_batches over the unpadded one
     assert re.search(r"^dp_sgd_modes: fastest correct (fused|hooks|ghost), default fused", output, re.MULTILINE), output
+
+
+def test_profile_steps_smoke() -> None:
+    output = run_benchmark("profile_steps.py", *TINY, "--image_size", "16", "--batch_size", "8", "--steps", "2",
+                           "--synthesis_batch_size", "4", "--pad_batches")
+    for title in ("DP-SGD logical step (fused)", "DP-SGD logical step (fused, padded batches)", "DP statistics step",
+                  "Synthesis step"):
+        assert re.search(rf"^### {re.escape(title)} .*ratio \d+\.\d\d$", output, re.MULTILINE), output
+    for phase in ("padding", "forward", "backward", "per-example norms", "clipping sums", "noise", "optimizer",
+                  "loss terms", "other"):
+        assert re.search(rf"^\| {phase} \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", output, re.MULTILINE), output
+    assert re.search(r"^padded / unpadded DP-SGD step: \d+\.\d\d$", output, re.MULTILINE), output
 
 
 def test_bench_dp_stats_smoke() -> None:
@@ -99,6 +113,18 @@ def test_bench_overlap_smoke() -> None:
         assert re.search(rf"^{figure}: ratio \d+\.\d\d", output, re.MULTILINE), output
 
 
+def test_bench_scatter_smoke() -> None:
+    output = run_benchmark("bench_scatter.py", *TINY, "--image_size", "28", "--batch_size", "2", "--dp_batch_size",
+                           "8", "--dp_steps", "1", "--synthesis_batch_size", "4", "--synthesis_steps", "1",
+                           "--student_images", "16", "--student_batch_size", "8")
+    assert re.search(r"^# ours vs kymatio: largest difference \d\.\de-\d\d", output, re.MULTILINE), output
+    figure(output, "scatter_forward_backward_speedup_vs_kymatio", ">= 3")
+    figure(output, "scatter_forward_backward_vs_fft_flop_rate", "<= 2")
+    for name in ("scatter_forward_speedup_vs_kymatio", "scatter_forward_vs_matmul_flop_rate",
+                 "scatter_head_dp_sgd_step", "scatter_synthesis_step", "scatter_student_epoch_cached"):
+        figure(output, name, "measured")
+
+
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:
     scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
     code = ("import sys, runpy\n"
@@ -136,3 +162,13 @@ def test_run_all_collects_figures_into_a_table() -> None:
         ("release_load", 55.10, ">= 20", "-", "yes"),
     ]
     assert run_all.table(figures).splitlines()[2] == "| synthesis_step | 1.42 | <= 1.3 | 1.20-1.54 | no |"
+
+
+def test_bench_frontend_cache_smoke() -> None:
+    output = run_benchmark("bench_frontend_cache.py", *TINY, "--model", "small_cnn", "--num_images", "24",
+                           "--batch_size", "8", "--student_images", "16")
+    assert "# folder set: 24 colour 32 x 32 PNG files" in output, output
+    figure(output, "frontend_cache_dp_sgd_epoch", "<= 0.25")
+    figure(output, "frontend_cache_dp_sgd_first_epoch", "<= 1.2")
+    figure(output, "frontend_cache_student_warm", "<= 0.5")
+    figure(output, "frontend_cache_fixed_layers", "<= 0.9")

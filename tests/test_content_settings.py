@@ -26,7 +26,7 @@ RUN_ONLY = {
     SynthesisConfig: RUN_OPTIONS | VIEW | {"teacher", "sha256", "dataset", "sampling_dir", "precision"},
     StudentConfig: RUN_OPTIONS | VIEW | {"release", "precision"},
 }
-REQUIRED = {StatisticsConfig: {"teacher": "t.dppt", "output": "s.dppt"},
+REQUIRED = {StatisticsConfig: {"teacher": "t.dppt", "output": "s.dppt", "public_set": "photos"},  # clip_quantile's
             SynthesisConfig: {"teacher": "s.dppt", "public_set": "photos", "output": "release"},
             StudentConfig: {"release": ("release",), "output": "student"}}
 

@@ -42,7 +42,7 @@ CONFIG = {
     "output": "unused", "dataset": "mnist5k", "model": "small_cnn", "noise_multiplier": 1.0, "delta": 1e-5,
     "device": "cpu",
     "teacher": {"epochs": 1, "train_batch_size": 500, "lr": 1.0, "max_norm": 1.0, "seed": 21},
-    "statistics": {"epochs": 1, "train_batch_size": 500, "max_norm": 1.0, "public_set": "photos",
+    "statistics": {"epochs": 1, "train_batch_size": 500, "public_set": "photos",
                    "clip_quantile": 0.5, "seed": 22},
     "synthesis": {"public_set": "photos", "num_samples": 60, "g_steps": [2], "batch_size": 30,
                   "batches_per_shard": 1, "seed": 23},

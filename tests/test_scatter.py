@@ -67,7 +67,7 @@ def test_the_front_end_is_kymatios_transform_and_stays_out_of_the_state_dict():
     images = torch.randn(2, 3, 32, 32)
     reference = ScatteringTorch2D(J=2, shape=(32, 32), L=8)(images).flatten(1, 2)
     with torch.no_grad():
-        assert torch.equal(model.frontend(images), reference)
+        assert (model.frontend(images) - reference).abs().max() <= 1e-5 * reference.abs().max()
         model.frontend(torch.randn(1, 3, 48, 48))
         model.frontend(images.double())
     keys = list(model.state_dict())
@@ -172,7 +172,7 @@ def test_the_head_on_cached_features_gets_each_examples_own_gradient():
     model = model64(seed=4)
     images, labels = images_and_labels(4)
     head, features = cache_front_end(model, TensorDataset(images, labels))
-    assert head is model.head
+    assert list(head._modules) == list(model.head._modules)[1:] and head.conv1 is model.head.conv1  # after the norm
     assert features.tensors[0].shape == (4, 243, 8, 8) and torch.equal(features.tensors[1], labels)
     on_images = per_example_gradients(model, images, labels)
     on_features = per_example_gradients(head, *features.tensors)
@@ -232,7 +232,7 @@ def test_the_head_scores_cached_features_as_the_model_scores_the_images():
     model = model64(seed=9)
     images, labels = images_and_labels(6, seed=10)
     head, features = training_inputs(model, TensorDataset(images, labels))
-    assert head is model.head and features.tensors[0].shape == (6, 243, 8, 8)
+    assert head.conv1 is model.head.conv1 and features.tensors[0].shape == (6, 243, 8, 8)
     test_images, test_labels = images_and_labels(5, seed=11)
     test_set = PerItemView(test_images, test_labels)  # any dataset, not only in-memory ones
     scored = scoring_features(model, head, test_set, "cpu", batch_size=2)
@@ -293,8 +293,8 @@ def test_the_cache_is_refused_where_it_would_change_what_dp_sgd_computes():
     with pytest.raises(DPImgSynError, match="augmented view"):
         cache_front_end(scatter, data, augmented=True)
     assert "no fixed front end" in cache_refusal(registry.get_model("small_cnn", 2), data)
-    assert "not held in memory" in cache_refusal(scatter, PerItem())
-    assert "GiB" in cache_refusal(scatter, data, max_bytes=1000)
+    with pytest.raises(DPImgSynError, match="randomness in the front end or in reading the dataset"):
+        cache_front_end(scatter, PerItem())  # each read draws anew
     pooled = nn.AdaptiveAvgPool2d(2)
     assert cache_refusal(with_front_end(nn.Sequential(pooled, nn.Conv2d(3, 3, 1))), data).startswith(
         "the front end has trainable parameters")

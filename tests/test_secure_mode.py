@@ -231,12 +231,12 @@ def test_secure_resume_states_hold_no_generator_and_resume():
 
 # --------------------------------------------------------------------------- torchrun: rank 0 draws for all
 def test_distributed_secure_optimizers_keep_the_rank_0_noise_gate():
-    assert privacy.optimizers.SecureDistributedDPOptimizer.add_noise is DistributedDPOptimizer.add_noise
-    assert (privacy.optimizers.SecureDistributedDPOptimizerFastGradientClipping.add_noise
+    assert privacy.optimizers.OneDrawDistributedDPOptimizer.add_noise is DistributedDPOptimizer.add_noise
+    assert (privacy.optimizers.OneDrawDistributedDPOptimizerFastGradientClipping.add_noise
             is DistributedDPOptimizerFastGradientClipping.add_noise)
-    for secure in (privacy.optimizers.SecureDistributedDPOptimizer,
-                   privacy.optimizers.SecureDistributedDPOptimizerFastGradientClipping):
-        assert privacy.optimizers._OSNoise in secure.__mro__  # behind the gate, the OS noise
+    for secure in (privacy.optimizers.OneDrawDistributedDPOptimizer,
+                   privacy.optimizers.OneDrawDistributedDPOptimizerFastGradientClipping):
+        assert privacy.optimizers._OneDrawNoise in secure.__mro__  # behind the gate, the OS noise
 
 
 NPROC = 2

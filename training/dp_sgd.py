@@ -2,10 +2,11 @@
 
 Per-example clipping is our one-backward engine (:mod:`privacy.clipping`, mode ``fused``, the
 default) or Opacus's per-sample gradients clipped by its ``DPOptimizer`` (modes ``hooks``,
-``functorch``, ``ew``); Opacus's optimizer adds the noise in every mode. Sampling is our own
-Poisson sampler at rate B/N so that the ledger records exactly the mechanism that ran. Large
-Poisson batches are split into physical chunks whose clipped gradients are accumulated before
-the single noisy step, as Opacus's BatchMemoryManager does.
+``functorch``, ``ew``); Opacus's optimizer adds the noise in every mode, all parameters' in one
+draw (:mod:`privacy.optimizers`). Sampling is our own Poisson sampler at rate B/N so that the
+ledger records exactly the mechanism that ran. Large Poisson batches are split into physical
+chunks whose clipped gradients are accumulated before the single noisy step, as Opacus's
+BatchMemoryManager does.
 
 Under torchrun every rank draws the same Poisson batch (shared seed) and takes its share;
 Opacus's DPDDP keeps the replicas in sync and its DistributedDPOptimizer sums the ranks'
@@ -17,6 +18,11 @@ averaged over its views, so sampling, sensitivity C, noise and divisor are those
 step; the K views of an example stay in one physical chunk and on one rank. An exponential moving
 average of the weights (``ema_decay``) is post-processing of the noisy iterates: it is what
 :attr:`DPSGDTrainer.released_model` returns, and what the teacher stage saves and measures.
+
+Shape-stable steps (``pad_batches``, off by default, for GPUs): each physical chunk of a Poisson
+batch is padded to one of a few fixed sizes (:func:`privacy.sampling.bucket_sizes`) with zero
+images whose loss is ignored, so every gradient through them is exactly zero; the records drawn,
+the clipped sum, the one noise draw and the divisor (the expected batch) are those of the unpadded step.
 
 Randomness: by default the Poisson batches come from a generator seeded with ``seed`` and the noise
 from one seeded with ``seed + 1``, so a run (and its resume) is reproducible and the seed must stay
@@ -50,12 +56,14 @@ from common.runtime import keyed_seed
 from privacy.clipping import PerExampleClipper, refuse_batch_statistics
 from privacy.noise import OS_RANDOM, RandomSource
 from privacy.optimizers import dp_optimizer_class
-from privacy.sampling import global_poisson_batch, private_seed, steps_per_epoch
+from privacy.sampling import bucket_sizes, global_poisson_batch, physical_chunks, private_seed, steps_per_epoch
 from training.augment import AUGMENT_FLIP, random_crop_flip
 
 FUSED = "fused"
 GRAD_SAMPLE_MODES = (FUSED, "hooks", "functorch", "ew")
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates: each one waits for the device
+# The label of a padding row: the loss ignores it (its gradient is exactly zero) and no prediction matches it.
+PAD_LABEL = -100
 
 # The first layer's input never requires grad; Opacus's hooks are still correct, so the
 # warning torch emits for it is noise on every run.
@@ -88,6 +96,9 @@ class DPSGDConfig:
                                 "digits or text)")
     ema_decay: float = option(0.0, "exponential moving average of the weights after each step (e.g. 0.999), "
                               "saved instead of the last iterate; 0: off (the paper)", parse=fraction)
+    pad_batches: bool = option(False, "pad each physical chunk of a Poisson batch with zero images of weight zero to "
+                               "one of a few fixed sizes (multiples of 8) so that a GPU sees static shapes; the "
+                               "padding adds exactly zero, and sampling, noise and divisor are unchanged")
 
 
 class DPSGDTrainer:
@@ -116,6 +127,10 @@ class DPSGDTrainer:
         self.num_examples = len(train_set)
         self.sample_rate = config.train_batch_size / self.num_examples
         self.steps_per_epoch = steps_per_epoch(self.num_examples, config.train_batch_size)
+        # Whole examples per physical chunk, and with padding the few sizes a chunk is padded to (per rank).
+        self.chunk = max(1, config.max_physical_batch_size // self.views)
+        self.buckets = (bucket_sizes(config.train_batch_size / dist.world_size, self.chunk)
+                        if config.pad_batches else None)
         replicated = DPDDP(self.model) if dist.enabled else self.model  # DPDDP copies rank 0's weights
         # Per-sample gradients of a summed loss are the gradients of each example's own loss: no
         # rescaling of every layer's backprops, as a mean loss would need. The optimizer still
@@ -129,7 +144,7 @@ class DPSGDTrainer:
             refuse_batch_statistics(self.model.named_modules())  # Opacus's validator lets affine-free ones pass
             self.wrapped = prepare_module(replicated, config.grad_sample_mode, batch_first=True,
                                           loss_reduction="sum")
-        optimizer_class = dp_optimizer_class(self.clipper is not None, dist.enabled, config.secure_mode)
+        optimizer_class = dp_optimizer_class(self.clipper is not None, dist.enabled)
         base = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
         self.noise_generator = None  # secure mode: the optimizer reads the OS instead
@@ -207,25 +222,27 @@ class DPSGDTrainer:
         """Clip and accumulate every physical chunk, then one noisy step; returns (loss sum, correct).
 
         An example's loss is the mean over its views, so its gradient is their mean. The log-only
-        sums stay on the device, so that no chunk waits for a device-to-host copy.
+        sums stay on the device, so that no chunk waits for a device-to-host copy. Padding rows
+        (``pad_batches``) are zero images labelled :data:`PAD_LABEL`: their loss term and hence
+        every gradient through them is exactly zero, so they add nothing to the clipped sum, the
+        loss or the accuracy.
         """
-        chunk = max(1, self.config.max_physical_batch_size // self.views)  # whole examples
         key = keyed_seed(self.augment_seed, self.steps_done)
         sums = torch.zeros(2, device=self.device)
-        starts = list(range(0, len(labels), chunk))
-        for position, start in enumerate(starts):
-            x, y = self._views_of(images[start:start + chunk].to(self.device, non_blocking=True),
-                                  labels[start:start + chunk].to(self.device, non_blocking=True),
-                                  records[start:start + chunk], key)
+        chunks = physical_chunks(len(labels), self.chunk, self.buckets)
+        for position, (start, stop, size) in enumerate(chunks):
+            x, y = self._views_of(images[start:stop].to(self.device, non_blocking=True),
+                                  labels[start:stop].to(self.device, non_blocking=True), records[start:stop], key)
+            x, y = _padded(x, y, size * self.views)
             with self.clipper.recording(self.views) if self.clipper else nullcontext():
                 logits = self.wrapped(x)
-            loss = F.cross_entropy(logits, y, reduction="sum") / self.views
+            loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=PAD_LABEL) / self.views
             if self.clipper is None:
                 loss.backward()  # Opacus's hooks store per-sample gradients; its optimizer clips them
                 self._group_grad_samples()
             else:
                 self.clipper.clipped_backward(loss)  # leaves the clipped sum in param.grad
-            if position < len(starts) - 1:
+            if position < len(chunks) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -304,3 +321,12 @@ class DPSGDTrainer:
             self.noise_generator.set_state(state["noise_generator"])
         self.epoch = int(state["epoch"])
         self.steps_done = int(state["steps_done"])
+
+
+def _padded(images: torch.Tensor, labels: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` and ``labels`` followed by zero images labelled :data:`PAD_LABEL` up to ``rows`` rows."""
+    missing = rows - len(labels)
+    if missing <= 0:
+        return images, labels
+    return (torch.cat([images, images.new_zeros(missing, *images.shape[1:])]),
+            torch.cat([labels, labels.new_full((missing,), PAD_LABEL)]))

@@ -1,0 +1,211 @@
+"""kymatio's 2-D scattering transform, computed with fewer and larger operations.
+
+kymatio's torch backend walks the scattering tree path by path: for J = 2 and L = 8 that is 81
+paths of about ten small operations each, full complex FFTs of real signals, inverse FFTs at full
+resolution that are then subsampled, and copies in every complex product. This module computes the
+same coefficients from kymatio's own Morlet filters (``kymatio.scattering2d.filter_bank``) and its
+own reflection padding, one scale at a time, every orientation of a scale in one batched operation:
+
+- a wavelet step multiplies the spectrum by all L filters of a scale at once and subsamples in the
+  Fourier domain by periodization (kymatio's ``subsample_fourier``: the sum of the k x k blocks of
+  the spectrum, divided by k^2), folded into the product: k^2 block products, never the full one;
+- the modulus is one autograd function (the root of the summed squares) whose gradient is zero where
+  the modulus is zero (kymatio's ``ModulusStable``);
+- the final low-pass step (filter phi, subsampling by 2^(J - j), kymatio's unpadding) is a fixed
+  real linear map of each real map: phi is a Gaussian, separable, so the step is two small real
+  matrix products, ``rows @ U @ cols^T``, instead of an FFT, a product, a periodization and an
+  inverse FFT per path.
+
+Coefficients are those of ``ScatteringTorch2D(J, shape, L)`` in kymatio's channel order (order 0,
+order 1 by scale then angle, order 2 by first path then second path) to float32 rounding. The
+filters depend on the image shape only and are built once per (shape, device, dtype) by the caller.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from kymatio.scattering2d.backend.torch_backend import Pad
+from kymatio.scattering2d.filter_bank import filter_bank
+from kymatio.scattering2d.utils import compute_padding
+
+from common.errors import DPImgSynError
+
+# Image-channels transformed together on a CPU: their largest intermediates (64 second-order
+# maps each) then stay within the caches. On a GPU the whole batch goes at once.
+CPU_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class MorletBank:
+    """Everything the transform of one (shape, device, dtype) needs, built from kymatio's filter bank.
+
+    ``wavelets[j][res]``: the L wavelets of scale j as applied to a map at resolution ``res``
+    (subsampled by 2^res), cut into the (2^(j-res))^2 blocks that the periodization adds up and
+    already divided by their count; ``low_pass[res]``: (rows, cols) of the low-pass step of a map
+    at resolution ``res``.
+    """
+
+    scales: int
+    pad: Pad
+    wavelets: tuple[tuple[tuple[torch.Tensor, ...], ...], ...]
+    low_pass: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def _low_pass_matrix(profile: np.ndarray, step: int) -> np.ndarray:
+    """The real map: convolve with the 1-D filter whose DFT is ``profile``, keep every ``step``-th
+    sample and drop the first and the last kept one (kymatio's unpadding). Float64."""
+    size = len(profile)
+    frequencies = np.arange(size)
+    dft = np.exp(-2j * np.pi * np.outer(frequencies, frequencies) / size)
+    convolution = (dft.conj() @ (profile[:, None] * dft)).real / size
+    return convolution[step::step][:-1]
+
+
+def _separable(filter_2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two 1-D factors of a separable filter (phi is a Gaussian): its best rank-one approximation."""
+    left, singular, right = np.linalg.svd(filter_2d.astype(np.float64))
+    scale = np.sqrt(singular[0])
+    return left[:, 0] * scale, right[0] * scale
+
+
+@functools.lru_cache(maxsize=16)
+def _filter_bank(padded: tuple[int, int], scales: int, angles: int) -> dict:
+    """kymatio's filters in the Fourier domain (NumPy), built once per process: a second each at 64 pixels."""
+    return filter_bank(*padded, scales, angles)
+
+
+def build_bank(shape: tuple[int, int], scales: int, angles: int, device: torch.device,
+               dtype: torch.dtype) -> MorletBank:
+    """The filters of ``ScatteringTorch2D(J=scales, shape=shape, L=angles)`` for inputs of ``dtype``."""
+    height, width = shape
+    if 2**scales > min(height, width):
+        raise DPImgSynError(f"a scattering with J = {scales} needs images of at least {2**scales} pixels a side, "
+                            f"not {height} x {width}; resize the images")
+    padded = compute_padding(height, width, scales)
+    pad = Pad([(padded[0] - height) // 2, (padded[0] - height + 1) // 2,
+               (padded[1] - width) // 2, (padded[1] - width + 1) // 2], [height, width])
+    bank = _filter_bank(padded, scales, angles)
+    complex_dtype = torch.promote_types(dtype, torch.complex64)
+
+    def tensor(array: np.ndarray, kind: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), device=device).to(kind)
+
+    wavelets = []
+    for scale in range(scales):
+        per_resolution = []
+        for resolution, _ in enumerate(bank["psi"][scale * angles]["levels"]):
+            stacked = np.stack([psi["levels"][resolution] for psi in bank["psi"][scale * angles:(scale + 1) * angles]])
+            count = 4 ** (scale - resolution)  # the periodization adds up (2^(scale - resolution))^2 blocks
+            per_resolution.append(tuple(tensor(block / count, complex_dtype) for block in _split(stacked, count)))
+        wavelets.append(tuple(per_resolution))
+    low_pass = []
+    for resolution, level in enumerate(bank["phi"]["levels"]):
+        profiles = _separable(level)
+        step = 2 ** (scales - resolution)
+        low_pass.append(tuple(tensor(_low_pass_matrix(profile, step), dtype) for profile in profiles))
+    return MorletBank(scales, pad, tuple(wavelets), tuple(low_pass))
+
+
+class _Modulus(torch.autograd.Function):
+    """|z| of a complex tensor, with gradient zero where |z| = 0 (kymatio's ``ModulusStable``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        parts = torch.view_as_real(z)
+        return torch.addcmul(parts[..., 0].square(), parts[..., 1], parts[..., 1]).sqrt_()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        z, modulus = ctx.saved_tensors
+        return z * (grad / modulus).masked_fill_(modulus == 0, 0)
+
+
+class _PeriodizedProduct(torch.autograd.Function):
+    """``periodize(spectrum[..., None, :, :] * filters, k)`` from the filters' k x k blocks (already divided
+    by k^2): (..., H, W) -> (..., L, H/k, W/k), accumulated in place, never the full product.
+
+    The backward pass writes each block of the spectrum's gradient once (autograd's own would zero-fill
+    and add up k^2 full-size gradients). The filters are constants, real in the Fourier domain (kymatio
+    drops their imaginary part), so they need no conjugate.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(spectrum: torch.Tensor, *blocks: torch.Tensor) -> torch.Tensor:
+        spectrum = spectrum.unsqueeze(-3)
+        total = None
+        for part, block in zip(_split(spectrum, len(blocks)), blocks):
+            total = part * block if total is None else total.addcmul_(part, block)
+        return total
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.blocks = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        factor = math.isqrt(len(ctx.blocks))
+        parts = [(grad * block).sum(-3) for block in ctx.blocks]
+        rows = [torch.cat(parts[i * factor:(i + 1) * factor], -1) for i in range(factor)]
+        return (torch.cat(rows, -2), *[None] * len(ctx.blocks))
+
+
+def _split(spectra, count: int) -> list:
+    """The k x k blocks (k^2 = count) of the last two dimensions of a tensor or array, row-major, as views."""
+    factor = math.isqrt(count)
+    rows, cols = spectra.shape[-2] // factor, spectra.shape[-1] // factor
+    return [spectra[..., i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            for i in range(factor) for j in range(factor)]
+
+
+def _wavelet_modulus(spectrum: torch.Tensor, blocks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """|ifft2(periodize(spectrum * psi))| for the L wavelets in ``blocks``: (..., H, W) -> (..., L, H/k, W/k)."""
+    return _Modulus.apply(torch.fft.ifft2(_PeriodizedProduct.apply(spectrum, *blocks)))
+
+
+def _low_pass(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows @ maps @ cols^T`` as two plain matrix products, returned transposed: (..., w, h).
+
+    Both products multiply a contiguous batch of matrices on the right (one large matrix product each,
+    forward and backward); a broadcast product on the left would run matrix by matrix.
+    """
+    return (maps @ cols.mT).mT.contiguous() @ rows.mT
+
+
+def _scatter(images: torch.Tensor, bank: MorletBank) -> torch.Tensor:
+    """(n, H, W) -> (n, paths, H', W'); see the module's docstring."""
+    padded = bank.pad(images)[..., 0]
+    spectrum = torch.fft.fft2(padded)
+    outputs = [_low_pass(padded, *bank.low_pass[0]).unsqueeze(1)]
+    first = [_wavelet_modulus(spectrum, bank.wavelets[scale][0]) for scale in range(bank.scales)]
+    outputs += [_low_pass(maps, *bank.low_pass[scale]) for scale, maps in enumerate(first)]
+    for scale, maps in enumerate(first[:-1]):
+        maps_spectrum = torch.fft.fft2(maps)
+        second = [_wavelet_modulus(maps_spectrum, bank.wavelets[later][scale])
+                  for later in range(scale + 1, bank.scales)]
+        coefficients = [_low_pass(block, *bank.low_pass[later]) for later, block in enumerate(second, scale + 1)]
+        outputs.append(torch.cat(coefficients, 2).flatten(1, 2))  # first-path-major, as kymatio orders them
+    return torch.cat(outputs, 1).mT
+
+
+def scattering(images: torch.Tensor, bank: MorletBank) -> torch.Tensor:
+    """The scattering of every channel: (B, C, H, W) -> (B, C, paths, H / 2^J, W / 2^J), kymatio's layout."""
+    batch_shape = images.shape[:-2]
+    flat = images.reshape(-1, *images.shape[-2:])
+    chunk = CPU_CHUNK if flat.device.type == "cpu" else max(len(flat), 1)
+    # An empty batch (an empty Poisson draw) gets its shape from one zero image: FFTs refuse empty inputs.
+    parts = flat.split(chunk) if len(flat) else [flat.new_zeros(1, *flat.shape[1:])]
+    with torch.autocast(flat.device.type, enabled=False):  # the low-pass products stay in the input's precision
+        coefficients = torch.cat([_scatter(part, bank) for part in parts])[:len(flat)]
+    return coefficients.reshape(*batch_shape, *coefficients.shape[1:])

@@ -1,0 +1,115 @@
+"""The batched scattering (models/fast_scattering.py) against kymatio's own transform, the reference."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+import models.fast_scattering as fast_scattering
+from models.fast_scattering import build_bank, scattering
+from models.scatter import Scattering
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@functools.lru_cache(maxsize=None)
+def kymatio(shape: tuple[int, int], scales: int = 2, dtype: torch.dtype = torch.float32) -> ScatteringTorch2D:
+    return ScatteringTorch2D(J=scales, shape=shape, L=8).to(dtype)
+
+
+def assert_relative(fast: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    assert fast.shape == reference.shape
+    error = ((fast - reference).abs().max() / reference.abs().max()).item()
+    assert error <= tolerance, f"largest difference {error:.2e} of the largest coefficient"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("side", [28, 32, 48, 64])
+def test_the_coefficients_are_kymatios_in_its_channel_order(side, channels):
+    images = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(side + channels))
+    reference = kymatio((side, side))(images).flatten(1, 2)  # (B, C * 81, side / 4, side / 4)
+    with torch.no_grad():
+        assert_relative(Scattering()(images), reference, 1e-5)
+
+
+@pytest.mark.parametrize("scales, shape", [(1, (20, 24)), (3, (29, 32))])
+def test_other_scales_and_odd_or_oblong_shapes_match_too(scales, shape):
+    images = torch.randn(2, *shape, generator=torch.Generator().manual_seed(scales))
+    bank = build_bank(shape, scales, 8, images.device, images.dtype)
+    assert_relative(scattering(images, bank), kymatio(shape, scales)(images), 1e-5)
+
+
+def test_gradients_pass_gradcheck_in_float64():
+    images = torch.randn(1, 2, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bank = build_bank((12, 16), 2, 8, images.device, images.dtype)
+    assert torch.autograd.gradcheck(lambda x: scattering(x, bank), images.requires_grad_(), fast_mode=True)
+
+
+def test_the_input_gradient_is_kymatios_and_zero_where_the_modulus_is():
+    """Synthesis differentiates through the transform; an all-zero image makes every wavelet response 0."""
+    images = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    images[1] = 0
+    weights = torch.randn(3, 2 * 81, 8, 8, generator=torch.Generator().manual_seed(2))
+    gradients = []
+    for transform in (Scattering(), lambda x: kymatio((32, 32))(x).flatten(1, 2)):
+        pixels = images.clone().requires_grad_()
+        (transform(pixels) * weights).sum().backward()
+        gradients.append(pixels.grad)
+    fast, reference = gradients
+    assert torch.isfinite(fast).all()
+    assert_relative(fast, reference, 1e-5)
+
+
+def test_per_example_gradients_under_torch_func_match_one_backward_per_example():
+    """torch.func's vmap of grad (per-example machinery) runs through the transform (kymatio's does not)."""
+    frontend = Scattering()
+    images = torch.randn(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def loss(image: torch.Tensor) -> torch.Tensor:
+        return frontend(image.unsqueeze(0)).square().mean()
+
+    batched = torch.func.vmap(torch.func.grad(loss))(images)
+    for image, gradient in zip(images, batched):
+        pixels = image.clone().requires_grad_()
+        loss(pixels).backward()
+        torch.testing.assert_close(gradient, pixels.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_filters_are_built_once_per_shape_device_and_dtype(monkeypatch):
+    built = []
+    monkeypatch.setattr("models.scatter.build_bank", lambda *args: built.append(args) or build_bank(*args))
+    frontend = Scattering()
+    with torch.no_grad():
+        for images in (torch.randn(2, 1, 28, 28), torch.randn(5, 3, 28, 28), torch.randn(1, 1, 32, 32),
+                       torch.randn(1, 1, 28, 28, dtype=torch.float64), torch.randn(1, 1, 28, 28).half()):
+            frontend(images)
+    assert [(args[0], args[-1]) for args in built] == [
+        ((28, 28), torch.float32), ((32, 32), torch.float32), ((28, 28), torch.float64)]  # half runs in float32
+    assert list(frontend.state_dict()) == [] and list(frontend.buffers()) == []
+
+
+def test_autocast_leaves_the_transform_in_float32():
+    """Synthesis and students may run the model under bf16 autocast; the features stay float32, as kymatio's."""
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    frontend = Scattering()
+    with torch.no_grad():
+        plain = frontend(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = frontend(images)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+def test_an_empty_batch_gets_an_empty_output_of_the_right_shape():
+    """An empty Poisson batch reaches a model trained whole on images (kymatio's FFTs refuse it)."""
+    assert Scattering()(torch.randn(0, 3, 28, 28)).shape == (0, 3 * 81, 7, 7)
+
+
+def test_cpu_chunks_give_the_coefficients_of_one_pass(monkeypatch):
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    bank = build_bank((28, 28), 2, 8, images.device, images.dtype)
+    whole = scattering(images, bank)
+    monkeypatch.setattr(fast_scattering, "CPU_CHUNK", 2)  # 9 image-channels in chunks of 2
+    torch.testing.assert_close(scattering(images, bank), whole, rtol=1e-6, atol=1e-7)
