@@ -30,6 +30,8 @@ NOT_SHAREABLE_KEYS = ("history", "args")
 # The mechanism's settings when the teacher records no plan (imported or older teachers): the teacher
 # stage's own plan defaults (Table 1's most common statistics row and the paper's shared sigma).
 PLAN_KEYS = ("noise_multiplier", "epochs", "train_batch_size")
+# The flags that name them alike in train_dp.py (the plan) and here.
+PLAN_FLAGS = {"noise_multiplier": "noise_multiplier", "epochs": "stats_epochs", "train_batch_size": "stats_batch_size"}
 UNPLANNED_DEFAULTS = {"noise_multiplier": TeacherConfig.noise_multiplier, "epochs": TeacherConfig.stats_epochs,
                       "train_batch_size": TeacherConfig.stats_batch_size}
 DEFAULT_MAX_NORM = 1.0  # C unless clip_quantile derives it from public data
@@ -107,7 +109,7 @@ def plan_report(plan: dict | None, config: StatisticsConfig, total_epsilon: floa
     if plan is None:
         return ("the teacher records no plan for this stage (imported or older checkpoint): "
                 f"total epsilon {total_epsilon:.3f}")
-    deviations = [f"--{key} {getattr(config, key):g} instead of the planned {plan['statistics'][key]:g}"
+    deviations = [f"--{PLAN_FLAGS[key]} {getattr(config, key):g} instead of the planned {plan['statistics'][key]:g}"
                   for key in PLAN_KEYS if getattr(config, key) != plan["statistics"][key]]
     if not deviations:
         return None

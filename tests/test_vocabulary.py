@@ -14,7 +14,7 @@ import synthesize
 from common.cli import content_settings
 from common.errors import DPImgSynError
 from stages.config import validate_config
-from stages.dp_statistics import DEFAULT_MAX_NORM, apply_plan
+from stages.dp_statistics import DEFAULT_MAX_NORM, apply_plan, plan_report
 
 PIPELINE = {
     "output": "runs/x", "dataset": "mnist5k", "model": "small_cnn", "target_epsilon": 10,
@@ -41,6 +41,15 @@ def test_synthesis_says_k_in_its_help_and_errors(tmp_path: Path):
 def test_statistics_epochs_and_batch_size_take_the_planning_names_and_the_old_ones(names):
     config = save_dp_db_stats.parse_config(STATS + [names[0], "3", names[1], "32"])
     assert (config.epochs, config.train_batch_size) == (3, 32)
+
+
+def test_a_deviation_from_the_plan_is_named_by_the_planning_flags():
+    plan = {"target_epsilon": 4.0, "statistics": {"noise_multiplier": 1.0, "epochs": 2, "train_batch_size": 64}}
+    config = save_dp_db_stats.parse_config(STATS + ["--epochs", "3", "--train_batch_size", "32",
+                                                    "--noise_multiplier", "1"])
+    note = plan_report(plan, config, 5.0)
+    assert "--stats_epochs 3 instead of the planned 2" in note and "--stats_batch_size 32 instead of" in note
+    assert "--noise_multiplier" not in note
 
 
 @pytest.mark.parametrize("keys", [("stats_epochs", "stats_batch_size"), ("epochs", "train_batch_size")])
