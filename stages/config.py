@@ -8,6 +8,7 @@ a default. Everything is checked before any stage runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +104,18 @@ def _release_sizes(synthesis: dict, releases: int) -> tuple[int, ...]:
     return sizes
 
 
-# The keys a recipe chooses, per section: given beside it, they are refused (the pipeline checks before any stage).
-RECIPE_KEYS = {"teacher": TEACHER_KEYS, "statistics": ("epochs", "train_batch_size"), "synthesis": ("num_samples",),
-               "student": ("epochs",)}
+# The keys a recipe chooses, per section: given beside it (under any of their names), they are refused (the
+# pipeline checks before any stage).
+RECIPE_KEYS = {"teacher": (TeacherConfig, TEACHER_KEYS),
+               "statistics": (StatisticsConfig, ("epochs", "train_batch_size")),
+               "synthesis": (SynthesisConfig, ("num_samples",)), "student": (StudentConfig, ("epochs",))}
 
 
 def _refuse_recipe_keys(raw: dict, recipe: str) -> None:
-    for name, keys in RECIPE_KEYS.items():
-        given = [key for key in keys if isinstance(raw[name], dict) and key in raw[name]]
+    for name, (cls, keys) in RECIPE_KEYS.items():
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        names = [alias for key in keys for alias in (key, *fields[key].metadata.get("aliases", ()))]
+        given = [key for key in names if isinstance(raw[name], dict) and key in raw[name]]
         if given:
             raise DPImgSynError(f"config: recipe {recipe} chooses '{name}.{given[0]}'; remove it, or remove 'recipe' "
                                 "and give every number yourself")

@@ -114,8 +114,8 @@ def test_pipeline_key_recipe_fills_the_releases_and_student_and_leaves_the_teach
     assert pipeline.num_samples == (16000, 2000) and pipeline.student.epochs == 30
     # The statistics' epochs and batch follow the teacher's plan, which the recipe makes for the teacher's N.
     assert pipeline.statistics.epochs is None and pipeline.statistics.train_batch_size is None
-    for section, key in (("teacher", "lr"), ("statistics", "epochs"), ("synthesis", "num_samples"),
-                         ("student", "epochs")):
+    for section, key in (("teacher", "lr"), ("statistics", "epochs"), ("statistics", "stats_batch_size"),
+                         ("synthesis", "num_samples"), ("student", "epochs")):
         given = {**raw, section: {**raw[section], key: 1}}
         with pytest.raises(DPImgSynError, match=f"config: recipe auto chooses '{section}.{key}'; remove it"):
             validate_config(given)
