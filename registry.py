@@ -203,10 +203,6 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
     return Path(data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT).expanduser()
 
 
-def _valid_names() -> str:
-    return ", ".join(list(DATASETS) + [f"{FOLDER_PREFIX}<path>"])
-
-
 def dataset_choices(role: str) -> str:
     """``one of: a, b, folder:PATH``: the sets that can be ``role`` ("private" or "public"), for a flag's help."""
     return "one of: " + ", ".join([name for name, spec in DATASETS.items() if spec.role in (role, "both")]
@@ -216,13 +212,6 @@ def dataset_choices(role: str) -> str:
 def model_choices() -> str:
     """``one of: a, b``: the registered architectures, for a flag's help."""
     return "one of: " + ", ".join(MODELS)
-
-
-def _folder_loader(path: Path) -> Loader:
-    def load(root: Path, split: str, download: bool) -> RawSource:
-        return labeled_tree(path / split, class_folders(path / "train"))
-
-    return load
 
 
 FOLDER_HINT = "A folder dataset needs <path>/train/<class>/* and <path>/test/<class>/* image files."
@@ -247,7 +236,8 @@ def _folder_spec(name: str, view: dict, num_classes: int | None = None) -> Datas
         num_classes = len(class_folders(path / "train"))
     return DatasetSpec(
         name, num_classes, image_size, channels, channels == 1,
-        HALF_NORM[0][:channels], HALF_NORM[1][:channels], "both", _folder_loader(path),
+        HALF_NORM[0][:channels], HALF_NORM[1][:channels], "both",
+        lambda root, split, download: labeled_tree(path / split, class_folders(path / "train")),
         family=FOLDER_PREFIX + str(path.resolve()), folders=(str(path / "train"),), hint=FOLDER_HINT,
     )
 
@@ -276,13 +266,6 @@ def infer_folder_view(name: str) -> tuple[dict, int, int]:
     return {"image_size": image_size, "channels": channels}, len(chosen), converted
 
 
-def _check_options(folder_opts: dict) -> None:
-    unknown = set(folder_opts) - set(FOLDER_OPTIONS)
-    if unknown:
-        raise DPImgSynError(f"unknown dataset option(s) {', '.join(sorted(unknown))}; "
-                            f"valid: {', '.join(FOLDER_OPTIONS)}")
-
-
 def dataset_info(name: str, **folder_opts) -> DatasetSpec:
     """The spec of ``name`` without opening any of its images (safe to call on the private set anywhere).
 
@@ -290,13 +273,17 @@ def dataset_info(name: str, **folder_opts) -> DatasetSpec:
     every other dataset has a fixed shape and ignores them. An unset one is inferred from the training
     files' headers (:func:`infer_folder_view`); stages call :func:`folder_view` once instead.
     """
-    _check_options(folder_opts)
+    unknown = set(folder_opts) - set(FOLDER_OPTIONS)
+    if unknown:
+        raise DPImgSynError(f"unknown dataset option(s) {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(FOLDER_OPTIONS)}")
     if name.startswith(FOLDER_PREFIX):
         given = {key: value for key, value in folder_opts.items() if value is not None}
         view = given if len(given) == len(FOLDER_OPTIONS) else {**infer_folder_view(name)[0], **given}
         return _folder_spec(name, view)
     if name not in DATASETS:
-        raise DPImgSynError(f"unknown dataset {name!r}; valid names: {_valid_names()}")
+        raise DPImgSynError(f"unknown dataset {name!r}; valid names: "
+                            f"{', '.join([*DATASETS, FOLDER_PREFIX + '<path>'])}")
     return DATASETS[name]
 
 
@@ -311,7 +298,7 @@ def describe_view(spec: DatasetSpec) -> str:
 
 
 def _refuse_other_view(spec: DatasetSpec, image_size: int | None, channels: int | None, what: str,
-                       fix: str) -> None:
+                       fix: str = "image_size and channels shape folder: sets only; drop them") -> None:
     """One line when a given image size or channel count differs from the view ``spec`` already has."""
     for key, value in (("image_size", image_size), ("channels", channels)):
         if value is not None and value != getattr(spec, key):
@@ -328,8 +315,7 @@ def folder_view(name: str, image_size: int | None = None, channels: int | None =
     differs from that view is refused.
     """
     if not name.startswith(FOLDER_PREFIX):
-        _refuse_other_view(dataset_info(name), image_size, channels, "the registry",
-                           "image_size and channels shape folder: sets only; drop them")
+        _refuse_other_view(dataset_info(name), image_size, channels, "the registry")
         return {}, None
     given = {key: value for key, value in (("image_size", image_size), ("channels", channels)) if value is not None}
     if len(given) == len(FOLDER_OPTIONS):
@@ -358,8 +344,7 @@ def recorded_view(recorded: str, record: dict | None, image_size: int | None = N
     recorded views and was made with :data:`LEGACY_FOLDER_VIEW`.
     """
     if not recorded.startswith(FOLDER_PREFIX):
-        _refuse_other_view(dataset_info(recorded), image_size, channels, what,
-                           "image_size and channels shape folder: sets only; drop them")
+        _refuse_other_view(dataset_info(recorded), image_size, channels, what)
         return {}
     complete = isinstance(record, dict) and all(isinstance(record.get(key), int) for key in FOLDER_OPTIONS)
     view = {key: int(record[key]) for key in FOLDER_OPTIONS} if complete else dict(LEGACY_FOLDER_VIEW)
@@ -484,16 +469,11 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, image_size: int
     return MODELS[name](num_classes, in_channels)
 
 
-def checkpoint_channels(checkpoint: dict) -> int:
-    """Input channels of a checkpoint's model: its recorded view's, else 3 (every registry set, and folder
-    sets before views were recorded)."""
-    record = checkpoint.get(VIEW_KEY)
-    return int(record["channels"]) if isinstance(record, dict) and "channels" in record else 3
-
-
 def model_from_checkpoint(checkpoint: dict, path: str | Path) -> nn.Module:
     """The checkpoint's architecture with its weights; weights that do not fit are a user error."""
-    model = get_model(checkpoint["architecture"], checkpoint["num_classes"], checkpoint_channels(checkpoint))
+    record = checkpoint.get(VIEW_KEY)  # input channels: the recorded view's, else 3 (registry sets, older folder sets)
+    channels = int(record["channels"]) if isinstance(record, dict) and "channels" in record else 3
+    model = get_model(checkpoint["architecture"], checkpoint["num_classes"], channels)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:

@@ -1,6 +1,7 @@
 """Device choice, seeding, memory and logging shared by all stages."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -8,6 +9,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -103,6 +105,17 @@ def set_rng_state(state: dict) -> None:
 
 
 PRIVATE_MODE = 0o600  # owner only: local secrets (resume files with generator states, logs, metrics)
+
+
+@contextlib.contextmanager
+def in_mode(module: torch.nn.Module, training: bool) -> Iterator[torch.nn.Module]:
+    """``module`` in train or eval mode for the block, and back in its own mode after it (after an error too)."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def open_private(path: str | os.PathLike, flags: int) -> int:

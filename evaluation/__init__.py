@@ -4,11 +4,11 @@ These functions read private data; their results are internal diagnostics for th
 and never go into a release or into the publishable part of its card.
 """
 from evaluation.card import (CARD_FORMAT, FIDELITY_NOTE, INTERNAL_FIELDS, NOT_FOR_PUBLICATION, NOT_MEASURED,
-                             PUBLISHABLE_FIELDS, build_card, card_fields, render_card_markdown, write_card)
+                             PUBLISHABLE_FIELDS, build_card, render_card_markdown, write_card)
 from evaluation.metrics import (SUMMARY_KEYS, distribution_summary, frechet_distance, gallery_rows, nearest_neighbours,
                                 nn_report, obfuscation_verdict, penultimate_features, precision_recall, ssim)
 
 __all__ = ["CARD_FORMAT", "FIDELITY_NOTE", "INTERNAL_FIELDS", "NOT_FOR_PUBLICATION", "NOT_MEASURED",
-           "PUBLISHABLE_FIELDS", "SUMMARY_KEYS", "build_card", "card_fields", "distribution_summary",
+           "PUBLISHABLE_FIELDS", "SUMMARY_KEYS", "build_card", "distribution_summary",
            "frechet_distance", "gallery_rows", "nearest_neighbours", "nn_report", "obfuscation_verdict",
            "penultimate_features", "precision_recall", "render_card_markdown", "ssim", "write_card"]

@@ -65,11 +65,6 @@ INTERNAL_NOTE = (
 )
 
 
-def card_fields() -> dict[str, tuple[str, ...]]:
-    """The required keys of each part of the card, for callers and tests."""
-    return {"publishable": PUBLISHABLE_FIELDS, "internal": INTERNAL_FIELDS}
-
-
 def card_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
     """``path`` as the card in ``out_dir`` names it in its publishable part: relative to that folder, or the
     bare name where no relative path exists (another drive), never an absolute local path."""

@@ -87,9 +87,8 @@ def _labels(y: np.ndarray, count: int, path: Path) -> np.ndarray:
     """``y`` as int64 class indices: one integer (or integral float) per image."""
     if y.shape != (count,):
         raise DPImgSynError(f"{path}: y has shape {y.shape}, expected ({count},): one class index per image")
-    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-        return y.astype(np.int64)
-    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+    integers = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
+    if integers or (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
         return y.astype(np.int64)
     raise DPImgSynError(f"{path}: y has dtype {y.dtype} with non-integer values; expected class indices")
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import DPImgSynError
+from common.runtime import in_mode
 
 ArrayLike = Tensor | np.ndarray
 
@@ -28,6 +29,11 @@ SSIM_K2 = 0.03
 _RERANK_MARGIN = 4
 
 SUMMARY_KEYS = ("min", "p05", "p25", "median", "mean", "p75", "max", "n")
+
+
+def _take(data: ArrayLike, indices: Tensor) -> ArrayLike:
+    """Rows ``indices`` (a CPU tensor) of a tensor, on its device, or of an array or memory map."""
+    return data[indices.to(data.device)] if isinstance(data, Tensor) else data[indices.numpy()]
 
 
 def _chunk(data: ArrayLike, start: int, stop: int, device: torch.device) -> Tensor:
@@ -102,22 +108,13 @@ def nearest_neighbours(queries: ArrayLike, references: ArrayLike, k: int = 1, ch
             merged_idx = torch.cat([best_idx, idx], 1)
             keep = merged_d2.topk(min(pool, merged_d2.shape[1]), dim=1, largest=False).indices
             best_d2, best_idx = merged_d2.gather(1, keep), merged_idx.gather(1, keep)
-        exact = _exact_distances(q, references, best_idx, device)
+        gathered = _take(references, best_idx.reshape(-1).cpu())
+        r = _chunk(gathered, 0, len(gathered), device).flatten(1).to(q.dtype).view(*best_idx.shape, -1)
+        exact = (q[:, None, :] - r).norm(dim=2)  # from differences, not from the matmul identity
         order = exact.argsort(dim=1, stable=True)[:, :k]
         all_dists.append(exact.gather(1, order).cpu())
         all_indices.append(best_idx.gather(1, order).cpu())
     return torch.cat(all_dists), torch.cat(all_indices)
-
-
-def _exact_distances(q: Tensor, references: ArrayLike, indices: Tensor, device: torch.device) -> Tensor:
-    """``||q_i - r_{indices[i, j]}||`` computed from differences, not from the matmul identity."""
-    flat_idx = indices.reshape(-1).cpu()
-    if isinstance(references, Tensor):
-        gathered = references[flat_idx.to(references.device)]
-    else:
-        gathered = references[flat_idx.numpy()]
-    r = _chunk(gathered, 0, len(gathered), device).flatten(1).to(q.dtype).view(*indices.shape, -1)
-    return (q[:, None, :] - r).norm(dim=2)
 
 
 def _gaussian_filter_matrix(size: int, window_size: int, sigma: float, dtype: torch.dtype, device: torch.device
@@ -176,16 +173,8 @@ def distribution_summary(values: ArrayLike | Sequence[float]) -> dict:
     if array.size == 0:
         raise DPImgSynError("cannot summarize an empty set of values")
     p05, p25, median, p75 = np.percentile(array, [5, 25, 50, 75])
-    return {
-        "min": float(array.min()),
-        "p05": float(p05),
-        "p25": float(p25),
-        "median": float(median),
-        "mean": float(array.mean()),
-        "p75": float(p75),
-        "max": float(array.max()),
-        "n": int(array.size),
-    }
+    values = (array.min(), p05, p25, median, array.mean(), p75, array.max())
+    return {**{key: float(value) for key, value in zip(SUMMARY_KEYS, values)}, "n": int(array.size)}
 
 
 def nn_report(synthetic: ArrayLike, private_train: ArrayLike, k_ssim: int = 5, chunk: int = 1024,
@@ -211,11 +200,7 @@ def nn_report(synthetic: ArrayLike, private_train: ArrayLike, k_ssim: int = 5, c
     for start in range(0, len(synthetic), ssim_chunk):
         queries = _chunk(synthetic, start, start + ssim_chunk, compute_device)
         candidate_idx = indices[start : start + len(queries)]
-        flat_idx = candidate_idx.reshape(-1)
-        if isinstance(private_train, Tensor):
-            candidates = private_train[flat_idx.to(private_train.device)]
-        else:
-            candidates = private_train[flat_idx.numpy()]
+        candidates = _take(private_train, candidate_idx.reshape(-1))
         candidates = _chunk(candidates, 0, len(candidates), compute_device)
         repeated = queries.repeat_interleave(k_ssim, dim=0)
         scores = ssim(repeated, candidates).view(len(queries), k_ssim).cpu()
@@ -386,13 +371,6 @@ def precision_recall(real_feats: ArrayLike, fake_feats: ArrayLike, k: int = 3, c
     return {"precision": float(precision), "recall": float(recall), "k": k}
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise DPImgSynError(f"{type(model).__name__} has no nn.Linear layer to take penultimate features from")
-    return linears[-1]
-
-
 def _batches(images: ArrayLike | Dataset, batch_size: int) -> Iterator[Tensor]:
     if isinstance(images, Dataset):
         for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
@@ -413,21 +391,21 @@ def penultimate_features(model: nn.Module, images: ArrayLike | Dataset, batch_si
     e.g. normalization of pixel-space release images. The model runs in eval mode without gradients
     and its training flag is restored afterwards.
     """
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise DPImgSynError(f"{type(model).__name__} has no nn.Linear layer to take penultimate features from")
     device = torch.device(device)
     captured: list[Tensor] = []
-    hook = _last_linear(model).register_forward_hook(
+    hook = linears[-1].register_forward_hook(
         lambda _module, inputs, _output: captured.append(inputs[0].detach().flatten(1).float().cpu())
     )
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with in_mode(model, training=False), torch.no_grad():
             for batch in _batches(images, batch_size):
                 batch = batch.to(device=device, dtype=torch.float32)
                 model(preprocess(batch) if preprocess is not None else batch)
     finally:
         hook.remove()
-        model.train(was_training)
     if not captured:
         raise DPImgSynError("no images given to extract features from")
     return torch.cat(captured)

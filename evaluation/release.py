@@ -93,10 +93,10 @@ def verified_teacher_path(metadata: dict, release: Path, teacher: str | os.PathL
     return path
 
 
-def load_teacher(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The teacher model in eval mode (weights only) and its checkpoint dict."""
+def load_teacher(path: Path, device: torch.device, **expected) -> tuple[torch.nn.Module, dict]:
+    """The teacher model in eval mode (weights only) and its checkpoint dict (checked for ``expected``)."""
     checkpoint = privacy.load_dppt(path)
-    privacy.check_dppt(checkpoint)
+    privacy.check_dppt(checkpoint, **expected)
     return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint
 
 
@@ -175,16 +175,13 @@ class ImageSets:
                 "use more images")
 
 
-def load_image_sets(bundle: release_io.ReleaseDataset, dataset: str, public_set: str, data_root,
-                    max_synthetic: int, max_private: int, image_size: int | None = None,
-                    channels: int | None = None, sampling_dir: str | None = None) -> ImageSets:
+def load_image_sets(bundle: release_io.ReleaseDataset, dataset: str, public_set: str, data_root, options: dict,
+                    max_synthetic: int, max_private: int, sampling_dir: str | None = None) -> ImageSets:
     """Release images, their regenerated public initialization, and the private splits (subsampled).
 
     The release stores only final images, so the public initialization is rebuilt exactly as
     synthesis built it: the aligned public set in the order of its fixed sampling list.
     """
-    image_shape = tuple(bundle.images.shape[1:])
-    options = _folder_options(dataset, image_shape, image_size, channels)
     sets = private_image_sets(bundle.images, dataset, data_root, options, max_synthetic, max_private)
     public = registry.aligned(public_set, dataset, data_root, **options)
     public_order = registry.sampling_list(public_set, len(bundle), registry.SAMPLING_SEED, len(public), sampling_dir)
@@ -325,14 +322,13 @@ def publishable_part(release: Path, output: Path, metadata: dict, block: dict, d
     }
 
 
-def refuse_private_content(bundle: release_io.ReleaseDataset, dataset: str, public_set: str,
+def refuse_private_content(bundle: release_io.ReleaseDataset, dataset: str, public_set: str, options: dict,
                            config: EvaluationConfig) -> None:
     """Before anything is written: neither the release's images nor the public images it was made from (its
     regenerated initialization) may be private images (:mod:`synthesizer.overlap`)."""
     if not overlap.needs_check(dataset, public_set):
         return
     release = Path(config.release)
-    options = _folder_options(dataset, bundle.images.shape[1:], config.image_size, config.channels)
     overlap.check_release_images(bundle.images, public_set, dataset, config.data_root, options, f"release {release}")
     public = registry.aligned(public_set, dataset, config.data_root, **options)
     order = registry.sampling_list(public_set, len(bundle), registry.SAMPLING_SEED, len(public), config.sampling_dir)
@@ -345,11 +341,10 @@ def _recipe(config: EvaluationConfig) -> DistillationConfig:
     return DistillationConfig(**{field.name: getattr(config, field.name) for field in fields(DistillationConfig)})
 
 
-def _distilled_students(bundle: release_io.ReleaseDataset, dataset: str, config: EvaluationConfig,
+def _distilled_students(bundle: release_io.ReleaseDataset, dataset: str, options: dict, config: EvaluationConfig,
                         device: torch.device) -> list[dict]:
     """Students of one of our releases, distilled as ``train_student.py`` does (soft labels, the same seeds give
     the same students on the same device and precision)."""
-    options = _folder_options(dataset, bundle.images.shape[1:], config.image_size, config.channels)
     test_set = registry.get_split(dataset, "test", config.data_root, **options)
     images, soft_labels, _ = bundle.tensors()
     mean = torch.tensor(bundle.metadata["mean"]).view(1, -1, 1, 1)
@@ -450,7 +445,8 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     public_set = config.public_set or registry.local_dataset(metadata["public_set"], None,
                                                              f"release {release} (public set)")
     teacher_path = verified_teacher_path(metadata, release, config.teacher)
-    refuse_private_content(bundle, dataset, public_set, config)
+    options = _folder_options(dataset, bundle.images.shape[1:], config.image_size, config.channels)
+    refuse_private_content(bundle, dataset, public_set, options, config)
     if config.metrics and config.seeds:
         raise DPImgSynError("pass --metrics (students trained by train_student.py) or --seeds (students trained "
                             "here), not both")
@@ -462,13 +458,14 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     logger.info("evaluating %s against the private data of %s (teacher %s)", release, dataset, teacher_path)
     started = time.time()
     model, checkpoint = load_teacher(teacher_path, compute)
-    sets = load_image_sets(bundle, dataset, public_set, config.data_root, config.max_synthetic,
-                           config.max_private, config.image_size, config.channels, config.sampling_dir)
+    sets = load_image_sets(bundle, dataset, public_set, config.data_root, options, config.max_synthetic,
+                           config.max_private, config.sampling_dir)
     obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), config.k_ssim, compute)
     fidelity_section = fidelity(model, sets, compute)
     gallery = write_diagnostics(output, sets, synthetic_nn, config.gallery_pairs)
     if config.seeds:
-        students = [{"k": metadata.get("k"), **row} for row in _distilled_students(bundle, dataset, config, compute)]
+        students = [{"k": metadata.get("k"), **row}
+                    for row in _distilled_students(bundle, dataset, options, config, compute)]
 
     internal = {
         "teacher_test_acc": _finite_or_none(checkpoint.get("test_acc")),
@@ -483,11 +480,14 @@ def evaluate_release(config: EvaluationConfig) -> dict:
         "seconds": time.time() - started,
     }
     card = build_card(publishable_part(release, output, metadata, block, metadata["dataset"]), internal)
+    return _written(output, card, gallery, obfuscation_section["verdict"], logger)
+
+
+def _written(output: Path, card: dict, gallery: Path, verdict: dict, logger: logging.Logger, said: str = "") -> dict:
+    """Write the card, say where it is with the verdict (after ``said``), and return what the pipeline reads."""
     markdown_path, json_path = write_card(output, card)
-    verdict = obfuscation_section["verdict"]
-    summary = (f"release card: {markdown_path} ({'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
-               f"{verdict['reason']}); closest pairs: {gallery}")
-    say(logger, summary)
+    say(logger, f"release card: {markdown_path} ({said}{'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
+                f"{verdict['reason']}); closest pairs: {gallery}")
     return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
             "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}
 
@@ -496,14 +496,12 @@ def _foreign_teacher(path: str, dataset: str, options: dict, device: torch.devic
                      ) -> tuple[torch.nn.Module, dict, Path]:
     """A teacher of the private set whose features measure fidelity (nothing ties it to the foreign release)."""
     path = Path(path)
-    checkpoint = privacy.load_dppt(path)
-    privacy.check_dppt(checkpoint, dataset=registry.artifact_name(dataset), what=f"--teacher {path}")
+    model, checkpoint = load_teacher(path, device, dataset=registry.artifact_name(dataset), what=f"--teacher {path}")
     view = registry.recorded_view(dataset, checkpoint.get(registry.VIEW_KEY))
     if view != options:
-        raise DPImgSynError(f"--teacher {path} sees {dataset} as {view['image_size']} x {view['image_size']} x "
-                            f"{view['channels']} images but the release's are {options['image_size']} x "
-                            f"{options['image_size']} x {options['channels']}; pass a teacher of the release's view")
-    return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint, path
+        raise DPImgSynError(f"--teacher {path} sees {dataset} as {_describe(view)} images but the release's are "
+                            f"{_describe(options)}; pass a teacher of the release's view")
+    return model, checkpoint, path
 
 
 def _describe(view: dict) -> str:
@@ -624,11 +622,6 @@ def evaluate_foreign(config: EvaluationConfig) -> dict:
         "seconds": time.time() - started,
     }
     card = build_card(foreign_publishable_part(foreign, dataset, spec.num_classes, preview, output), internal)
-    markdown_path, json_path = write_card(output, card)
-    verdict, accuracy = obfuscation_section["verdict"], internal["student_test_acc_summary"]
-    summary = (f"release card: {markdown_path} ({PRIVACY_UNKNOWN}; student test accuracy {accuracy['mean']:.4f} "
-               f"over {accuracy['n']} seed(s); {'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
-               f"{verdict['reason']}); closest pairs: {gallery}")
-    say(logger, summary)
-    return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
-            "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}
+    accuracy = internal["student_test_acc_summary"]
+    return _written(output, card, gallery, obfuscation_section["verdict"], logger,
+                    f"{PRIVACY_UNKNOWN}; student test accuracy {accuracy['mean']:.4f} over {accuracy['n']} seed(s); ")

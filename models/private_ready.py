@@ -5,6 +5,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from common.errors import DPImgSynError
+from common.runtime import in_mode
 
 
 def make_private_ready(model: nn.Module) -> nn.Module:
@@ -19,10 +20,8 @@ def make_private_ready(model: nn.Module) -> nn.Module:
     for module in fixed.modules():
         if getattr(module, "inplace", False):
             module.inplace = False
-    was_training = fixed.training
-    fixed.train()
-    errors = ModuleValidator.validate(fixed, strict=False)
-    fixed.train(was_training)
+    with in_mode(fixed, training=True):
+        errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise DPImgSynError(
             f"model {type(model).__name__} cannot be trained with DP-SGD: "

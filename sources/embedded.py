@@ -103,11 +103,6 @@ def _photo_shapes() -> np.ndarray:
     return np.array([photo.shape[1:] for photo in source_photos()], dtype=np.int64)
 
 
-def _halved(plane: torch.Tensor) -> torch.Tensor:
-    """The next level of a pyramid: each 2x2 block averaged (an odd last row or column is dropped)."""
-    return F.avg_pool2d(plane[None], 2)[0]
-
-
 @functools.lru_cache(maxsize=2)
 def _pyramids(grayscale: bool) -> tuple[tuple[torch.Tensor, ...], ...]:
     """Per photo, its [0, 1] plane at full size, 1/2, 1/4, ... down to a short side of 1.
@@ -120,7 +115,7 @@ def _pyramids(grayscale: bool) -> tuple[tuple[torch.Tensor, ...], ...]:
     for photo in source_photos():
         levels = [photo.float().div_(255)]
         while min(levels[-1].shape[1:]) >= 2:
-            levels.append(_halved(levels[-1]))
+            levels.append(F.avg_pool2d(levels[-1][None], 2)[0])  # 2x2 blocks averaged (odd last row or column dropped)
         pyramids.append(tuple(to_gray(level[None])[0] for level in levels) if grayscale else tuple(levels))
     return tuple(pyramids)
 

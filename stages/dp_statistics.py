@@ -138,9 +138,7 @@ def capture_statistics(config: StatisticsConfig) -> Path:
                      with_suffix_once(output, ".resume"))
         if completed_dppt(output, "statistics_settings", settings):
             return output
-        model = model_from_checkpoint(checkpoint, config.teacher).to(run.device).eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
+        model = model_from_checkpoint(checkpoint, config.teacher).to(run.device).eval().requires_grad_(False)
         attach_stat_layers(model)
         scales, max_norm = _public_scaling(config, model, dataset, view, run)
         with run.dist.main_first():

@@ -80,10 +80,7 @@ class Dropped:
     def __new__(cls, *args, **kwargs):
         instance = object.__new__(cls)
         instance.state = None
-        return instance
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
+        return instance  # object.__init__ accepts the arguments too, since __new__ is overridden
 
     def __call__(self, *args, **kwargs) -> Dropped:
         return type(self)()
@@ -102,10 +99,6 @@ class Dropped:
 
     def add(self, value) -> None:
         pass
-
-
-def _dropped_class(module: str, name: str) -> type:
-    return type(name, (Dropped,), {"source": f"{module}.{name}"})
 
 
 @dataclass(frozen=True)
@@ -198,7 +191,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
-        return _dropped_class(module, name)
+        return type(name, (Dropped,), {"source": f"{module}.{name}"})
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"

@@ -74,19 +74,15 @@ def load_teacher_for_synthesis(path: str | Path, non_private: bool, device: torc
     checkpoint = privacy.load_dppt(path)
     block = privacy.require_privacy_block(checkpoint, f"teacher checkpoint {path}", allow_non_private=non_private)
     privacy.check_dppt(checkpoint)
-    if checkpoint.get("stage") != "statistics" or "dp_statistics" not in checkpoint:
-        if not non_private:
-            raise DPImgSynError(
-                f"{path} is a stage-{checkpoint.get('stage', '?')} checkpoint without DP statistics; "
-                "run save_dp_db_stats.py on it first")
+    if not non_private and (checkpoint.get("stage") != "statistics" or "dp_statistics" not in checkpoint):
+        raise DPImgSynError(f"{path} is a stage-{checkpoint.get('stage', '?')} checkpoint without DP statistics; "
+                            "run save_dp_db_stats.py on it first")
     model = model_from_checkpoint(checkpoint, path)
     attach_stat_layers(model)
     if "dp_statistics" in checkpoint:
         load_dp_statistics(model, checkpoint["dp_statistics"])
         set_mode(model, "synthesis")
-    model.to(device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, checkpoint, block
 
 

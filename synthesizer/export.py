@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib import format as npy_format
 from tqdm import tqdm
 
 import privacy
@@ -347,14 +346,10 @@ def _stream_npz(path: Path, members: dict[str, tuple[np.dtype, tuple[int, ...], 
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, (dtype, shape, chunks) in members.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                npy_format.write_array_header_1_0(member, {"descr": npy_format.dtype_to_descr(dtype),
-                                                           "fortran_order": False, "shape": shape})
-                rows = 0
+                stream = release_io.NpyStream(member, dtype, shape)
                 for chunk in chunks:
-                    member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
-                    rows += len(chunk)
-                if rows != shape[0]:
-                    raise RuntimeError(f"{name}: wrote {rows} rows of {shape[0]}")
+                    stream.append(chunk)
+                stream.hexdigest()  # refuses a member with missing rows
 
 
 # --------------------------------------------------------------------------- the record and the folder

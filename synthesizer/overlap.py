@@ -153,18 +153,13 @@ def find_matches(checked: ContentKeys, private: ContentKeys) -> Matches:
     return Matches(exact, np.flatnonzero(near_found))
 
 
-def _pixel_batches(dataset, indices: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
-                   content: int) -> Iterable[torch.Tensor]:
-    for start in range(0, len(indices), BATCH):
-        images = stack_items(dataset, indices[start:start + BATCH])[:, :content]
-        yield images * std[:, :content] + mean[:, :content]
-
-
 def dataset_keys(dataset, spec: registry.DatasetSpec, indices: np.ndarray | None = None) -> ContentKeys:
-    """Keys of a dataset's items (``indices``, else all) seen through ``spec``'s view."""
-    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    """Keys of a dataset's items (``indices``, else all) seen through ``spec``'s view, back in pixel space."""
+    content = spec.view.content_channels
+    mean, std = (torch.tensor(values[:content]).view(1, -1, 1, 1) for values in (spec.mean, spec.std))
     chosen = np.arange(len(dataset)) if indices is None else np.asarray(indices)
-    return content_keys(_pixel_batches(dataset, chosen, mean, std, spec.view.content_channels))
+    return content_keys(stack_items(dataset, chosen[start:start + BATCH])[:, :content] * std + mean
+                        for start in range(0, len(chosen), BATCH))
 
 
 def cache_dir() -> Path:

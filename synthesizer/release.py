@@ -28,7 +28,7 @@ import math
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -63,11 +63,6 @@ def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()
     return np.asarray(array)
-
-
-def _json_normalized(value: Any) -> Any:
-    """What ``value`` looks like after a JSON round trip (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(value))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -110,11 +105,6 @@ def is_complete(out_dir: str | Path) -> bool:
         return _read_metadata(Path(out_dir)) is not None
     except DPImgSynError:
         return False
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    """What an unnamed release's classes are called: their labels, ``"0"``..``"C-1"``."""
-    return [str(label) for label in range(num_classes)]
 
 
 def check_class_names(names: Any, num_classes: int, what: str, fix: str = "regenerate it") -> list[str] | None:
@@ -187,11 +177,11 @@ class ReleaseWriter:
         self.image_shape = tuple(int(size) for size in image_shape)
         self.num_classes = int(num_classes)
         self.num_shards = math.ceil(self.num_samples / self.shard_size)
-        self.identity = _json_normalized({
+        self.identity = json.loads(json.dumps({  # as it reads back from JSON (tuples become lists), for comparisons
             "num_samples": self.num_samples, "shard_size": self.shard_size,
             "image_shape": list(self.image_shape), "num_classes": self.num_classes,
             "settings": settings,
-        })
+        }))
         self._shards_dir = self.out_dir / SHARDS_DIR
         self._adopt_or_refuse()
 
@@ -334,8 +324,8 @@ class ReleaseWriter:
         outputs = {**ARRAY_FILES, LABELS_FILE: (np.dtype(np.int64), "labels")}
         with ExitStack() as stack:
             streams = {
-                name: stack.enter_context(
-                    _NpyStream(stack.enter_context(atomic_path(self.out_dir / name)), dtype, full_shapes[key]))
+                name: NpyStream(stack.enter_context(open(stack.enter_context(atomic_path(self.out_dir / name)), "wb")),
+                                dtype, full_shapes[key])
                 for name, (dtype, key) in outputs.items()
             }
             for index in range(self.num_shards):
@@ -384,16 +374,16 @@ class ReleaseWriter:
                 leftover.unlink(missing_ok=True)
 
 
-class _NpyStream:
-    """Write one ``.npy`` file front to back (the same bytes as ``np.save``), hashing as it goes.
+class NpyStream:
+    """Write one ``.npy`` file front to back into ``handle`` (the same bytes as ``np.save``), hashing as it goes.
 
-    Streaming shard by shard keeps memory at one shard however large the release is.
+    Streaming shard by shard (or chunk by chunk, for exports) keeps memory bounded however large the release is.
     """
 
-    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, handle: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         self.dtype, self.shape, self._rows = dtype, tuple(int(size) for size in shape), 0
         self._hash = hashlib.sha256()
-        self._handle = open(path, "wb")
+        self._handle = handle
         header = io.BytesIO()
         npy_format.write_array_header_1_0(
             header, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": self.shape})
@@ -408,15 +398,10 @@ class _NpyStream:
         self._rows += len(array)
 
     def hexdigest(self) -> str:
+        """The file's sha256, once every row of its shape is written."""
         if self._rows != self.shape[0]:
             raise RuntimeError(f"wrote {self._rows} rows of {self.shape[0]}")
         return self._hash.hexdigest()
-
-    def __enter__(self) -> "_NpyStream":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._handle.close()
 
 
 class ReleaseDataset(Dataset):
@@ -448,7 +433,7 @@ class ReleaseDataset(Dataset):
     @property
     def class_names(self) -> list[str]:
         """The recorded class names in label order, else ``"0"``..``"C-1"``."""
-        return self.recorded_class_names or default_class_names(self.num_classes)
+        return self.recorded_class_names or [str(label) for label in range(self.num_classes)]
 
     def __len__(self) -> int:
         return self.targets.shape[0]

@@ -83,7 +83,7 @@ def per_sample_moments(x: Tensor) -> Tensor:
     A mean and a norm reduction, without materializing ``x**2`` (and much faster than
     ``var_mean`` on CPU): capture must stay cheap next to the forward pass it rides on.
     """
-    flat = _flat_spatial(x)
+    flat = (x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)).float()  # (N, C, L): every spatial position along L
     squared_norm = torch.linalg.vector_norm(flat, dim=2).square()
     return torch.cat([flat.mean(dim=2), squared_norm / flat.shape[2]], dim=1)
 
@@ -130,11 +130,6 @@ class _NormAndMoments(torch.autograd.Function):
         if grad_mean is not None:
             grad_input.add_((grad_mean / count).view(1, -1, 1))
         return grad_input.view(ctx.shape).to(ctx.dtype), grad_weight, grad_bias, None, None
-
-
-def _flat_spatial(x: Tensor) -> Tensor:
-    """``(N, C, *)`` -> float32 ``(N, C, L)`` with every spatial position along the last dim."""
-    return (x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)).float()
 
 
 def stat_layers(model: nn.Module) -> dict[str, StatNorm]:

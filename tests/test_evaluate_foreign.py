@@ -12,7 +12,7 @@ import torch
 import evaluate_release
 import registry
 from common.errors import DPImgSynError
-from evaluation import card_fields
+from evaluation import PUBLISHABLE_FIELDS
 from evaluation.foreign import fit_view, read_foreign
 from evaluation.release import (FOREIGN_PREVIEW_FILE, GALLERY_FILE, PRIVACY_UNKNOWN, PUBLIC_INIT_REFERENCE,
                                 reviewed_private_set)
@@ -60,7 +60,7 @@ def test_a_foreign_release_gets_the_same_figures_and_says_privacy_unknown(foreig
         ["export.npz", "gen.npz"], "the release is only read and nothing is written beside it"
 
     card = json.loads((tmp_path / "eval" / "release_card.json").read_text())
-    assert card == result["card"] and set(card["publishable"]) == set(card_fields()["publishable"])
+    assert card == result["card"] and set(card["publishable"]) == set(PUBLISHABLE_FIELDS)
     public, internal = card["publishable"], card["internal"]
     assert public["epsilon"] == PRIVACY_UNKNOWN and public["ledger"] is None, "no ledger: no claimed epsilon"
     assert public["num_images"] == 400 and public["counts_per_class"] == {str(label): 40 for label in range(10)}

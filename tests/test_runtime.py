@@ -1,4 +1,4 @@
-"""common.runtime.keep_freed_memory: malloc keeps freed memory, so steps stop page-faulting."""
+"""common.runtime: malloc keeps freed memory, so steps stop page-faulting; a module's mode comes back after use."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 from common import cli, runtime
+from training.accuracy import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +58,15 @@ def test_every_cli_keeps_freed_memory(monkeypatch):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
     assert cli.main_guard(lambda argv: None)([]) == 0
     assert calls == [True]
+
+
+class Failing(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("broken forward pass")
+
+
+def test_a_scored_model_gets_its_training_mode_back_even_when_its_forward_pass_fails():
+    model = Failing().train()
+    with pytest.raises(RuntimeError, match="broken forward pass"):
+        evaluate(model, TensorDataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)), torch.device("cpu"))
+    assert model.training

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, TensorDataset
 from common.batches import default_workers, in_memory_tensors, random_transform, sequential_batches, stack_items
 from common.errors import DPImgSynError
 from common.files import CACHE_ENV, atomic_torch_save, cache_root
-from common.runtime import open_private
+from common.runtime import in_mode, open_private
 from privacy.clipping import refuse_batch_statistics
 
 # Larger feature sets go to an owner-only file of the cache folder, read through a memory map: the features
@@ -102,18 +102,13 @@ def _trained_part(head: nn.Module, fixed: int, sample: torch.Tensor) -> nn.Modul
     if type(head) is not nn.Sequential:
         return head
     layers, skipped = OrderedDict(), False
-    was_training = head.training
-    head.eval()  # shapes only: no running statistics may move
-    try:
-        with torch.no_grad():
-            for name, layer in list(head.named_children())[fixed:]:
-                if isinstance(layer, IDENTITY_POOLS) and _is_identity(layer, sample.shape):
-                    layer, skipped = nn.Identity(), True
-                else:
-                    sample = layer(sample)
-                layers[name] = layer
-    finally:
-        head.train(was_training)
+    with in_mode(head, training=False), torch.no_grad():  # shapes only: no running statistics may move
+        for name, layer in list(head.named_children())[fixed:]:
+            if isinstance(layer, IDENTITY_POOLS) and _is_identity(layer, sample.shape):
+                layer, skipped = nn.Identity(), True
+            else:
+                sample = layer(sample)
+            layers[name] = layer
     return head if fixed == 0 and not skipped else nn.Sequential(layers)
 
 
@@ -170,13 +165,8 @@ def cache_refusal(model: nn.Module, train_set: Dataset, *, augmented: bool = Fal
     if len(train_set) == 0:
         return "the training set is empty"
     cached = _cached_part(frontend, head, _fixed_layers(head))
-    was_training = cached.training
-    cached.eval()  # a size estimate must not update any running statistics
-    try:
-        with torch.no_grad():
-            one = cached(stack_items(train_set, [0]).to(_device(model)))
-    finally:
-        cached.train(was_training)
+    with in_mode(cached, training=False), torch.no_grad():  # a size estimate must not update running statistics
+        one = cached(stack_items(train_set, [0]).to(_device(model)))
     size = one.element_size() * one.numel() * len(train_set)
     folder = cache_root() / CACHE_FOLDER
     if size > max_bytes and size > _free_bytes(folder):
@@ -305,9 +295,7 @@ def _cached(model: nn.Module, train_set: Dataset, device: torch.device, batch_si
     tensors = in_memory_tensors(train_set)
     key = _content_key(cached, tensors[0]) if public and tensors is not None else None
     checked = range(min(CHECKED_EXAMPLES, len(train_set)))
-    was_training = model.training
-    model.to(device).train()
-    try:
+    with in_mode(model.to(device), training=True):
         refuse_batch_statistics(cached.named_modules())
         before = _buffer_versions(cached)
         with torch.no_grad():  # read again, item by item: a dataset that draws when read gets caught here too
@@ -328,8 +316,6 @@ def _cached(model: nn.Module, train_set: Dataset, device: torch.device, batch_si
         with torch.no_grad():
             sample = stack_items(train_set, list(checked)).to(device)
             whole, composed = model(sample).cpu(), trained(features[:len(checked)].to(device)).cpu()
-    finally:
-        model.train(was_training)
     changed = sorted(name for name in before.keys() | after.keys()
                      if name not in before or name not in after or before[name][0] is not after[name][0]
                      or before[name][1] != after[name][1])
@@ -419,18 +405,13 @@ def scoring_features(model: nn.Module, trained: nn.Module, dataset: Dataset, dev
     if fixed is None or len(dataset) == 0:
         return None
     cached = _cached_part(parts[0], parts[1], fixed)
-    was_training = cached.training
-    cached.eval()
     features, labels = [], []
-    try:
-        with torch.no_grad():
-            for images, batch_labels in sequential_batches(dataset, batch_size):
-                features.append(cached(images.to(device)).cpu())
-                labels.append(batch_labels)
-                if features[0][0].nbytes * len(dataset) > max_bytes:
-                    return None
-    finally:
-        cached.train(was_training)
+    with in_mode(cached, training=False), torch.no_grad():
+        for images, batch_labels in sequential_batches(dataset, batch_size):
+            features.append(cached(images.to(device)).cpu())
+            labels.append(batch_labels)
+            if features[0][0].nbytes * len(dataset) > max_bytes:
+                return None
     return TensorDataset(torch.cat(features), torch.cat(labels))
 
 
