@@ -27,7 +27,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 # harness first: it puts the repository on sys.path
-from harness import benchmark_parser, make_model, random_images, random_labels, set_up
+from harness import benchmark_parser, make_model, random_images, random_labels, set_up, synchronize
 from bench_synthesis import MNIST_MEAN, MNIST_STD, frozen_teacher
 from common.cli import main_guard, positive_float
 from privacy.clipping import PerExampleClipper
@@ -46,12 +46,10 @@ def seconds_of(work: Callable[[], int], device: torch.device, warmup: bool = Tru
     """(seconds, items) of one call of ``work`` after an untimed warm-up call."""
     if warmup:
         work()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     items = work()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - started, items
 
 

@@ -129,7 +129,8 @@ def peak_mib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), so that a clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -149,11 +150,11 @@ def time_sides(sides: Mapping[str, Callable[[], int]], repeats: int, warmup: int
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            _synchronize(device)
+            synchronize(device)
             _reset_peak(device)
             start = time.perf_counter()
             items = sides[name]()
-            _synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             timings[name].seconds.append(elapsed / max(items, 1))
             timings[name].peak_mib = max(timings[name].peak_mib, peak_mib(device))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 # harness first: it puts the repository on sys.path
-from harness import benchmark_parser, make_model, random_images, random_labels, set_up
+from harness import benchmark_parser, make_model, random_images, random_labels, set_up, synchronize
 from bench_synthesis import frozen_teacher
 import privacy.moments
 import synthesizer.deepinversion
@@ -112,12 +112,10 @@ def patched(*targets: tuple[object, str, Callable]) -> Iterator[None]:
 
 def run_timed(device: torch.device, phases: Phases, run: Callable[[], int]) -> dict[str, float]:
     """Per-step milliseconds of each phase and of ``other`` (the rest of the wall time); ``run`` returns steps."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     began = time.perf_counter()
     steps = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     total = 1e3 * (time.perf_counter() - began)
     split = {name: value / steps for name, value in phases.milliseconds().items()}
     split["other"] = max(0.0, total / steps - sum(split.values()))
