@@ -8,10 +8,10 @@ A config whose target_epsilon is a list (and/or with top-level seeds: one whole 
 is a sweep: one run folder per (epsilon, seed), and results.csv, report.md and
 accuracy_vs_epsilon.png over all of them. --epsilons and --seeds sweep any config.
 
-A config may start from another (base: demo.yaml, relative to the file) and give only the keys
-it changes (configs/demo_eps1.yaml); synthesis.num_samples is one count for every k or one per k.
-With 'recipe: auto' the numbers follow rules of N and epsilon instead (configs/demo_auto.yaml,
-docs/recipes.md): one file for a private set of any size.
+A config may start from another (base: demo_tuned.yaml, relative to the file) and give only the
+keys it changes (configs/demo_eps1.yaml); synthesis.num_samples is one count for every k or one per k.
+With 'recipe: auto' (the demo, configs/demo.yaml) or a recipe file (configs/recipe_auto.yaml) the
+numbers follow rules of N and epsilon instead (docs/recipes.md): one file for a private set of any size.
 
 Examples:
   python run_pipeline.py --config configs/demo.yaml

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -43,12 +44,25 @@ COLUMNS = ("dataset", "n", "epsilon", "lr", "batch", "epochs", "is_rule", "seed"
 DOC, BEGIN, END = ROOT / "docs" / "recipes.md", "<!-- validation -->", "<!-- /validation -->"
 
 
-def subsets(train: TensorDataset, sizes: list[int]) -> dict[int, TensorDataset]:
+def fold_split(train: TensorDataset, fold: int) -> tuple[TensorDataset, TensorDataset]:
+    """(training, validation): validation holds the records whose content hash is in fold ``fold``'s band
+    [fold x VAL_SPLIT, (fold + 1) x VAL_SPLIT); fold 0 is the pipeline's own split (privacy/split.py), a
+    later fold a fresh validation part, disjoint from fold 0's, to confirm what fold 0 chose."""
+    if fold == 0:
+        return split_by_content(train, VAL_SPLIT)
+    images, labels = train.tensors
+    band = torch.tensor([int(record_fraction(image, int(label)) // VAL_SPLIT) == fold
+                         for image, label in zip(images, labels)])
+    return (InMemoryImages(images[~band], labels[~band]), InMemoryImages(images[band], labels[band]))
+
+
+def subsets(train: TensorDataset, sizes: list[int], fold: int) -> dict[int, TensorDataset]:
     """Nested subsets of about each size: a record is in when its content hash falls low enough."""
     images, labels = train.tensors
-    # The training part holds the records whose hash is >= VAL_SPLIT: rescaled, uniform on [0, 1).
-    position = torch.tensor([(record_fraction(image, int(label)) - VAL_SPLIT) / (1 - VAL_SPLIT)
-                             for image, label in zip(images, labels)])
+    # The training part holds the records whose hash is outside fold's band: rescaled, uniform on [0, 1).
+    low = fold * VAL_SPLIT
+    fractions = [record_fraction(image, int(label)) for image, label in zip(images, labels)]
+    position = torch.tensor([(value - VAL_SPLIT * (value >= low)) / (1 - VAL_SPLIT) for value in fractions])
     return {size: (torch.arange(len(images)) if size >= len(images) else
                    torch.nonzero(position < size / len(images)).flatten()) for size in sizes}
 
@@ -86,16 +100,23 @@ def run_one(spec: registry.DatasetSpec, features: TensorDataset, val_features: T
 
 
 def table(rows: list[dict]) -> str:
-    """Rule vs the best grid point (by mean validation accuracy over all seeds) per dataset, size and epsilon."""
+    """The rule of today's stages/recipe.py vs the best grid point (by mean validation accuracy over all seeds),
+    per dataset, size and epsilon; a rule point not yet run leaves its row out."""
     lines = ["| data | N | epsilon | rule: batch, epochs, lr | rule (val %) | best of grid: batch, lr | best (val %) "
              "| rule - best | seeds | grid points |", "|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict[tuple, list[float]]] = {}
     for row in rows:
         key = (row["dataset"], int(row["n"]), float(row["epsilon"]))
-        point = (int(row["batch"]), float(row["lr"]), int(row["epochs"]), row["is_rule"] == "True")
+        point = (int(row["batch"]), float(row["lr"]), int(row["epochs"]))
         cells.setdefault(key, {}).setdefault(point, []).append(100 * float(row["val_acc"]))
     for (dataset, n, epsilon), points in sorted(cells.items()):
-        rule = next(point for point in points if point[3])
+        chosen = teacher_recipe(n, epsilon, MODEL)
+        # The rule's point, its lr matched to 1% (a point run as lr / 2 of an earlier rule rounds differently).
+        matches = [point for point in points if (point[0], point[2]) == (chosen["train_batch_size"], chosen["epochs"])
+                   and math.isclose(point[1], chosen["lr"], rel_tol=0.01)]
+        if not matches:
+            continue
+        rule = max(matches, key=lambda point: len(points[point]))
         # The best among the points run with every seed (the rule, and the best-screened other point).
         best = max((point for point in points if len(points[point]) == len(points[rule])),
                    key=lambda point: statistics.mean(points[point]))
@@ -125,6 +146,11 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--full_grid", action="store_true", help="3 x 3 grid instead of the cross of 5 points")
+    parser.add_argument("--points", nargs="+", default=[], metavar="BATCH_FACTOR:LR_FACTOR",
+                        help="instead of the grid: these multiples of the rule's batch and lr (e.g. 1:0.5 for half "
+                             "the lr) beside the rule, every one with all seeds")
+    parser.add_argument("--fold", type=int, default=0, choices=range(int(1 / VAL_SPLIT)),
+                        help="validation band of the content hash: 0 is the pipeline's split, another a fresh one")
     parser.add_argument("--csv", default=str(ROOT / "docs" / "recipe_validation.csv"))
     parser.add_argument("--table_only", action="store_true", help="write the CSV's table into docs/recipes.md")
     args = parser.parse_args()
@@ -140,13 +166,13 @@ def main() -> None:
             csv.DictWriter(handle, COLUMNS).writeheader()
 
     spec, train_set = private_set(args.dataset)
-    name = registry.artifact_name(args.dataset)
-    train_set, val_set = split_by_content(train_set, VAL_SPLIT)
+    name = registry.artifact_name(args.dataset) + (f" fold {args.fold}" if args.fold else "")
+    train_set, val_set = fold_split(train_set, args.fold)
     model = registry.get_model(MODEL, spec.num_classes, spec.channels, spec.image_size)
     head, features = training_inputs(model, train_set)
     val_features = scoring_features(model, head, val_set, "cpu")
     cells = []
-    for size, indices in subsets(train_set, args.sizes).items():
+    for size, indices in subsets(train_set, args.sizes, args.fold).items():
         part = TensorDataset(*(tensor[indices] for tensor in features.tensors))
         cells += [(part, epsilon, teacher_recipe(len(part), epsilon, MODEL)) for epsilon in args.epsilons]
     sigmas: dict[tuple, float] = {}
@@ -165,7 +191,7 @@ def main() -> None:
             sigmas[n, epsilon, batch] = privacy.calibrate_noise_multiplier(epsilon, DELTA, plan, ratios=[1.0, 1.0])[0]
         sigma, started = sigmas[n, epsilon, batch], time.time()
         value = run_one(spec, part, val_features, rule, lr, batch, sigma, seed)
-        is_rule = (lr, batch) == (rule["lr"], rule["train_batch_size"])
+        is_rule = (lr, batch) == (rule["lr"], rule["train_batch_size"])  # the rule when it ran (it may change)
         row = dict(zip(COLUMNS, (name, n, epsilon, lr, batch, rule["epochs"], is_rule, seed, round(sigma, 4),
                                  round(value, 4), round(time.time() - started, 1))))
         with path.open("a", newline="") as handle:
@@ -174,6 +200,17 @@ def main() -> None:
         print(row, flush=True)
         return value
 
+    if args.points:
+        factors = [tuple(map(float, point.split(":"))) for point in args.points]
+        for cell in cells:
+            lr, batch = cell[2]["lr"], cell[2]["train_batch_size"]
+            chosen = [(float(f"{lr * lr_factor:.3g}"), min(round(batch * batch_factor), len(cell[0])))
+                      for batch_factor, lr_factor in factors]
+            for point in [(lr, batch), *chosen]:
+                for seed in args.seeds:
+                    accuracy(cell, *point, seed)
+        print(table(rows))
+        return
     # The rule at every size first (all seeds); then the other grid points with the first seed, a group at a
     # time (learning rates first), each group followed by the other seeds for the best point screened so far:
     # successive halving, so the rule is compared with the best at all seeds, and a cut-off run still is.

@@ -20,7 +20,7 @@ from common.files import read_yaml
 from privacy.accountant import ACCOUNTANTS
 from stages.dp_statistics import StatisticsConfig
 from stages.paper import expand_row
-from stages.recipe import RECIPES, STUDENT_EPOCHS, TEACHER_KEYS, release_sizes
+from stages.recipe import AUTO, TEACHER_KEYS, load_recipe, release_sizes
 from stages.student import StudentConfig
 from stages.synthesis import SynthesisConfig
 from stages.teacher import EVAL_SPLIT_HELP, EVAL_SPLITS, TeacherConfig
@@ -49,10 +49,10 @@ class PipelineSettings(RunOptions):
     val_split: float = option(TeacherConfig.val_split, "expected fraction of the private training records held out "
                               "for validation (both private stages train on the rest)", parse=fraction)
     eval_split: str = option(TeacherConfig.eval_split, EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
-    recipe: str | None = option(TeacherConfig.recipe, "'auto': the teacher's and the DP statistics' numbers follow "
-                                "rules of N and target_epsilon, the release sizes and the student's epochs rules of "
-                                "the class count (stages/recipe.py); the keys it chooses are then refused",
-                                choices=RECIPES)
+    recipe: str | None = option(TeacherConfig.recipe, "'auto' or a recipe file (relative to this config): the "
+                                "teacher's and the DP statistics' numbers follow rules of N and target_epsilon, the "
+                                "release sizes and the student's epochs rules of the class count (stages/recipe.py); "
+                                "the keys it chooses are then refused")
     evaluate: bool = option(False, "release cards (utility, obfuscation, fidelity) at the end")
     exports: tuple[str, ...] = option((), f"export every release in these formats ({', '.join(FORMATS)}) "
                                       "to export_k<k>_<format>/")
@@ -151,10 +151,11 @@ def validate_config(raw: dict) -> Pipeline:
     if top.eval_split == "validation" and (not top.val_split or top.evaluate):
         raise DPImgSynError("config: eval_split 'validation' needs 'val_split' > 0 and no 'evaluate' (release cards "
                             "read the test split)")
-    if top.recipe:
-        _refuse_recipe_keys(raw, top.recipe)
+    recipe = load_recipe(top.recipe) if top.recipe else None
+    if recipe:
+        _refuse_recipe_keys(raw, recipe.name)
         if top.target_epsilon is None:
-            raise DPImgSynError(f"config: recipe {top.recipe} needs 'target_epsilon' (its rules depend on it)")
+            raise DPImgSynError(f"config: recipe {recipe.name} needs 'target_epsilon' (its rules depend on it)")
     run = {"device": top.device, "data_root": top.data_root}
     split = {"val_split": top.val_split, "eval_split": top.eval_split}
     # With a recipe, the teacher plans the statistics' epochs and batch for its N, and stage 2 follows the plan.
@@ -172,15 +173,16 @@ def validate_config(raw: dict) -> Pipeline:
         **planned})
     synthesis_section = _section(raw, "synthesis")
     ks = _int_list(synthesis_section, ("k", "g_steps"), "synthesis.", None, minimum=0)
-    if top.recipe:
-        synthesis_section["num_samples"] = list(release_sizes(registry.dataset_info(top.dataset).num_classes, ks))
+    if recipe:
+        synthesis_section["num_samples"] = list(release_sizes(registry.dataset_info(top.dataset).num_classes, ks,
+                                                              recipe))
     num_samples = _release_sizes(synthesis_section, len(ks))
     synthesis = config_from_mapping(SynthesisConfig, synthesis_section, "synthesis.", required=(
         "public_set", "num_samples"), fixed={**run, "teacher": UNSET, "output": UNSET, "k": 0,
                                                "dataset": top.dataset})
     student_section = _section(raw, "student")
-    if top.recipe:
-        student_section["epochs"] = STUDENT_EPOCHS
+    if recipe:
+        student_section["epochs"] = recipe.student_epochs
     seeds = _int_list(student_section, ("seeds",), "student.", PAPER_SEEDS)
     together = student_section.pop("together", False)
     if not isinstance(together, bool):
@@ -217,6 +219,8 @@ def read_config(path: str | Path, inheriting: tuple[Path, ...] = ()) -> dict:
     that differs from another in a few settings says just those."""
     path = Path(path)
     raw = read_yaml(path)
+    if isinstance(raw.get("recipe"), str) and raw["recipe"] != AUTO:  # a recipe file, like a base, by this file
+        raw["recipe"] = str((path.parent / raw["recipe"]).resolve())
     if "base" not in raw:
         return raw
     base = raw.pop("base")

@@ -20,7 +20,7 @@ from privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from privacy.checkpoint import completed_dppt
 from privacy.sampling import private_seed
 from privacy.split import split_by_content
-from stages.recipe import RECIPES, with_recipe
+from stages.recipe import recipe_argument, with_recipe
 from stages.skeleton import StageRun
 from synthesizer.release import check_class_names
 from training.accuracy import evaluate
@@ -64,9 +64,10 @@ class TeacherConfig(DPSGDConfig, registry.FolderViewOptions, RunOptions):
                               "record's side is fixed by a hash of its content, both private stages train on the "
                               "rest, and validation accuracy goes to the local log only (non-private)", parse=fraction)
     eval_split: str = option("test", EVAL_SPLIT_HELP, choices=EVAL_SPLITS)
-    recipe: str | None = option(None, "'auto': choose epochs, train_batch_size, lr, max_norm, momentum, stats_epochs "
-                                "and stats_batch_size by rules of N and target_epsilon (stages/recipe.py); those "
-                                "flags are then refused", choices=RECIPES)
+    recipe: str | None = option(None, "'auto' or a recipe file (configs/recipe_auto.yaml): choose epochs, "
+                                "train_batch_size, lr, max_norm, momentum, stats_epochs and stats_batch_size by rules "
+                                "of N and target_epsilon (stages/recipe.py); those flags are then refused",
+                                parse=recipe_argument)
     seed: int | None = option(None, "seed of sampling and noise (default: fresh OS entropy). Anyone who knows it can "
                               "regenerate the noise: keep a fixed seed secret; it is never stored in artifacts",
                               run_only=True)  # whoever knows it can regenerate the noise (see private_seed)

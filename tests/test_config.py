@@ -66,7 +66,8 @@ def test_bad_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("path, epsilon", [("configs/demo.yaml", 10), ("configs/demo_baseline.yaml", 10),
-                                           ("configs/demo_eps10.yaml", 10), ("configs/demo_eps1.yaml", 1)])
+                                           ("configs/demo_tuned.yaml", 10), ("configs/demo_eps10.yaml", 10),
+                                           ("configs/demo_eps1.yaml", 1)])
 def test_demo_configs_parse(path, epsilon):
     config = load_config(path)
     assert config.settings.dataset == "mnist5k" and config.synthesis.public_set == "photos"
@@ -84,7 +85,7 @@ def test_a_recipe_changes_its_base_only_where_it_says(tmp_path):
     assert config.settings.target_epsilon == 1 and config.teacher.lr == 2.0
     assert config.teacher.epochs == base.teacher.epochs == 1 and config.teacher.max_norm == 1.0
     assert config.student == base.student and config.ks == base.ks
-    assert load_config("configs/demo_eps10.yaml").student == load_config("configs/demo.yaml").student
+    assert load_config("configs/demo_eps10.yaml").student == load_config("configs/demo_tuned.yaml").student
 
 
 @pytest.mark.parametrize("base, message", [("self.yaml", "leads back to itself"), ("missing.yaml", "not found"),

@@ -34,7 +34,7 @@ REQUIRED = {StatisticsConfig: {"teacher": "t.dppt", "output": "s.dppt", "public_
 def valid(field: dataclasses.Field, value: object) -> bool:
     parse = field.metadata.get("parse")
     try:
-        parse is None or parse(repr(value))
+        parse is None or parse(value if isinstance(value, str) else repr(value))
     except argparse.ArgumentTypeError:
         return False
     return True
@@ -54,7 +54,7 @@ def other_value(cls: type, field: dataclasses.Field, value: object) -> object:
     if isinstance(value, str):
         return value + "_other"
     kinds = typing.get_args(typing.get_type_hints(cls)[field.name])  # None: a value of the field's type
-    return next(example for example in (2, 0.5, "photos") if type(example) in kinds)
+    return next(example for example in (2, 0.5, "photos", "auto") if type(example) in kinds and valid(field, example))
 
 
 @pytest.mark.parametrize("cls", list(RUN_ONLY), ids=lambda cls: cls.__name__)

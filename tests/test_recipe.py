@@ -1,10 +1,11 @@
-"""Recipe auto: the teacher's, the releases' and the student's numbers as rules of public facts."""
+"""Recipes (auto and recipe files): the teacher's, the releases' and the student's numbers as rules of public facts."""
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
 import pytest
+import yaml
 
 import privacy
 import registry
@@ -12,7 +13,7 @@ import train_dp
 from common.errors import DPImgSynError
 from privacy.sampling import steps_per_epoch
 from stages.config import load_config, validate_config
-from stages.recipe import release_sizes, teacher_recipe, with_recipe
+from stages.recipe import AUTO, AUTO_RECIPE, load_recipe, read_recipe, release_sizes, teacher_recipe, with_recipe
 from stages.teacher import TeacherConfig
 from test_stage_options import few_digits  # noqa: F401 (a fixture)
 
@@ -25,9 +26,9 @@ def test_the_rule_is_a_pure_function_of_public_facts(monkeypatch):
 
     monkeypatch.setattr(registry, "get_dataset", no_data)
     assert teacher_recipe(3610, 1, "scatter_cnn") == teacher_recipe(3610, 1.0, "scatter_cnn")
-    # At the size they were chosen at, the anchors are the demo's validated teachers (docs/utility.md).
+    # At the size they were chosen at, the anchors are the validated teachers (docs/recipes.md).
     assert teacher_recipe(3610, 1, "scatter_cnn") == {
-        "train_batch_size": 1024, "epochs": 20, "lr": 2.0, "max_norm": 0.1, "momentum": 0.9,
+        "train_batch_size": 512, "epochs": 20, "lr": 1.0, "max_norm": 0.1, "momentum": 0.9,
         "stats_batch_size": 256, "stats_epochs": 1}
     ten = teacher_recipe(3610, 10, "scatter_cnn")
     assert (ten["train_batch_size"], ten["epochs"], ten["lr"]) == (512, 30, 4.0)
@@ -54,10 +55,12 @@ def test_the_batch_grows_with_n_at_a_fixed_sample_rate_and_fixed_steps(epsilon):
     assert max(sigmas) / min(sigmas) < 1.01
 
 
-def test_more_budget_buys_more_steps_at_a_smaller_rate():
+def test_more_budget_buys_more_steps_and_a_larger_step():
     rules = [teacher_recipe(3610, epsilon, "scatter_cnn") for epsilon in (0.5, 1, 2, 4, 10)]
     steps = [rule["epochs"] * steps_per_epoch(3610, rule["train_batch_size"]) for rule in rules]
-    assert steps == sorted(steps) and steps[0] < steps[-1]
+    assert steps == sorted(steps) and steps[1] < steps[2] < steps[3] < steps[4]
+    lrs = [rule["lr"] for rule in rules]
+    assert lrs == sorted(lrs) and lrs[1] < lrs[2] < lrs[3] < lrs[4]
     batches = [rule["train_batch_size"] for rule in rules]
     assert batches == sorted(batches, reverse=True)
 
@@ -89,15 +92,15 @@ def test_recipe_auto_numbers_become_the_teachers_recorded_settings(few_digits, t
              "--device", "cpu", "--no_progress", "--seed", "3", "--output", str(tmp_path / "t")]
     path = train_dp.run(flags)
     chosen = teacher_recipe(12, 1.0, "scatter_cnn")
-    assert (chosen["train_batch_size"], chosen["epochs"], chosen["stats_batch_size"]) == (3, 20, 1)
-    assert "recipe auto for N = 12, epsilon = 1: batch 3, epochs 20, lr 0.00665, C 0.1, momentum 0.9; DP statistics " \
+    assert (chosen["train_batch_size"], chosen["epochs"], chosen["stats_batch_size"]) == (2, 20, 1)
+    assert "recipe auto for N = 12, epsilon = 1: batch 2, epochs 20, lr 0.00332, C 0.1, momentum 0.9; DP statistics " \
            "batch 1, epochs 1" in capsys.readouterr().out
     payload = privacy.load_dppt(path)
     assert payload["settings"]["recipe"] == "auto"
     assert {key: payload["settings"][key] for key in chosen} == chosen
     assert payload["plan"]["statistics"]["epochs"] == 1 and payload["plan"]["statistics"]["train_batch_size"] == 1
     (entry,) = payload["privacy"]["ledger"]
-    assert entry["sample_rate"] == pytest.approx(3 / 12) and entry["steps"] == 20 * 4
+    assert entry["sample_rate"] == pytest.approx(2 / 12) and entry["steps"] == 20 * 6
     assert payload["plan"]["total_epsilon"] <= 1.0
     # The rerun finds the same numbers for the same N: the finished teacher is reused, not retrained.
     before = path.read_bytes()
@@ -124,9 +127,103 @@ def test_pipeline_key_recipe_fills_the_releases_and_student_and_leaves_the_teach
         validate_config({**without_target, "noise_multiplier": 1.0})
 
 
-def test_the_auto_demo_config_is_the_demo_with_the_recipe():
-    auto, demo = load_config("configs/demo_auto.yaml"), load_config("configs/demo.yaml")
-    assert auto.teacher.recipe == "auto" and demo.teacher.recipe is None
-    assert auto.ks == (0, 20) and auto.num_samples == (16000, 2000)
-    assert replace(auto.synthesis, num_samples=0) == replace(demo.synthesis, num_samples=0)
-    assert math.isclose(auto.settings.target_epsilon, demo.settings.target_epsilon)
+def test_the_demo_is_the_tuned_demo_with_the_recipe():
+    """The demo runs recipe auto; the numbers it replaced stay in demo_tuned.yaml, the base of demo_eps1/10."""
+    auto, tuned = load_config("configs/demo.yaml"), load_config("configs/demo_tuned.yaml")
+    assert auto.teacher.recipe == "auto" and tuned.teacher.recipe is None
+    assert auto.ks == tuned.ks == (0, 10) and auto.num_samples == (16000, 2000) and not auto.together
+    assert replace(auto.synthesis, num_samples=0) == replace(tuned.synthesis, num_samples=0)
+    assert math.isclose(auto.settings.target_epsilon, tuned.settings.target_epsilon)
+
+
+RECIPE_FILE = {"reference_size": 1000, "anchors": [{"epsilon": 1, "batch": 100, "epochs": 5, "lr": 0.5},
+                                                   {"epsilon": 4, "batch": 50, "epochs": 10, "lr": 2.0},
+                                                   {"epsilon": 16, "batch": 50, "epochs": 20, "lr": 2.0}],
+               "models": {"scatter_cnn": {"max_norm": 0.5, "momentum": 0}}, "statistics": {"batch": 20, "epochs": 2},
+               "releases": {"k0_per_class": 7, "aligned_per_class": 3}, "student": {"epochs": 4}}
+
+
+def write_recipe(folder, content=None, name="mine.yaml"):
+    path = folder / name
+    path.write_text(yaml.safe_dump(content or RECIPE_FILE))
+    return path
+
+
+def test_the_shipped_recipe_file_is_recipe_auto_written_out():
+    """configs/recipe_auto.yaml is the example users copy: it must say exactly what auto does."""
+    shipped = read_recipe("configs/recipe_auto.yaml")
+    assert shipped.name.startswith("recipe_auto.yaml@sha256:") and replace(shipped, name=AUTO) == AUTO_RECIPE
+
+
+def test_a_recipe_file_gives_the_same_rules_other_numbers(tmp_path):
+    recipe = read_recipe(write_recipe(tmp_path))
+    # At an anchor its numbers; batch and statistics batch at the reference rate; lr grows with N up to the reference.
+    assert teacher_recipe(2000, 4, "scatter_cnn", recipe) == {
+        "train_batch_size": 100, "epochs": 10, "lr": 2.0, "max_norm": 0.5, "momentum": 0.0,
+        "stats_batch_size": 40, "stats_epochs": 2}
+    assert teacher_recipe(500, 4, "scatter_cnn", recipe)["lr"] == 1.0
+    # Between anchors log-linear in epsilon (the segment around it), beyond them the nearer anchor's.
+    assert teacher_recipe(1000, 2, "scatter_cnn", recipe)["lr"] == pytest.approx(1.0)
+    assert teacher_recipe(1000, 8, "scatter_cnn", recipe)["epochs"] == round(10 * 2 ** 0.5)
+    assert teacher_recipe(1000, 0.5, "scatter_cnn", recipe) == teacher_recipe(1000, 1, "scatter_cnn", recipe)
+    assert teacher_recipe(1000, 99, "scatter_cnn", recipe) == teacher_recipe(1000, 16, "scatter_cnn", recipe)
+    assert release_sizes(4, (0, 5), recipe) == (28, 12)
+    with pytest.raises(DPImgSynError, match=r"recipe mine.yaml@sha256:\w+ has validated rules for scatter_cnn"):
+        teacher_recipe(1000, 1, "small_cnn", recipe)
+
+
+def test_the_teacher_records_a_recipe_file_by_name_and_content_never_its_path(tmp_path):
+    path = write_recipe(tmp_path)
+    config = TeacherConfig(dataset="mnist5k", model="scatter_cnn", recipe=str(path), target_epsilon=4.0)
+    chosen = with_recipe(config, 1000, False)
+    assert chosen.lr == 2.0 and chosen.train_batch_size == 50
+    assert chosen.recipe.startswith("mine.yaml@sha256:") and str(tmp_path) not in chosen.recipe
+    assert with_recipe(config, 1000, False).recipe == chosen.recipe  # a rerun matches the recorded settings
+    write_recipe(tmp_path, {**RECIPE_FILE, "student": {"epochs": 5}})
+    assert with_recipe(config, 1000, False).recipe != chosen.recipe  # an edited file is another recipe
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"lr_scale": 2}, "unknown key 'lr_scale'"),
+    ({"student": {}}, "student: missing 'epochs'"),
+    ({"anchors": [{"epsilon": 1, "batch": 10, "epochs": 5, "lr": -1}]}, "anchor 1: 'lr' must be a positive number"),
+    ({"anchors": [{"epsilon": 1, "batch": 10.5, "epochs": 5, "lr": 1}]}, "'batch' must be a positive whole number"),
+    ({"anchors": [{**RECIPE_FILE["anchors"][1]}, {**RECIPE_FILE["anchors"][0]}]}, "by increasing epsilon"),
+    ({"anchors": []}, "at least one anchor"),
+    ({"statistics": {"batch": 2000, "epochs": 1}}, "a batch is larger than reference_size"),
+    ({"models": {"scatter_cnn": {"max_norm": 0.1}}}, "model scatter_cnn: missing 'momentum'"),
+    ({"models": {}}, "'models' must name at least one model"),
+    ({"models": ["scatter_cnn"]}, "'models' must be a mapping"),
+])
+def test_a_bad_recipe_file_is_refused_in_one_line(tmp_path, change, said):
+    with pytest.raises(DPImgSynError, match=said):
+        read_recipe(write_recipe(tmp_path, {**RECIPE_FILE, **change}))
+
+
+def test_a_recipe_that_is_not_there_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("anchors: [unclosed\n")
+    with pytest.raises(DPImgSynError, match="broken.yaml is not valid YAML"):
+        read_recipe(tmp_path / "broken.yaml")
+    flags = ["--dataset", "mnist5k", "--model", "scatter_cnn", "--target_epsilon", "1", "--recipe"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_dp.main([*flags, str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2 and "is neither 'auto' nor a recipe file" in capsys.readouterr().err
+    with pytest.raises(DPImgSynError, match="is neither 'auto' nor a recipe file"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_a_pipeline_reads_its_recipe_file_relative_to_itself(tmp_path, tiny_config):
+    (tmp_path / "recipes").mkdir()
+    write_recipe(tmp_path / "recipes")
+    raw = {**tiny_config, "model": "scatter_cnn", "recipe": "recipes/mine.yaml", "teacher": {"seed": 0},
+           "statistics": {"public_set": "photos", "clip_quantile": 0.5},
+           "synthesis": {key: value for key, value in tiny_config["synthesis"].items() if key != "num_samples"},
+           "student": {key: value for key, value in tiny_config["student"].items() if key != "epochs"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    pipeline = load_config(tmp_path / "run.yaml")
+    classes = registry.dataset_info(tiny_config["dataset"]).num_classes
+    assert pipeline.num_samples == release_sizes(classes, pipeline.ks, read_recipe(tmp_path / "recipes" / "mine.yaml"))
+    assert pipeline.student.epochs == 4 and pipeline.teacher.recipe == str(tmp_path / "recipes" / "mine.yaml")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**raw, "teacher": {"seed": 0, "lr": 1.0}}))
+    with pytest.raises(DPImgSynError, match=r"config: recipe mine.yaml@sha256:\w+ chooses 'teacher.lr'"):
+        load_config(tmp_path / "run.yaml")
