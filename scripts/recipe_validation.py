@@ -111,8 +111,10 @@ def table(rows: list[dict]) -> str:
         cells.setdefault(key, {}).setdefault(point, []).append(100 * float(row["val_acc"]))
     for (dataset, n, epsilon), points in sorted(cells.items()):
         chosen = teacher_recipe(n, epsilon, MODEL)
-        # The rule's point, its lr matched to 1% (a point run as lr / 2 of an earlier rule rounds differently).
-        matches = [point for point in points if (point[0], point[2]) == (chosen["train_batch_size"], chosen["epochs"])
+        # The rule's point, its batch and lr matched to 1% (a point run as a multiple of an earlier rule's rounds
+        # differently).
+        matches = [point for point in points if point[2] == chosen["epochs"]
+                   and math.isclose(point[0], chosen["train_batch_size"], rel_tol=0.01)
                    and math.isclose(point[1], chosen["lr"], rel_tol=0.01)]
         if not matches:
             continue

@@ -5,15 +5,18 @@ numbers tuned at one dataset size do not carry to another. So the recipe is a se
 public: the training set's size N, the target epsilon, the class count and the model. It never reads
 a record or an accuracy. The rules and where they come from:
 
-- **Sample rate and steps fixed, batch grows with N** (Sander et al. 2023, "TAN without a burn"). At a
-  fixed sample rate q = B / N and step count S, the sigma that meets an epsilon depends on epsilon
-  alone, and accuracy follows the noise of the mean step, sigma / B. So B = q N: a larger private set
-  lowers the noise at the same steps. Epochs = S q are fixed too.
-- **The learning rate follows the batch** below the anchors' size N_ref = 3,610: lr = lr_ref N / N_ref
-  (Goyal et al. 2017's linear scaling), so the noise each step adds to the weights, lr sigma C / B, stays
-  the anchors' while sigma / B grows as N shrinks; a smaller set otherwise drowns in noise (validation:
-  lr 2 at N = 982, epsilon 1 ended at 16%). Above N_ref it stays the anchors' (the clipped signal of a
-  step, at most lr C, does not grow with B).
+- **Sample rate and steps fixed, batch grows with N, from the anchors' size N_ref = 3,610 up** (Sander
+  et al. 2023, "TAN without a burn"). At a fixed sample rate q = B / N and step count S, the sigma that
+  meets an epsilon depends on epsilon alone, and accuracy follows the noise of the mean step, sigma / B.
+  So B = q N: a larger private set lowers the noise at the same steps. Epochs = S q are fixed too.
+- **Below N_ref the batch shrinks like sqrt(N), not N**: B = q sqrt(N N_ref). At q N a small set's
+  batch is so small that sigma / B drowns the step; the best batch at 1,000 to 2,000 records stayed
+  near 270 to 570 (validation grid), and q sqrt(N N_ref) beat q N on two fresh validation parts at
+  about 1,000 and 2,000 records by 2 to 8 points (docs/recipes.md). Fewer steps, at a larger rate.
+- **The learning rate follows N** below N_ref: lr = lr_ref N / N_ref (Goyal et al. 2017's linear
+  scaling; the grid's best learning rate at 982, 1,308 and 2,019 records was this one), so a smaller set
+  does not drown in noise (validation: lr 2 at N = 982, epsilon 1 ended at 16%). Above N_ref it stays
+  the anchors' (the clipped signal of a step, at most lr C, does not grow with B).
 - **More budget buys more steps and a larger step** (De et al. 2022): the epochs and the learning rate
   move log-linearly in epsilon between two anchors chosen on validation splits of mnist5k's training
   records at N = 3,610 (docs/utility.md, docs/recipes.md): epsilon 1: q = 512 / 3610, 20 epochs, lr 1
@@ -180,6 +183,11 @@ def _batch(sample_rate: float, num_examples: int) -> int:
     return min(max(round(sample_rate * num_examples), 1), num_examples)
 
 
+def _dp_sgd_batch(sample_rate: float, num_examples: int, reference_size: int) -> int:
+    """q N from the reference size up; below it q sqrt(N N_ref): the batch shrinks like sqrt(N), not N."""
+    return _batch(sample_rate * math.sqrt(max(reference_size / num_examples, 1.0)), num_examples)
+
+
 def teacher_recipe(num_examples: int, target_epsilon: float, model: str,
                    recipe: str | Recipe = AUTO) -> dict[str, Any]:
     """The teacher's DP-SGD numbers and its planned DP statistics' for N ``num_examples`` at ``target_epsilon``."""
@@ -193,7 +201,7 @@ def teacher_recipe(num_examples: int, target_epsilon: float, model: str,
                             f"epsilon = {target_epsilon}")
     rate = _along_epsilon(recipe, target_epsilon, "batch") / recipe.reference_size
     lr = _along_epsilon(recipe, target_epsilon, "lr") * min(num_examples / recipe.reference_size, 1.0)
-    return {"train_batch_size": _batch(rate, num_examples), "epochs": round(_along_epsilon(recipe, target_epsilon,
+    return {"train_batch_size": _dp_sgd_batch(rate, num_examples, recipe.reference_size), "epochs": round(_along_epsilon(recipe, target_epsilon,
                                                                                            "epochs")),
             "lr": float(f"{lr:.3g}"), **recipe.models[model],
             "stats_batch_size": _batch(recipe.stats_batch / recipe.reference_size, num_examples),

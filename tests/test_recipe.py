@@ -37,22 +37,24 @@ def test_the_rule_is_a_pure_function_of_public_facts(monkeypatch):
 
 
 @pytest.mark.parametrize("epsilon", [1, 2, 4, 10])
-def test_the_batch_grows_with_n_at_a_fixed_sample_rate_and_fixed_steps(epsilon):
+def test_the_batch_grows_with_n_at_a_fixed_sample_rate_above_the_reference_size_and_like_its_root_below(epsilon):
     rules = [teacher_recipe(n, epsilon, "scatter_cnn") for n in SIZES]
-    rates = [rule["train_batch_size"] / n for rule, n in zip(rules, SIZES)]
-    steps = {rule["epochs"] * steps_per_epoch(n, rule["train_batch_size"]) for rule, n in zip(rules, SIZES)}
-    assert [rule["train_batch_size"] for rule in rules] == sorted(rule["train_batch_size"] for rule in rules)
-    assert max(rates) - min(rates) < 1e-3 and len(steps) == 1  # q and S fixed: sigma depends on epsilon alone
-    assert len({(rule["max_norm"], rule["epochs"]) for rule in rules}) == 1
-    # The learning rate follows the batch up to the anchors' N (the noise a step adds to the weights stays
-    # theirs), and stays the anchors' above it.
+    batches = [rule["train_batch_size"] for rule in rules]
+    assert batches == sorted(batches) and len({(rule["max_norm"], rule["epochs"]) for rule in rules}) == 1
+    # From the reference size up, q and S fixed (TAN): sigma depends on epsilon alone, sigma / B falls as N grows.
+    reference, large = rules[2], rules[3]
+    assert large["train_batch_size"] / SIZES[3] == pytest.approx(reference["train_batch_size"] / SIZES[2], rel=2e-3)
+    assert steps_per_epoch(SIZES[3], large["train_batch_size"]) == steps_per_epoch(SIZES[2], reference["train_batch_size"])
+    sigmas = [privacy.calibrate_noise_multiplier(epsilon, 1e-5, [privacy.poisson_plan(
+        n, rule["train_batch_size"], rule["epochs"])], "rdp") for n, rule in zip(SIZES[2:], rules[2:])]
+    assert max(sigmas) / min(sigmas) < 1.01
+    # Below it the batch shrinks like sqrt(N), not N (validated on fresh validation parts: docs/recipes.md).
+    for n, rule in zip(SIZES[:2], rules[:2]):
+        assert rule["train_batch_size"] == pytest.approx(reference["train_batch_size"] * (n / SIZES[2]) ** 0.5, abs=1)
+    # The learning rate follows N up to the reference size, and stays the anchors' above it.
     lrs = [rule["lr"] for rule in rules]
     assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == teacher_recipe(3610, epsilon, "scatter_cnn")["lr"]
-    assert lrs[0] / rules[0]["train_batch_size"] == pytest.approx(lrs[2] / rules[2]["train_batch_size"], rel=0.02)
-    # ... so sigma is the same at every N, and the noise of the mean step, sigma / B, falls as N grows.
-    sigmas = [privacy.calibrate_noise_multiplier(epsilon, 1e-5, [privacy.poisson_plan(
-        n, rule["train_batch_size"], rule["epochs"])], "rdp") for n, rule in zip(SIZES[::3], rules[::3])]
-    assert max(sigmas) / min(sigmas) < 1.01
+    assert lrs[0] / SIZES[0] == pytest.approx(lrs[2] / SIZES[2], rel=0.02)
 
 
 def test_more_budget_buys_more_steps_and_a_larger_step():
@@ -92,15 +94,15 @@ def test_recipe_auto_numbers_become_the_teachers_recorded_settings(few_digits, t
              "--device", "cpu", "--no_progress", "--seed", "3", "--output", str(tmp_path / "t")]
     path = train_dp.run(flags)
     chosen = teacher_recipe(12, 1.0, "scatter_cnn")
-    assert (chosen["train_batch_size"], chosen["epochs"], chosen["stats_batch_size"]) == (2, 20, 1)
-    assert "recipe auto for N = 12, epsilon = 1: batch 2, epochs 20, lr 0.00332, C 0.1, momentum 0.9; DP statistics " \
+    assert (chosen["train_batch_size"], chosen["epochs"], chosen["stats_batch_size"]) == (12, 20, 1)
+    assert "recipe auto for N = 12, epsilon = 1: batch 12, epochs 20, lr 0.00332, C 0.1, momentum 0.9; DP statistics " \
            "batch 1, epochs 1" in capsys.readouterr().out
     payload = privacy.load_dppt(path)
     assert payload["settings"]["recipe"] == "auto"
     assert {key: payload["settings"][key] for key in chosen} == chosen
     assert payload["plan"]["statistics"]["epochs"] == 1 and payload["plan"]["statistics"]["train_batch_size"] == 1
     (entry,) = payload["privacy"]["ledger"]
-    assert entry["sample_rate"] == pytest.approx(2 / 12) and entry["steps"] == 20 * 6
+    assert entry["sample_rate"] == pytest.approx(12 / 12) and entry["steps"] == 20 * 1
     assert payload["plan"]["total_epsilon"] <= 1.0
     # The rerun finds the same numbers for the same N: the finished teacher is reused, not retrained.
     before = path.read_bytes()
