@@ -13,10 +13,12 @@ a record or an accuracy. The rules and where they come from:
   batch is so small that sigma / B drowns the step; the best batch at 1,000 to 2,000 records stayed
   near 270 to 570 (validation grid), and q sqrt(N N_ref) beat q N on two fresh validation parts at
   about 1,000 and 2,000 records by 2 to 8 points (docs/recipes.md). Fewer steps, at a larger rate.
-- **The learning rate follows N** below N_ref: lr = lr_ref N / N_ref (Goyal et al. 2017's linear
-  scaling; the grid's best learning rate at 982, 1,308 and 2,019 records was this one), so a smaller set
-  does not drown in noise (validation: lr 2 at N = 982, epsilon 1 ended at 16%). Above N_ref it stays
-  the anchors' (the clipped signal of a step, at most lr C, does not grow with B).
+- **Below N_ref the learning rate shrinks with N at small epsilon and with the batch at large**:
+  lr = lr_ref (N / N_ref)^p, p = 1 at epsilon 1 (the grid's best lr at 982, 1,308 and 2,019 records; lr 2
+  at N = 982, epsilon 1 ended at 16%), p = 1/2 at epsilon 10, where it follows the batch (Goyal et al.
+  2017's linear scaling; it beat p = 1 on two fresh validation parts at about 1,000 records by 2.4 and
+  2.8 points). Above N_ref it stays the anchors' (the clipped signal of a step, at most lr C, does not
+  grow with B).
 - **More budget buys more steps and a larger step** (De et al. 2022): the epochs and the learning rate
   move log-linearly in epsilon between two anchors chosen on validation splits of mnist5k's training
   records at N = 3,610 (docs/utility.md, docs/recipes.md): epsilon 1: q = 512 / 3610, 20 epochs, lr 1
@@ -58,12 +60,14 @@ TEACHER_KEYS = ("epochs", "train_batch_size", "lr", "max_norm", "momentum", "sta
 
 @dataclasses.dataclass(frozen=True)
 class Anchor:
-    """A teacher validated at the recipe's reference size: its batch there sets the sample rate."""
+    """A teacher validated at the recipe's reference size: its batch there sets the sample rate; below that
+    size its lr scales as (N / N_ref) ** lr_power (1: with N; 0.5: with the batch, which grows like sqrt(N))."""
 
     epsilon: float
     batch: int
     epochs: int
     lr: float
+    lr_power: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +87,11 @@ class Recipe:
 
 # Chosen on validation splits of mnist5k's training records at N = 3,610 (docs/recipes.md); C and momentum
 # from Tramer & Boneh 2021.
-AUTO_RECIPE = Recipe(AUTO, 3610, (Anchor(1.0, 512, 20, 1.0), Anchor(10.0, 512, 30, 4.0)),
+AUTO_RECIPE = Recipe(AUTO, 3610, (Anchor(1.0, 512, 20, 1.0, 1.0), Anchor(10.0, 512, 30, 4.0, 0.5)),
                      {"scatter_cnn": {"max_norm": 0.1, "momentum": 0.9}}, 256, 1, 1600, 200, 30)
 
 # A recipe file's layout, key -> type (numbers > 0, momentum >= 0); 'anchors' is a list of _ANCHOR_KEYS mappings.
-_ANCHOR_KEYS = {"epsilon": float, "batch": int, "epochs": int, "lr": float}
+_ANCHOR_KEYS = {"epsilon": float, "batch": int, "epochs": int, "lr": float, "lr_power": float}
 _FILE_KEYS = {"reference_size": int, "anchors": list, "models": dict, "statistics": dict, "releases": dict,
               "student": dict}
 _SECTION_KEYS = {"statistics": {"batch": int, "epochs": int}, "releases": {"k0_per_class": int,
@@ -200,9 +204,10 @@ def teacher_recipe(num_examples: int, target_epsilon: float, model: str,
         raise DPImgSynError(f"recipe {recipe.name} needs N >= 1 and epsilon > 0, got N = {num_examples}, "
                             f"epsilon = {target_epsilon}")
     rate = _along_epsilon(recipe, target_epsilon, "batch") / recipe.reference_size
-    lr = _along_epsilon(recipe, target_epsilon, "lr") * min(num_examples / recipe.reference_size, 1.0)
-    return {"train_batch_size": _dp_sgd_batch(rate, num_examples, recipe.reference_size), "epochs": round(_along_epsilon(recipe, target_epsilon,
-                                                                                           "epochs")),
+    below = min(num_examples / recipe.reference_size, 1.0)
+    lr = _along_epsilon(recipe, target_epsilon, "lr") * below ** _along_epsilon(recipe, target_epsilon, "lr_power")
+    epochs = round(_along_epsilon(recipe, target_epsilon, "epochs"))
+    return {"train_batch_size": _dp_sgd_batch(rate, num_examples, recipe.reference_size), "epochs": epochs,
             "lr": float(f"{lr:.3g}"), **recipe.models[model],
             "stats_batch_size": _batch(recipe.stats_batch / recipe.reference_size, num_examples),
             "stats_epochs": recipe.stats_epochs}

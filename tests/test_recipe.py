@@ -51,10 +51,12 @@ def test_the_batch_grows_with_n_at_a_fixed_sample_rate_above_the_reference_size_
     # Below it the batch shrinks like sqrt(N), not N (validated on fresh validation parts: docs/recipes.md).
     for n, rule in zip(SIZES[:2], rules[:2]):
         assert rule["train_batch_size"] == pytest.approx(reference["train_batch_size"] * (n / SIZES[2]) ** 0.5, abs=1)
-    # The learning rate follows N up to the reference size, and stays the anchors' above it.
+    # Up to the reference size the learning rate follows N at epsilon 1 and the batch at epsilon 10 (fresh
+    # validation parts, docs/recipes.md), a power of N between; above it, the anchors'.
     lrs = [rule["lr"] for rule in rules]
     assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == teacher_recipe(3610, epsilon, "scatter_cnn")["lr"]
-    assert lrs[0] / SIZES[0] == pytest.approx(lrs[2] / SIZES[2], rel=0.02)
+    power = math.log(lrs[0] / lrs[2]) / math.log(SIZES[0] / SIZES[2])
+    assert power == pytest.approx({1: 1.0, 10: 0.5}.get(epsilon, power), abs=0.01) and 0.5 - 0.01 < power < 1.01
 
 
 def test_more_budget_buys_more_steps_and_a_larger_step():
@@ -138,9 +140,10 @@ def test_the_demo_is_the_tuned_demo_with_the_recipe():
     assert math.isclose(auto.settings.target_epsilon, tuned.settings.target_epsilon)
 
 
-RECIPE_FILE = {"reference_size": 1000, "anchors": [{"epsilon": 1, "batch": 100, "epochs": 5, "lr": 0.5},
-                                                   {"epsilon": 4, "batch": 50, "epochs": 10, "lr": 2.0},
-                                                   {"epsilon": 16, "batch": 50, "epochs": 20, "lr": 2.0}],
+RECIPE_FILE = {"reference_size": 1000,
+               "anchors": [{"epsilon": 1, "batch": 100, "epochs": 5, "lr": 0.5, "lr_power": 1},
+                           {"epsilon": 4, "batch": 50, "epochs": 10, "lr": 2.0, "lr_power": 1},
+                           {"epsilon": 16, "batch": 50, "epochs": 20, "lr": 2.0, "lr_power": 0.25}],
                "models": {"scatter_cnn": {"max_norm": 0.5, "momentum": 0}}, "statistics": {"batch": 20, "epochs": 2},
                "releases": {"k0_per_class": 7, "aligned_per_class": 3}, "student": {"epochs": 4}}
 
@@ -164,6 +167,7 @@ def test_a_recipe_file_gives_the_same_rules_other_numbers(tmp_path):
         "train_batch_size": 100, "epochs": 10, "lr": 2.0, "max_norm": 0.5, "momentum": 0.0,
         "stats_batch_size": 40, "stats_epochs": 2}
     assert teacher_recipe(500, 4, "scatter_cnn", recipe)["lr"] == 1.0
+    assert teacher_recipe(625, 16, "scatter_cnn", recipe)["lr"] == pytest.approx(2.0 * 0.625 ** 0.25, rel=1e-3)
     # Between anchors log-linear in epsilon (the segment around it), beyond them the nearer anchor's.
     assert teacher_recipe(1000, 2, "scatter_cnn", recipe)["lr"] == pytest.approx(1.0)
     assert teacher_recipe(1000, 8, "scatter_cnn", recipe)["epochs"] == round(10 * 2 ** 0.5)
@@ -188,8 +192,11 @@ def test_the_teacher_records_a_recipe_file_by_name_and_content_never_its_path(tm
 @pytest.mark.parametrize("change, said", [
     ({"lr_scale": 2}, "unknown key 'lr_scale'"),
     ({"student": {}}, "student: missing 'epochs'"),
-    ({"anchors": [{"epsilon": 1, "batch": 10, "epochs": 5, "lr": -1}]}, "anchor 1: 'lr' must be a positive number"),
-    ({"anchors": [{"epsilon": 1, "batch": 10.5, "epochs": 5, "lr": 1}]}, "'batch' must be a positive whole number"),
+    ({"anchors": [{"epsilon": 1, "batch": 10, "epochs": 5, "lr": -1, "lr_power": 1}]},
+     "anchor 1: 'lr' must be a positive number"),
+    ({"anchors": [{"epsilon": 1, "batch": 10.5, "epochs": 5, "lr": 1, "lr_power": 1}]},
+     "'batch' must be a positive whole number"),
+    ({"anchors": [{"epsilon": 1, "batch": 10, "epochs": 5, "lr": 1}]}, "anchor 1: missing 'lr_power'"),
     ({"anchors": [{**RECIPE_FILE["anchors"][1]}, {**RECIPE_FILE["anchors"][0]}]}, "by increasing epsilon"),
     ({"anchors": []}, "at least one anchor"),
     ({"statistics": {"batch": 2000, "epochs": 1}}, "a batch is larger than reference_size"),
