@@ -156,10 +156,12 @@ def read_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_argument(text: str) -> str:
-    """A ``--recipe`` value: ``auto`` or an existing recipe file (read, and checked, when the teacher starts)."""
-    if text != AUTO and not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a recipe file (example: "
-                                         "configs/recipe_auto.yaml)")
+    """A ``--recipe`` value: ``auto`` or a recipe file, read and checked by :func:`read_recipe` as the flag is
+    parsed, so a bad file stops the script before any data is read."""
+    try:
+        load_recipe(text)
+    except DPImgSynError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -219,6 +219,9 @@ def test_a_recipe_that_is_not_there_is_refused_before_anything_runs(tmp_path, ca
     assert exit_info.value.code == 2 and "is neither 'auto' nor a recipe file" in capsys.readouterr().err
     with pytest.raises(DPImgSynError, match="is neither 'auto' nor a recipe file"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(SystemExit) as exit_info:  # a malformed file too, as the flag is parsed
+        train_dp.main([*flags, str(tmp_path / "broken.yaml")])
+    assert exit_info.value.code == 2 and "argument --recipe: recipe file" in capsys.readouterr().err
 
 
 def test_a_pipeline_reads_its_recipe_file_relative_to_itself(tmp_path, tiny_config):
