@@ -51,6 +51,7 @@ BENCHMARKS = (
     Benchmark("bench_paper_row.py"),
     Benchmark("bench_overlap.py"),
     Benchmark("bench_frontend_cache.py"),  # scatter_cnn's front-end cache on a folder set and a release
+    Benchmark("bench_accountant.py", common_flags=False),  # calibration and per-epoch epsilons of a teacher
 )
 
 

@@ -6,10 +6,12 @@ Poisson-subsampled Gaussian mechanism, so one Opacus accountant composes them al
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import warnings
+from typing import Iterator
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -33,6 +35,40 @@ MAX_PRV_GRID_POINTS = 2**25
 MIN_CALIBRATED_SIGMA = 1e-3
 MAX_CALIBRATED_SIGMA = 1e4
 CALIBRATION_REL_TOL = 1e-3
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_of_one_step(rate: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus's RDP curve of one step (read-only). At fractional orders each value is a Python sum of
+    thousands of terms, and every epsilon of the same (rate, sigma) asks for it again: the PRV accountant
+    bounds its grid through RDP, twice per call, for each epoch's diagnostic epsilon and each ledger check."""
+    curve = np.asarray(_cached_compute_rdp.opacus(q=rate, noise_multiplier=sigma, steps=1, orders=list(orders)))
+    curve.flags.writeable = False
+    return curve
+
+
+def _cached_compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders) -> np.ndarray | float:
+    """Opacus's ``compute_rdp`` (saved as ``.opacus`` by :func:`_cached_rdp`) bit for bit, cached: it, too,
+    multiplies the one-step curve by ``steps``."""
+    if isinstance(orders, float):
+        return _cached_compute_rdp.opacus(q=q, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
+    return _rdp_of_one_step(float(q), float(noise_multiplier), tuple(orders)) * steps
+
+
+@contextlib.contextmanager
+def _cached_rdp() -> Iterator[None]:
+    """Opacus's accountants with their RDP curves computed once per (rate, sigma, orders) in this process."""
+    from opacus.accountants.analysis import rdp
+
+    if rdp.compute_rdp is _cached_compute_rdp:  # already inside
+        yield
+        return
+    _cached_compute_rdp.opacus = rdp.compute_rdp  # type: ignore[attr-defined]
+    rdp.compute_rdp = _cached_compute_rdp
+    try:
+        yield
+    finally:
+        rdp.compute_rdp = _cached_compute_rdp.opacus  # type: ignore[attr-defined]
 
 
 # Opacus is imported on first use: importing it takes seconds, and `--help` should not wait.
@@ -127,6 +163,12 @@ def _epsilon_of_history(history: tuple[Mechanism, ...], delta: float, accountant
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
+    with _cached_rdp():
+        return _epsilon_of_checked_history(history, delta, accountant)
+
+
+def _epsilon_of_checked_history(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
+    """The accountant's epsilon of a history of noisy mechanisms; its numerical failures as user errors."""
     try:
         if accountant == "prv":
             with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -187,14 +229,14 @@ def rdp_curve(mechanisms: list[Mechanism]) -> np.ndarray:
 @functools.lru_cache(maxsize=256)
 def _rdp_of_mechanism(sigma: float, rate: float, steps: int) -> np.ndarray:
     """One validated mechanism's RDP curve (cached: ledgers are recomputed whenever an artifact is read)."""
-    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.analysis import rdp
 
     if sigma == 0:
         curve = np.full(len(RDP_ORDERS), math.inf)
     else:
-        with np.errstate(all="ignore"), warnings.catch_warnings():
+        with np.errstate(all="ignore"), warnings.catch_warnings(), _cached_rdp():
             warnings.simplefilter("ignore")
-            curve = np.asarray(compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS)),
+            curve = np.asarray(rdp.compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS)),
                                dtype=np.float64)
     curve.flags.writeable = False
     return curve

@@ -172,3 +172,13 @@ def test_bench_frontend_cache_smoke() -> None:
     figure(output, "frontend_cache_dp_sgd_first_epoch", "<= 1.2")
     figure(output, "frontend_cache_student_warm", "<= 0.5")
     figure(output, "frontend_cache_fixed_layers", "<= 0.9")
+
+
+def test_bench_accountant_smoke() -> None:
+    """A tiny plan (3 epochs): both sides run cold, agree on every number, and the ratio is printed."""
+    output = run_benchmark("bench_accountant.py", "--train_size", "400", "--batch_size", "100", "--epochs", "3",
+                           "--stats_batch_size", "50", "--repeats", "1")
+    assert re.search(r"^accountant: calibration \+ 3 epoch epsilons .* the same numbers on both sides$", output,
+                     re.MULTILINE), output
+    assert re.search(r"^accountant\.teacher_stage: ratio (\d+\.\d\d) \(goal <= 0\.5\)  spread ", output,
+                     re.MULTILINE), output

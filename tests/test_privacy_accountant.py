@@ -284,3 +284,34 @@ def test_a_taken_accountant_name_is_refused():
     with pytest.raises(ValueError, match="accountant 'prv' is registered twice"):
         register(ACCOUNTANTS, "accountant", "prv", LastEntryOnly)
     assert ACCOUNTANTS["prv"] is not LastEntryOnly
+
+
+def test_rdp_curves_are_computed_once_per_mechanism_and_epsilons_stay_opacus_own(monkeypatch):
+    """Each epoch's diagnostic epsilon of a growing ledger asks for the same (rate, sigma) again: its RDP curve,
+    the slow part of PRV's grid bound, is computed once; every epsilon is still Opacus's own, bit for bit."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+    from threadpoolctl import threadpool_limits
+
+    opacus_compute_rdp = rdp.compute_rdp
+    steps_asked = []
+
+    def counting(**kwargs):
+        steps_asked.append(kwargs["steps"])
+        return opacus_compute_rdp(**kwargs)
+
+    monkeypatch.setattr(rdp, "compute_rdp", counting)
+    sigma, rate = 1.2345, 0.0371  # used by no other test: nothing cached yet
+    epsilons = {}
+    for steps in (120, 240, 360):
+        for accountant in ("prv", "rdp"):
+            epsilons[steps, accountant] = compute_epsilon([(sigma, rate, steps)], DELTA, accountant)
+        if steps == 120:
+            assert steps_asked == [1], "the one-step curve, once, for both accountants and PRV's two grid bounds"
+    assert steps_asked == [1], "later epochs recompute no curve"
+    assert rdp.compute_rdp is counting, "Opacus's function is given back after each call"
+    for (steps, accountant), epsilon in epsilons.items():
+        tracker = PRVAccountant() if accountant == "prv" else RDPAccountant()
+        tracker.history = [(sigma, rate, steps)]
+        with threadpool_limits(limits=1):
+            assert epsilon == tracker.get_epsilon(delta=DELTA), (steps, accountant)
