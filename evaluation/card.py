@@ -24,6 +24,7 @@ from common.errors import DPImgSynError
 from common.files import atomic_write_text
 
 CARD_FORMAT = "dp-imgsyn-release-card/1"
+MARKDOWN_FILE, JSON_FILE = "release_card.md", "release_card.json"
 
 PUBLISHABLE_FIELDS: tuple[str, ...] = ("release", "dataset", "public_set", "k", "num_images", "class_names",
                                        "counts_per_class", "label_target_agreement", "epsilon", "delta", "accountant",
@@ -256,7 +257,7 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
 def write_card(out_dir: str | os.PathLike, card: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``release_card.md`` and ``release_card.json`` atomically; returns both paths."""
     out = Path(out_dir)
-    markdown_path, json_path = out / "release_card.md", out / "release_card.json"
+    markdown_path, json_path = out / MARKDOWN_FILE, out / JSON_FILE
     atomic_write_text(json_path, json.dumps(_jsonable(card), indent=2, allow_nan=False) + "\n")
     atomic_write_text(markdown_path, render_card_markdown(card))
     return markdown_path, json_path

@@ -12,6 +12,7 @@ its card says what could not be computed, first of all its privacy ("privacy unk
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,13 +30,13 @@ from torch import Tensor
 import privacy
 import registry
 from common.batches import stack_items
-from common.cli import RunOptions, option, positive_int
+from common.cli import RunOptions, content_settings, option, positive_int
 from common.errors import DPImgSynError
 from common.files import atomic_path, sha256_file
 from common.runtime import resolve_device, say, seed_everything, setup_logging
 from evaluation import (PUBLISHABLE_FIELDS, build_card, frechet_distance, gallery_rows, nn_report,
                         obfuscation_verdict, penultimate_features, precision_recall, write_card)
-from evaluation.card import PRIVATE_VIEW_FIELD, card_path
+from evaluation.card import JSON_FILE, MARKDOWN_FILE, PRIVATE_VIEW_FIELD, card_path
 from evaluation.foreign import ForeignRelease, fit_view, is_foreign, read_foreign
 from registry import model_from_checkpoint
 from synthesizer import overlap, release as release_io
@@ -52,6 +53,7 @@ LOG_FILE = "evaluate_release.log"
 FOREIGN_PREVIEW_FILE = "release_preview.png"  # a foreign release has no preview: one is drawn from its images
 PREVIEW_PER_CLASS = 8
 UNKNOWN = "unknown"
+INPUTS_FIELD = "inputs_sha256"  # internal: what the figures were computed from (a rerun on the same reuses them)
 PRIVACY_UNKNOWN = "privacy unknown"
 
 SUBSETS = ("synthetic", "private_train", "private_test")  # order fixes each subset's random stream
@@ -453,6 +455,12 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     students = student_results(config.metrics, metadata)
     compute = resolve_device(config.device)
 
+    inputs = _inputs_digest(config, metadata, students)
+    kept = _kept_card(output, inputs)
+    if kept is not None:  # its figures are not computed again
+        return _said(kept, kept["card"]["internal"]["obfuscation"]["verdict"], setup_logging(output / LOG_FILE),
+                     f"already complete for the same release, teacher, students and settings; delete {output} to "
+                     "evaluate again; ")
     print(announce(release, dataset), flush=True)
     logger = setup_logging(output / LOG_FILE)
     logger.info("evaluating %s against the private data of %s (teacher %s)", release, dataset, teacher_path)
@@ -478,6 +486,7 @@ def evaluate_release(config: EvaluationConfig) -> dict:
         **({"sampling_note": note} if (note := sets.sampling_note()) else {}),
         "teacher": {"path": str(teacher_path), "sha256": metadata["teacher_sha256"]},
         "seconds": time.time() - started,
+        INPUTS_FIELD: inputs,
     }
     card = build_card(publishable_part(release, output, metadata, block, metadata["dataset"]), internal)
     return _written(output, card, gallery, obfuscation_section["verdict"], logger)
@@ -486,10 +495,44 @@ def evaluate_release(config: EvaluationConfig) -> dict:
 def _written(output: Path, card: dict, gallery: Path, verdict: dict, logger: logging.Logger, said: str = "") -> dict:
     """Write the card, say where it is with the verdict (after ``said``), and return what the pipeline reads."""
     markdown_path, json_path = write_card(output, card)
-    say(logger, f"release card: {markdown_path} ({said}{'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: "
-                f"{verdict['reason']}); closest pairs: {gallery}")
+    return _said(_result(output, card, markdown_path, json_path, gallery, verdict), verdict, logger, said)
+
+
+def _result(output: Path, card: dict, markdown_path: Path, json_path: Path, gallery: Path, verdict: dict) -> dict:
     return {"card": card, "card_markdown": markdown_path, "card_json": json_path, "gallery": gallery,
             "neighbours": output / NEIGHBOURS_FILE, "obfuscated": verdict["obfuscated"]}
+
+
+def _said(result: dict, verdict: dict, logger: logging.Logger, said: str) -> dict:
+    """Say where the card is, with its verdict (after ``said``); return ``result``."""
+    say(logger, f"release card: {result['card_markdown']} ({said}"
+                f"{'obfuscated' if verdict['obfuscated'] else 'NOT OBFUSCATED'}: {verdict['reason']}); "
+                f"closest pairs: {result['gallery']}")
+    return result
+
+
+def _inputs_digest(config: EvaluationConfig, metadata: dict, students: list[dict] | None) -> str:
+    """What the figures of a card of our release are computed from: the release's files and its teacher (by their
+    checksums), the students' results and every setting that makes a figure (not the device or progress bars)."""
+    record = {"settings": content_settings(config), "release_files": metadata["files"],
+              "teacher_sha256": metadata["teacher_sha256"], "students": students}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _kept_card(output: Path, inputs: str) -> dict | None:
+    """What an earlier evaluation wrote into ``output`` from the same ``inputs`` (card, gallery, per-image distances),
+    or None: the evaluation then runs (a card of an earlier version records no inputs and is computed again)."""
+    markdown_path, json_path, gallery = output / MARKDOWN_FILE, output / JSON_FILE, output / GALLERY_FILE
+    try:
+        card = json.loads(json_path.read_text())
+        verdict = card["internal"]["obfuscation"]["verdict"]
+        if card["internal"][INPUTS_FIELD] != inputs or not isinstance(verdict["obfuscated"], bool):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all(path.is_file() for path in (markdown_path, gallery, output / NEIGHBOURS_FILE)):
+        return None
+    return _result(output, card, markdown_path, json_path, gallery, verdict)
 
 
 def _foreign_teacher(path: str, dataset: str, options: dict, device: torch.device

@@ -210,3 +210,37 @@ def test_seeds_train_the_student_that_train_student_trains(tiny_pipeline, tiny_c
     assert [(row["k"], row["seed"]) for row in internal["student_test_acc"]] == [(3, student["seeds"][0])]
     assert internal["student_test_acc"][0]["student_test_acc"] == metrics["student_test_acc"]
     assert internal["student_test_acc_summary"]["n"] == 1 and "std" not in internal["student_test_acc_summary"]
+
+
+def test_a_rerun_on_the_same_inputs_reuses_the_card_and_a_changed_input_computes_it_again(tiny_pipeline, tmp_path,
+                                                                                           capsys):
+    """Like a stage, an evaluation whose card exists for the same release, teacher, students and settings is not
+    computed again (no private split is opened); another setting, or a student's changed result, computes it."""
+    out, _ = tiny_pipeline
+    metrics = tmp_path / "metrics.json"
+    shutil.copy(out / "student_k3_seed1" / "metrics.json", metrics)
+    argv = ["--release", str(out / "release_k3"), "--output", str(tmp_path / "eval"), "--device", "cpu",
+            "--metrics", str(metrics), "--max_synthetic", "100", "--max_private", "300"]
+    first = evaluate_release.run(argv)
+    written = _snapshot(tmp_path / "eval")
+    capsys.readouterr()
+
+    registry.OPENED_SPLITS.clear()
+    again = evaluate_release.run(argv)
+    assert registry.OPENED_SPLITS == [], "a reused card reads no private data"
+    assert "already complete" in capsys.readouterr().out
+    assert again["card"] == first["card"] and again["obfuscated"] == first["obfuscated"]
+    assert {name: digest for name, digest in _snapshot(tmp_path / "eval").items() if not name.endswith(".log")} == \
+        {name: digest for name, digest in written.items() if not name.endswith(".log")}
+
+    student = json.loads(metrics.read_text())
+    for change in ("student", "setting"):
+        if change == "student":  # the same file, another result (the student trained again)
+            metrics.write_text(json.dumps({**student, "student_test_acc": student["student_test_acc"] / 2}))
+        else:  # another cap on the private images
+            argv[-1] = "200"
+        registry.OPENED_SPLITS.clear()
+        result = evaluate_release.run(argv)
+        assert registry.OPENED_SPLITS, change
+        assert "already complete" not in capsys.readouterr().out, change
+        assert result["card"]["internal"]["student_test_acc"][0]["student_test_acc"] == student["student_test_acc"] / 2
