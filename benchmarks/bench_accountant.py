@@ -51,10 +51,11 @@ def teacher_accounting(args) -> list[float]:
     """What a teacher stage asks the accountant: its calibrated sigma, then one epsilon per epoch."""
     plan = [accountant.poisson_plan(args.train_size, args.batch_size, args.epochs),
             accountant.poisson_plan(args.train_size, args.stats_batch_size, 1)]
-    sigma = accountant.calibrate_noise_multiplier(args.target_epsilon, args.delta, plan, "prv")
+    sigma = accountant.calibrate_noise_multiplier(args.target_epsilon, args.delta, plan, accountant.DEFAULT_ACCOUNTANT)
     rate, steps = plan[0]
     per_epoch = steps // args.epochs
-    return [sigma] + [accountant.compute_epsilon([(sigma, rate, per_epoch * epoch)], args.delta, "prv")
+    return [sigma] + [accountant.compute_epsilon([(sigma, rate, per_epoch * epoch)], args.delta,
+                                                      accountant.DEFAULT_ACCOUNTANT)
                       for epoch in range(1, args.epochs + 1)]
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=positive_int, default=30, help="DP-SGD epochs (one epsilon logged each)")
     parser.add_argument("--stats_batch_size", type=positive_int, default=284, help="DP statistics batch (1 epoch)")
     parser.add_argument("--target_epsilon", type=positive_float, default=10.0, help="calibration target")
-    parser.add_argument("--delta", type=positive_float, default=1e-5, help="delta")
+    parser.add_argument("--delta", type=positive_float, default=accountant.DEFAULT_DELTA, help="delta")
     parser.add_argument("--repeats", type=positive_int, default=2, help="interleaved timing rounds")
     args = parser.parse_args(argv)
 
