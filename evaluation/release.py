@@ -19,9 +19,10 @@ import math
 import os
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -216,6 +217,34 @@ def private_image_sets(synthetic: np.ndarray, dataset: str, data_root, options: 
         used=used, totals=totals, mean=mean, std=std)
 
 
+class _Computed:
+    """Figures of image sets already computed in this process, by the sets' content: a pipeline's cards of two
+    releases share the private references, and a k = 0 release is its own regenerated public initialization.
+    Private-derived values, held in memory only; a few sets, the most recently used."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.kept = size, OrderedDict()
+
+    def get(self, key: tuple, compute: Callable[[], object]) -> object:
+        if key in self.kept:
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        value = self.kept[key] = compute()
+        while len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+        return value
+
+
+_COMPUTED = _Computed(size=8)
+
+
+def _content_digest(images: Tensor) -> str:
+    """The sha256 of a tensor's shape, dtype and bytes."""
+    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
+    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
 def obfuscation(sets: ImageSets, k: int | None, k_ssim: int, device: torch.device) -> tuple[dict, dict]:
     """Nearest private training image of the synthetic images and of both references, and the verdict.
 
@@ -223,7 +252,10 @@ def obfuscation(sets: ImageSets, k: int | None, k_ssim: int, device: torch.devic
     """
     compared = (("synthetic", sets.synthetic), (PRIVATE_TEST_REFERENCE, sets.private_test),
                 (PUBLIC_INIT_REFERENCE, sets.public_init))
-    reports = {name: nn_report(images, sets.private_train, k_ssim=k_ssim, device=device)
+    private = _content_digest(sets.private_train)
+    reports = {name: _COMPUTED.get(("nearest", _content_digest(images), private, k_ssim, str(device)),
+                                   lambda images=images: nn_report(images, sets.private_train, k_ssim=k_ssim,
+                                                                   device=device))
                for name, images in compared if images is not None}
     section = {
         "verdict": obfuscation_verdict(reports["synthetic"], reports[PRIVATE_TEST_REFERENCE]),
@@ -241,11 +273,17 @@ def obfuscation(sets: ImageSets, k: int | None, k_ssim: int, device: torch.devic
     return section, reports["synthetic"]
 
 
-def fidelity(model: torch.nn.Module, sets: ImageSets, device: torch.device) -> dict:
+def fidelity(model: torch.nn.Module, sets: ImageSets, device: torch.device, model_sha256: str | None = None) -> dict:
     """Fréchet distance and precision/recall in ``model``'s feature space (the teacher's for our releases),
-    each set against private test."""
+    each set against private test. ``model_sha256``: the checksum of the file ``model`` was loaded from, so that
+    a set's features computed by an earlier card of the same process are reused (None: computed here)."""
     def features(images: Tensor) -> Tensor:
-        return penultimate_features(model, images, device=device, preprocess=sets.normalize)
+        def compute() -> Tensor:
+            return penultimate_features(model, images, device=device, preprocess=sets.normalize)
+        if model_sha256 is None:
+            return compute()
+        return _COMPUTED.get(("features", model_sha256, _content_digest(images), _content_digest(sets.mean),
+                              _content_digest(sets.std), str(device)), compute)
 
     real = features(sets.private_test)
     rows = {}
@@ -469,7 +507,7 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     sets = load_image_sets(bundle, dataset, public_set, config.data_root, options, config.max_synthetic,
                            config.max_private, config.sampling_dir)
     obfuscation_section, synthetic_nn = obfuscation(sets, metadata.get("k"), config.k_ssim, compute)
-    fidelity_section = fidelity(model, sets, compute)
+    fidelity_section = fidelity(model, sets, compute, metadata["teacher_sha256"])
     gallery = write_diagnostics(output, sets, synthetic_nn, config.gallery_pairs)
     if config.seeds:
         students = [{"k": metadata.get("k"), **row}

@@ -244,3 +244,37 @@ def test_a_rerun_on_the_same_inputs_reuses_the_card_and_a_changed_input_computes
         assert registry.OPENED_SPLITS, change
         assert "already complete" not in capsys.readouterr().out, change
         assert result["card"]["internal"]["student_test_acc"][0]["student_test_acc"] == student["student_test_acc"] / 2
+
+
+def test_a_sets_figures_are_computed_once_per_process_and_are_the_same_numbers(tiny_pipeline, tmp_path, monkeypatch):
+    """A pipeline's cards share what depends only on the sets and the teacher: the private references' features and
+    nearest neighbours; a k = 0 release is its own regenerated public initialization. The card is the same."""
+    from evaluation import release as evaluation
+
+    out, _ = tiny_pipeline
+    calls = {"features": 0, "nearest": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(evaluation, "penultimate_features", counted("features", evaluation.penultimate_features))
+    monkeypatch.setattr(evaluation, "nn_report", counted("nearest", evaluation.nn_report))
+
+    def card(k: int, folder: str) -> dict:
+        return evaluation.evaluate_release(EvaluationConfig(
+            release=str(out / f"release_k{k}"), output=str(tmp_path / folder), device="cpu", max_synthetic=100,
+            max_private=300))["card"]["internal"]
+
+    evaluation._COMPUTED.kept.clear()
+    card(0, "k0")
+    assert calls == {"features": 3, "nearest": 2}, "k = 0: the public initialization is the release itself"
+    shared = card(3, "k3")
+    assert calls == {"features": 5, "nearest": 4}, "the private train and test references come from the k = 0 card"
+    evaluation._COMPUTED.kept.clear()
+    alone = card(3, "k3_alone")
+    assert calls == {"features": 9, "nearest": 7}
+    for section in ("fidelity", "obfuscation"):
+        assert shared[section] == alone[section]
