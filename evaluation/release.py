@@ -493,7 +493,7 @@ def evaluate_release(config: EvaluationConfig) -> dict:
     students = student_results(config.metrics, metadata)
     compute = resolve_device(config.device)
 
-    inputs = _inputs_digest(config, metadata, students)
+    inputs = _inputs_digest(config, metadata, students, dataset, public_set)
     kept = _kept_card(output, inputs)
     if kept is not None:  # its figures are not computed again
         return _said(kept, kept["card"]["internal"]["obfuscation"]["verdict"], setup_logging(output / LOG_FILE),
@@ -549,11 +549,15 @@ def _said(result: dict, verdict: dict, logger: logging.Logger, said: str) -> dic
     return result
 
 
-def _inputs_digest(config: EvaluationConfig, metadata: dict, students: list[dict] | None) -> str:
+def _inputs_digest(config: EvaluationConfig, metadata: dict, students: list[dict] | None, dataset: str,
+                   public_set: str) -> str:
     """What the figures of a card of our release are computed from: the release's files and its teacher (by their
-    checksums), the students' results and every setting that makes a figure (not the device or progress bars)."""
+    checksums), the students' results, every setting that makes a figure (not the device or progress bars), the
+    sampling lists that rebuild the public initialization, and a ``folder:`` set's files (names, sizes, times)."""
     record = {"settings": content_settings(config), "release_files": metadata["files"],
-              "teacher_sha256": metadata["teacher_sha256"], "students": students}
+              "teacher_sha256": metadata["teacher_sha256"], "students": students,
+              "sampling_dir": config.sampling_dir,
+              "folders": [overlap.folder_signature(name) for name in (dataset, public_set)]}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -168,7 +168,7 @@ def cache_dir() -> Path:
     return cache_root() / "overlap"
 
 
-def _signature(name: str) -> str:
+def folder_signature(name: str) -> str:
     """What a folder set's keys depend on besides the view: its files' names, sizes and modification times
     (a digest; ``""`` for a registry set, whose keys are not kept on disk)."""
     if not name.startswith(registry.FOLDER_PREFIX):
@@ -226,7 +226,7 @@ def private_keys(name: str, data_root: str | os.PathLike | None, options: dict) 
     for a ``folder:`` set in an owner-only file of :func:`cache_dir`, while its files are unchanged: the stages
     of a run read the private set once."""
     root = None if data_root is None else str(data_root)
-    return _private_keys(name, root, tuple(sorted(options.items())), _signature(name))
+    return _private_keys(name, root, tuple(sorted(options.items())), folder_signature(name))
 
 
 def refuse_private_images(checked: ContentKeys, describe: Callable[[int], str], private: str,

@@ -234,11 +234,14 @@ def test_a_rerun_on_the_same_inputs_reuses_the_card_and_a_changed_input_computes
         {name: digest for name, digest in written.items() if not name.endswith(".log")}
 
     student = json.loads(metrics.read_text())
-    for change in ("student", "setting"):
+    for change in ("student", "setting", "sampling lists"):
         if change == "student":  # the same file, another result (the student trained again)
             metrics.write_text(json.dumps({**student, "student_test_acc": student["student_test_acc"] / 2}))
-        else:  # another cap on the private images
+        elif change == "setting":  # another cap on the private images
             argv[-1] = "200"
+        else:  # the public initialization rebuilt from another folder of lists
+            argv += ["--sampling_dir", str(shutil.copytree(Path(registry.__file__).parent / "Random_Sampling_List",
+                                                           tmp_path / "lists"))]
         registry.OPENED_SPLITS.clear()
         result = evaluate_release.run(argv)
         assert registry.OPENED_SPLITS, change

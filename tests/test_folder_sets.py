@@ -8,6 +8,7 @@ view so that no later stage needs to be told it again, and a later stage told an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -66,13 +67,18 @@ def run_stages(work: Path, dataset: str, public_set: str, teacher_flags: list[st
                               *sampling, *QUIET])
     train_student.run(["--release", str(release), "--dataset", dataset, "--model", "small_cnn", "--epochs", "1",
                        "--batch_size", "3", "--T", "4", "--output", str(work / "student"), *QUIET])
-    sampling_dir = sampling[1] if sampling else None
-    evaluate_release(EvaluationConfig(
-        release=str(release), output=str(work / "evaluation"), dataset=dataset, public_set=public_set,
-        teacher=str(stats), metrics=(str(work / "student" / "metrics.json"),), max_synthetic=NUM_SAMPLES,
-        max_private=12, k_ssim=2, gallery_pairs=2, sampling_dir=sampling_dir, device="cpu"))
+    evaluate_release(evaluation_of(work, Path(stats), dataset, public_set, sampling))
     return {"teacher": Path(teacher), "statistics": Path(stats), "release": Path(release),
             "student": work / "student", "evaluation": work / "evaluation"}
+
+
+def evaluation_of(work: Path, statistics: Path, dataset: str, public_set: str, sampling: list[str]) -> EvaluationConfig:
+    """The release card of :func:`run_stages`'s release."""
+    return EvaluationConfig(
+        release=str(work / "release"), output=str(work / "evaluation"), dataset=dataset, public_set=public_set,
+        teacher=str(statistics), metrics=(str(work / "student" / "metrics.json"),),
+        max_synthetic=NUM_SAMPLES, max_private=12, k_ssim=2, gallery_pairs=2,
+        sampling_dir=sampling[1] if sampling else None, device="cpu")
 
 
 def check_artifacts(paths: dict[str, Path], side: int, channels: int) -> dict:
@@ -129,6 +135,16 @@ def test_gray_48_inferred_through_every_stage_with_a_public_folder_set(tmp_path,
         assert exit_info.value.code == 2 and error.count("\n") == 1 and "48 x 48 x 1" in error, error
     assert registry.recorded_view("folder:scans", privacy.load_dppt(paths["teacher"])["view"], 48, 1) == \
         {"image_size": 48, "channels": 1}
+
+    # The card is kept for the same files, and computed again once a private file changed.
+    evaluation = evaluation_of(tmp_path / "run", paths["statistics"], f"folder:{private}", f"folder:{public}",
+                               ["--sampling_dir", str(lists)])
+    evaluate_release(evaluation)
+    assert "already complete" in capsys.readouterr().out
+    changed = next((private / "train" / CLASSES[0]).iterdir())
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # as if rewritten
+    evaluate_release(evaluation)
+    assert "already complete" not in capsys.readouterr().out
 
 
 def test_colour_64_from_flags_through_every_stage_with_lists_in_the_repository(tmp_path, monkeypatch, capsys):
