@@ -153,7 +153,7 @@ def capture_statistics(config: StatisticsConfig) -> Path:
             noise_multiplier=config.noise_multiplier, seed=None if seed is None else run.dist.broadcast_int(seed),
             secure_mode=config.secure_mode, device=run.device, scales=scales, non_private=config.non_private,
             progress=config.progress, state=state, checkpoint_fn=lambda loop_state: run.save_state(state=loop_state),
-            num_workers=default_workers(run.device), dist=run.dist)
+            num_workers=default_workers(run.device), dist=run.dist, say=run.say)
         if not run.is_main:
             return output
         new_block = privacy.privacy_block(list(block["ledger"]) + [_statistics_entry(result.mechanism, config)],

@@ -9,16 +9,19 @@ PUBLIC data only (:func:`public_scales`, :func:`public_clip_norm`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
 
+from common.batches import in_memory_tensors, random_transform, sequential_batches
 from common.distributed import Distributed
 from common.errors import DPImgSynError
 from privacy.moments import exact_mean, private_mean
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
+from training.frontend import MAX_FEATURE_BYTES, cache_free_bytes, private_file_tensor
 
 VAR_FLOOR = 1e-5
 MECHANISM_NAME = "dp_statistics"
@@ -127,13 +130,15 @@ class StatsResult:
 
 def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float, batch_size: int,
                           max_norm: float, noise_multiplier: float, seed: int | None, device: torch.device | str,
-                          non_private: bool = False, dist: Distributed = Distributed(), **mechanism) -> StatsResult:
+                          non_private: bool = False, dist: Distributed = Distributed(),
+                          say: Callable[[str], None] = lambda line: None, **mechanism) -> StatsResult:
     """Per-layer DP mean/variance of every normalization layer's input over ``train_set``.
 
     ``model`` is the frozen teacher (its GroupNorms are wrapped in place if not yet); ``mechanism``
     holds the options of :func:`privacy.moments.private_mean` (``scales`` from :func:`public_scales`,
     resume state, secure mode, ...). ``non_private=True`` computes the exact statistics in one pass
-    (no clipping, no noise: epsilon = inf).
+    (no clipping, no noise: epsilon = inf). ``say`` gets one line on the path taken: the teacher run
+    once per example (:func:`precomputed_vectors`) or on every sampled batch.
     """
     device = torch.device(device)
     attach_stat_layers(model)
@@ -151,11 +156,72 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
         moments = exact_mean(per_example, dimension, train_set, device, dist=dist, **options)
         record = {"name": MECHANISM_NAME, "non_private": True, "sample_rate": 1.0, "steps": 1}
         return StatsResult(_split_moments(model, moments), record, moments.float())
+    reason = precompute_refusal(train_set, dimension, epochs, dist)
+    if reason is None:
+        progress = mechanism.get("progress", True) and dist.is_main
+        train_set = precomputed_vectors(model, train_set, device, mechanism.get("max_physical_batch_size", 256),
+                                        mechanism.get("num_workers", 0), progress)
+        per_example = _vectors_as_read
+        vectors = train_set.tensors[0]
+        where = "in memory" if vectors.nbytes <= MAX_FEATURE_BYTES else "in an owner-only file, removed with the run"
+        say(f"DP statistics: the teacher ran once on each of the {len(vectors)} examples; the Poisson steps "
+            f"read their statistics vectors, kept {where} ({vectors.nbytes / 2**20:,.1f} MiB)")
+    else:
+        say(f"DP statistics: the teacher runs on every sampled batch ({reason})")
     result = private_mean(per_example, dimension, train_set, epochs=epochs, batch_size=batch_size,
                           max_norm=max_norm, noise_multiplier=noise_multiplier, seed=seed, device=device,
                           dist=dist, **mechanism)
     record = {"name": MECHANISM_NAME, "non_private": False, **result.mechanism}
     return StatsResult(_split_moments(model, result.mean), record, result.scaled.float())
+
+
+def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: Distributed = Distributed(),
+                       max_bytes: int = MAX_FEATURE_BYTES) -> str | None:
+    """Why the examples' statistics vectors are not computed once before the Poisson steps; None when they are.
+
+    ``v_i`` is a fixed function of example i alone (the frozen teacher in eval mode), so the mechanism may read
+    it from a table as well as recompute it each time i is sampled: the same vectors, clipped, summed and
+    noised the same way, hence the same guarantee. The table costs one pass over the set on every process;
+    the steps, ``epochs`` passes in expectation shared by the processes. Beyond ``max_bytes`` the table goes
+    to an owner-only file of the cache folder, unlinked at once (as the front end's features).
+    """
+    if epochs <= dist.world_size:
+        return (f"{epochs:g} expected passes over the set on {dist.world_size} process(es): computing every "
+                "example once would not save work")
+    if in_memory_tensors(train_set) is None:
+        transform = random_transform(train_set)
+        if transform:
+            return f"the dataset applies a random transform ({transform}) when read: one view would be frozen"
+    size = 4 * dimension * len(train_set)  # float32
+    if size > max_bytes and size > cache_free_bytes():
+        return (f"the vectors would take {size / 2**30:.1f} GiB: more than {max_bytes / 2**30:.1f} GiB in memory "
+                "and more than the cache folder's disk has free")
+    return None
+
+
+@torch.no_grad()
+def precomputed_vectors(model: nn.Module, train_set: Dataset, device: torch.device, batch_size: int = 256,
+                        num_workers: int = 0, progress: bool = True,
+                        max_bytes: int = MAX_FEATURE_BYTES) -> TensorDataset:
+    """``(v_i, label_i)`` of every example in order, on the CPU: the teacher run once per example (see
+    :func:`precompute_refusal`). The batches' composition does not change a row (no batch statistics)."""
+    vectors, labels, start = None, [], 0
+    batches = sequential_batches(train_set, batch_size, num_workers)
+    for images, batch_labels in tqdm(batches, desc="statistics vectors", unit="batch", disable=not progress,
+                                     total=-(-len(train_set) // batch_size)):
+        rows = per_sample_statistics(model, images.to(device)).cpu()
+        if vectors is None:
+            shape = (len(train_set), rows.shape[1])
+            small = rows.element_size() * shape[0] * shape[1] <= max_bytes
+            vectors = torch.empty(shape, dtype=rows.dtype) if small else private_file_tensor(shape, rows.dtype)
+        vectors[start:start + len(rows)] = rows
+        labels.append(batch_labels)
+        start += len(rows)
+    return TensorDataset(vectors, torch.cat(labels))
+
+
+def _vectors_as_read(vectors: Tensor) -> Tensor:
+    return vectors
 
 
 def relative_errors(dp_stats: dict[str, dict[str, Tensor]],

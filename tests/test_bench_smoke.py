@@ -64,8 +64,10 @@ def test_profile_steps_smoke() -> None:
 
 def test_bench_dp_stats_smoke() -> None:
     output = run_benchmark("bench_dp_stats.py", *TINY, "--image_size", "16", "--num_images", "64",
-                           "--batch_size", "16")
+                           "--batch_size", "16", "--epochs", "2")
     figure(output, "dp_stats_pass", "<= 1.3")
+    figure(output, "dp_stats_computed_once_vs_every_step", "measured")
+    assert "# 2 epochs: each example's vector computed once vs in every step; the same moments" in output
 
 
 def test_bench_synthesis_smoke() -> None:

@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+from torchvision.transforms import RandomHorizontalFlip
 
 import privacy.sampling
+import registry
+from common.distributed import Distributed
 from common.errors import DPImgSynError
 from privacy.moments import add_gaussian_noise, clip_rows, clipped_sum, noisy_global_sum
 from synthesizer import dp_stats
@@ -45,6 +48,11 @@ def registry_resnet18() -> nn.Module:
     models = pytest.importorskip("models")
     torch.manual_seed(3)
     return models.MODELS["resnet18"](10).eval()
+
+
+def scatter_cnn() -> nn.Module:
+    torch.manual_seed(5)
+    return registry.get_model("scatter_cnn", 3, 3, 28).eval()
 
 
 def zero_model(channels: int = 1024) -> nn.Module:
@@ -368,3 +376,67 @@ def test_a_step_whose_poisson_batch_is_empty_still_releases_its_noise(monkeypatc
     assert bool((moments != 0).all())
     assert float(moments.std()) == pytest.approx(expected, rel=0.1)
     assert abs(float(moments.mean())) < 5 * expected / math.sqrt(len(moments))
+
+
+# --------------------------------------------------------------------------- each example's vector computed once
+def counted(model: nn.Module, monkeypatch) -> list[int]:
+    """Images through ``model`` per call of per_sample_statistics."""
+    seen = []
+    original = dp_stats.per_sample_statistics
+
+    def spy(spied: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if spied is model:
+            seen.append(len(images))
+        return original(spied, images)
+
+    monkeypatch.setattr(dp_stats, "per_sample_statistics", spy)
+    return seen
+
+
+@pytest.mark.parametrize("make_model", [gn_cnn, scatter_cnn])
+def test_vectors_computed_once_give_the_per_step_result(monkeypatch, make_model):
+    """The steps read each example's vector from a table: the same release, the teacher run once per example.
+    Bit for bit for scatter_cnn (the demo's model): its rows do not depend on their batch; a convolution's rows
+    may differ in the last bits between batch sizes."""
+    model, data, said = make_model(), dataset(30, side=28), []
+    seen = counted(model, monkeypatch)
+    once = run(model, data, epochs=3, batch_size=6, max_physical_batch_size=4, say=said.append)
+    assert sum(seen) == 30 and "the teacher ran once on each of the 30 examples" in said[0]
+    assert "kept in memory" in said[0]
+    seen.clear()
+    monkeypatch.setattr(dp_stats, "precompute_refusal", lambda *args, **kwargs: "switched off")
+    every_step = run(model, data, epochs=3, batch_size=6, max_physical_batch_size=4, say=said.append)
+    assert sum(seen) > 45  # ~90 sampled examples over 15 steps
+    assert said[1] == "DP statistics: the teacher runs on every sampled batch (switched off)"
+    if make_model is scatter_cnn:
+        assert torch.equal(once.moments, every_step.moments)
+    torch.testing.assert_close(once.moments, every_step.moments, rtol=1e-6, atol=1e-7)
+    assert once.mechanism == every_step.mechanism
+
+
+def test_vectors_beyond_the_memory_bound_go_to_an_unlinked_owner_only_file(monkeypatch):
+    model, data = gn_cnn(), dataset(12)
+    attach_stat_layers(model)
+    in_memory = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False)
+    in_file = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False,
+                                           max_bytes=0)
+    assert torch.equal(in_memory.tensors[0], in_file.tensors[0])
+    assert torch.equal(in_memory.tensors[0], per_sample_statistics(model, data.tensors[0]))
+    assert torch.equal(in_file.tensors[1], data.tensors[1])
+    assert in_file.tensors[0].untyped_storage().filename is None  # no name: the file was unlinked when opened
+
+
+class RandomlyFlipped(ListDataset):
+    transform = RandomHorizontalFlip()
+
+
+def test_vectors_are_computed_in_every_step_where_a_table_would_not_help_or_would_be_wrong(monkeypatch):
+    data = dataset(10)
+    assert "1 expected passes over the set on 1 process(es)" in dp_stats.precompute_refusal(data, 8, epochs=1)
+    assert "3 expected passes over the set on 4 process(es)" in dp_stats.precompute_refusal(
+        data, 8, epochs=3, dist=Distributed(0, 4))
+    assert dp_stats.precompute_refusal(data, 8, epochs=1.5) is None
+    assert "random transform" in dp_stats.precompute_refusal(RandomlyFlipped(data), 8, epochs=2)
+    monkeypatch.setattr(dp_stats, "cache_free_bytes", lambda: 0)
+    assert "GiB: more than" in dp_stats.precompute_refusal(data, 8, epochs=2, max_bytes=100)
+    assert dp_stats.precompute_refusal(data, 8, epochs=2) is None  # within the memory bound the disk does not matter

@@ -143,7 +143,7 @@ def test_a_random_transform_or_a_full_disk_is_refused_and_said(folder_set, monke
     assert trained is model and isinstance(data, Transformed)
     assert "ScatterCNN trains whole, on the images: its front end is not cached (the dataset applies a random " \
            "transform (RandomCrop)" in capsys.readouterr().out
-    monkeypatch.setattr(frontend, "_free_bytes", lambda folder: 0)
+    monkeypatch.setattr(frontend, "cache_free_bytes", lambda: 0)
     assert "GiB: more than" in cache_refusal(model, folder_set, max_bytes=1000)
     assert cache_refusal(model, folder_set) is None  # within the memory bound, the disk does not matter
 

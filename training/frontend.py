@@ -130,7 +130,9 @@ def _fixed_count(head: nn.Module, trained: nn.Module) -> int | None:
     return fixed if fixed >= 0 and names[fixed:] == rest else None
 
 
-def _free_bytes(folder: Path) -> int:
+def cache_free_bytes() -> int:
+    """Free bytes on the disk of the cache folder (of its nearest existing parent before it is made)."""
+    folder = cache_root() / CACHE_FOLDER
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
@@ -169,7 +171,7 @@ def cache_refusal(model: nn.Module, train_set: Dataset, *, augmented: bool = Fal
         one = cached(stack_items(train_set, [0]).to(_device(model)))
     size = one.element_size() * one.numel() * len(train_set)
     folder = cache_root() / CACHE_FOLDER
-    if size > max_bytes and size > _free_bytes(folder):
+    if size > max_bytes and size > cache_free_bytes():
         return (f"its features would take {size / 2**30:.1f} GiB: more than {max_bytes / 2**30:.1f} GiB in memory, "
                 f"and more than the disk of the cache folder {folder} has free")
     return None
@@ -190,7 +192,7 @@ def _cache_folder() -> Path:
     return folder
 
 
-def _file_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def private_file_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor backed by a new owner-only file of the cache folder, unlinked at once: the kernel writes
     its pages to the file instead of holding them in memory, and the file goes with the tensor's last reference,
     or with the process however it ends; no other run can open it."""
@@ -214,14 +216,14 @@ def _file_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def _features(cached: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, max_bytes: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cached(image), label)`` of every item, in order, batch by batch into one CPU tensor (no second copy at
-    the end), in memory up to ``max_bytes``, else in an unlinked file (:func:`_file_tensor`)."""
+    the end), in memory up to ``max_bytes``, else in an unlinked file (:func:`private_file_tensor`)."""
     features, labels, start = None, [], 0
     for images, batch_labels in sequential_batches(dataset, batch_size, default_workers(device)):
         batch = cached(images.to(device))
         if features is None:
             shape = (len(dataset), *batch.shape[1:])
             small = math.prod(shape) * batch.element_size() <= max_bytes
-            features = torch.empty(shape, dtype=batch.dtype) if small else _file_tensor(shape, batch.dtype)
+            features = torch.empty(shape, dtype=batch.dtype) if small else private_file_tensor(shape, batch.dtype)
         features[start:start + len(batch)] = batch
         labels.append(batch_labels)
         start += len(batch)
@@ -371,7 +373,7 @@ def _keep_shared(key: str, features: torch.Tensor) -> bool:
     path = _shared_path(key)
     try:
         folder = _cache_folder()
-        if features.nbytes > _free_bytes(folder) // 2:
+        if features.nbytes > cache_free_bytes() // 2:
             return False
         atomic_torch_save({"key": key, "features": features}, path, private=True)
     except OSError:  # a cache folder that cannot be written: this run computed them, later ones will again
