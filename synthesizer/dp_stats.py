@@ -158,14 +158,14 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
         return StatsResult(_split_moments(model, moments), record, moments.float())
     reason = precompute_refusal(train_set, dimension, epochs, dist)
     if reason is None:
+        size = 4 * dimension * len(train_set)  # float32, as precomputed_vectors keeps them
+        where = "in memory" if size <= MAX_FEATURE_BYTES else "in an owner-only file, removed with the run"
+        say(f"DP statistics: the teacher runs once on each of the {len(train_set)} records, whose statistics "
+            f"vectors the Poisson steps then read ({size / 2**20:,.1f} MiB, {where})")
         progress = mechanism.get("progress", True) and dist.is_main
         train_set = precomputed_vectors(model, train_set, device, mechanism.get("max_physical_batch_size", 256),
                                         mechanism.get("num_workers", 0), progress)
         per_example = _vectors_as_read
-        vectors = train_set.tensors[0]
-        where = "in memory" if vectors.nbytes <= MAX_FEATURE_BYTES else "in an owner-only file, removed with the run"
-        say(f"DP statistics: the teacher ran once on each of the {len(vectors)} examples; the Poisson steps "
-            f"read their statistics vectors, kept {where} ({vectors.nbytes / 2**20:,.1f} MiB)")
     else:
         say(f"DP statistics: the teacher runs on every sampled batch ({reason})")
     result = private_mean(per_example, dimension, train_set, epochs=epochs, batch_size=batch_size,
@@ -192,7 +192,7 @@ def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: 
         transform = random_transform(train_set)
         if transform:
             return f"the dataset applies a random transform ({transform}) when read: one view would be frozen"
-    size = 4 * dimension * len(train_set)  # float32
+    size = 4 * dimension * len(train_set)  # float32, as per_sample_statistics gives them
     if size > max_bytes and size > cache_free_bytes():
         return (f"the vectors would take {size / 2**30:.1f} GiB: more than {max_bytes / 2**30:.1f} GiB in memory "
                 "and more than the cache folder's disk has free")
