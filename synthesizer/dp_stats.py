@@ -177,17 +177,17 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
 
 def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: Distributed = Distributed(),
                        max_bytes: int = MAX_FEATURE_BYTES) -> str | None:
-    """Why the examples' statistics vectors are not computed once before the Poisson steps; None when they are.
+    """Why the records' statistics vectors are not computed once before the Poisson steps; None when they are.
 
-    ``v_i`` is a fixed function of example i alone (the frozen teacher in eval mode), so the mechanism may read
+    ``v_i`` is a fixed function of record i alone (the frozen teacher in eval mode), so the mechanism may read
     it from a table as well as recompute it each time i is sampled: the same vectors, clipped, summed and
     noised the same way, hence the same guarantee. The table costs one pass over the set on every process;
     the steps, ``epochs`` passes in expectation shared by the processes. Beyond ``max_bytes`` the table goes
     to an owner-only file of the cache folder, unlinked at once (as the front end's features).
     """
     if epochs <= dist.world_size:
-        return (f"{epochs:g} expected passes over the set on {dist.world_size} process(es): computing every "
-                "example once would not save work")
+        return (f"{epochs:g} expected passes over the set on {dist.world_size} process(es): computing each "
+                "record's vector once would not save work")
     if in_memory_tensors(train_set) is None:
         transform = random_transform(train_set)
         if transform:
@@ -203,8 +203,9 @@ def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: 
 def precomputed_vectors(model: nn.Module, train_set: Dataset, device: torch.device, batch_size: int = 256,
                         num_workers: int = 0, progress: bool = True,
                         max_bytes: int = MAX_FEATURE_BYTES) -> TensorDataset:
-    """``(v_i, label_i)`` of every example in order, on the CPU: the teacher run once per example (see
-    :func:`precompute_refusal`). The batches' composition does not change a row (no batch statistics)."""
+    """``(v_i, label_i)`` of every record in order, on the CPU: the teacher run once per record (see
+    :func:`precompute_refusal`). A row depends on its own image alone (no batch statistics); only its last bits
+    may depend on the batch's size (a convolution's algorithm; not scatter_cnn's rows)."""
     vectors, labels, start = None, [], 0
     batches = sequential_batches(train_set, batch_size, num_workers)
     for images, batch_labels in tqdm(batches, desc="statistics vectors", unit="batch", disable=not progress,

@@ -43,7 +43,8 @@ def launch(script, argv: list[str], nproc: int = NPROC) -> None:
 
 
 def statistics_flags(teacher: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--epochs", "1", "--train_batch_size", "400", "--noise_multiplier", "1",
+    """1.5 epochs: one process runs the teacher once per record (a table of vectors), two on every sampled batch."""
+    return ["--teacher", str(teacher), "--epochs", "1.5", "--train_batch_size", "400", "--noise_multiplier", "1",
             "--public_set", "photos", "--clip_quantile", "0.5", "--seed", "5", *extra, *QUIET]
 
 
@@ -85,6 +86,8 @@ def test_distributed_teacher_has_the_single_process_ledger_and_weights(runs):
 
 
 def test_distributed_statistics_equal_the_single_process_release(runs):
+    """The single process reads its table of vectors, the two processes run the teacher on their shares of each
+    batch: the same release."""
     single, multi = privacy.load_dppt(runs["stats_1.dppt"]), privacy.load_dppt(runs["stats_2.dppt"])
     assert multi["privacy"] == single["privacy"]
     for layer, stats in single["dp_statistics"].items():
