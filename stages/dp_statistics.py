@@ -19,7 +19,7 @@ from stages.fetch import resolve_checkpoint
 from stages.skeleton import StageRun
 from stages.teacher import TeacherConfig
 from synthesizer import overlap
-from synthesizer.dp_stats import compute_dp_statistics, public_clip_norm, public_scales, relative_errors
+from synthesizer.dp_stats import compute_dp_statistics, public_calibration, relative_errors
 from synthesizer.stat_norm import attach_stat_layers
 
 PUBLIC_SCALE_IMAGES = 2000  # public images for pre-scaling and the public clipping norm
@@ -187,10 +187,9 @@ def _public_scaling(config: StatisticsConfig, model, dataset: str, view: dict,
     overlap.check_public_items(config.public_set, public, chosen, dataset, config.data_root, view,
                                f"public set {config.public_set}")
     public = stack_items(public, chosen)
-    scales = public_scales(model, public, device=run.device)
-    if config.clip_quantile is None:
+    scales, max_norm = public_calibration(model, public, config.clip_quantile, device=run.device)
+    if max_norm is None:
         return scales, config.max_norm
-    max_norm = public_clip_norm(model, public, scales, quantile=config.clip_quantile, device=run.device)
     run.say(f"clipping norm {max_norm:.4g} from the public set ({config.clip_quantile:g} quantile)")
     return scales, max_norm
 

@@ -94,7 +94,31 @@ def public_scales(model: nn.Module, public: Tensor | Dataset | Iterable, *, batc
     times the RMS of the coordinate's block -- one layer's means or second moments) keeps a
     coordinate that is near zero on public data from dominating private norms.
     """
-    rms = _public_statistics(model, public, batch_size, device).pow(2).mean(dim=0).sqrt()
+    return _scales(model, _public_statistics(model, public, batch_size, device), floor_fraction)
+
+
+def public_clip_norm(model: nn.Module, public: Tensor | Dataset | Iterable, scales: Tensor | None = None, *,
+                     quantile: float = 0.9, batch_size: int = 256,
+                     device: torch.device | str | None = None) -> float:
+    """A clipping norm from PUBLIC images: the ``quantile`` of their (pre-scaled) per-sample norms."""
+    _check_quantile(quantile)
+    return _clip_norm(_public_statistics(model, public, batch_size, device), scales, quantile)
+
+
+def public_calibration(model: nn.Module, public: Tensor | Dataset | Iterable, quantile: float | None, *,
+                       batch_size: int = 256, device: torch.device | str | None = None,
+                       floor_fraction: float = 0.1) -> tuple[Tensor, float | None]:
+    """:func:`public_scales` and, for a ``quantile``, :func:`public_clip_norm` of those scales (else None), from
+    one pass of the teacher over the PUBLIC images instead of two."""
+    if quantile is not None:
+        _check_quantile(quantile)
+    rows = _public_statistics(model, public, batch_size, device)
+    scales = _scales(model, rows, floor_fraction)
+    return scales, None if quantile is None else _clip_norm(rows, scales, quantile)
+
+
+def _scales(model: nn.Module, rows: Tensor, floor_fraction: float) -> Tensor:
+    rms = rows.pow(2).mean(dim=0).sqrt()
     scales = torch.empty_like(rms)
     for block in _blocks(model):
         block_rms = rms[block]
@@ -103,16 +127,15 @@ def public_scales(model: nn.Module, public: Tensor | Dataset | Iterable, *, batc
     return scales.float()
 
 
-def public_clip_norm(model: nn.Module, public: Tensor | Dataset | Iterable, scales: Tensor | None = None, *,
-                     quantile: float = 0.9, batch_size: int = 256,
-                     device: torch.device | str | None = None) -> float:
-    """A clipping norm from PUBLIC images: the ``quantile`` of their (pre-scaled) per-sample norms."""
-    if not 0.0 < quantile <= 1.0:
-        raise DPImgSynError(f"clip-norm quantile must be in (0, 1], got {quantile}")
-    rows = _public_statistics(model, public, batch_size, device)
+def _clip_norm(rows: Tensor, scales: Tensor | None, quantile: float) -> float:
     if scales is not None:
         rows = rows / scales.to(torch.float64)
     return float(torch.quantile(torch.linalg.vector_norm(rows, dim=1), quantile))
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0.0 < quantile <= 1.0:
+        raise DPImgSynError(f"clip-norm quantile must be in (0, 1], got {quantile}")
 
 
 # --------------------------------------------------------------------------- the estimate

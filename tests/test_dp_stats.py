@@ -307,6 +307,19 @@ def test_prescaling_with_public_scales_reduces_error_on_mismatched_layers():
     assert prescaled < 0.5 * plain, (plain, prescaled)
 
 
+def test_public_calibration_is_the_scales_and_the_clip_norm_from_one_pass(monkeypatch):
+    model, public = gn_cnn(), dataset(24, seed=11).tensors[0]
+    scales = public_scales(model, public, batch_size=10)
+    clip = public_clip_norm(model, public, scales, quantile=0.7, batch_size=10)
+    seen = counted(model, monkeypatch)
+    calibrated_scales, calibrated_clip = dp_stats.public_calibration(model, public, 0.7, batch_size=10)
+    assert torch.equal(calibrated_scales, scales) and calibrated_clip == clip
+    assert sum(seen) == 24  # each public image once
+    assert dp_stats.public_calibration(model, public, None)[1] is None
+    with pytest.raises(DPImgSynError, match="quantile"):
+        dp_stats.public_calibration(model, public, 1.5)
+
+
 def test_public_scales_are_positive_and_floored():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.GroupNorm(2, 4)).eval()
     with torch.no_grad():
