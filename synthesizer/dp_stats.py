@@ -161,7 +161,7 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
     holds the options of :func:`privacy.moments.private_mean` (``scales`` from :func:`public_scales`,
     resume state, secure mode, ...). ``non_private=True`` computes the exact statistics in one pass
     (no clipping, no noise: epsilon = inf). ``say`` gets one line on the path taken: the teacher run
-    once per example (:func:`precomputed_vectors`) or on every sampled batch.
+    once per record (:func:`precomputed_vectors`) or on every sampled batch.
     """
     device = torch.device(device)
     attach_stat_layers(model)
