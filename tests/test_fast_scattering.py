@@ -119,9 +119,28 @@ def test_an_empty_batch_gets_an_empty_output_of_the_right_shape():
     assert Scattering()(torch.randn(0, 3, 28, 28)).shape == (0, 3 * 81, 7, 7)
 
 
-def test_cpu_chunks_give_the_coefficients_of_one_pass(monkeypatch):
+def test_cpu_chunks_give_the_coefficients_and_gradients_of_one_pass_to_the_bit(monkeypatch):
+    """The chunk size follows the thread count: it must not change a coefficient or a gradient."""
     images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(3, 3, 81, 7, 7, generator=torch.Generator().manual_seed(5))
     bank = build_bank((28, 28), 2, 8, images.device, images.dtype)
-    whole = scattering(images, bank)
-    monkeypatch.setattr(fast_scattering, "CPU_CHUNK", 2)  # 9 image-channels in chunks of 2
-    torch.testing.assert_close(scattering(images, bank), whole, rtol=1e-6, atol=1e-7)
+    results = []
+    for per_thread in (32, 2):  # one pass of 9 image-channels, then chunks of 2 (one thread here)
+        monkeypatch.setattr(fast_scattering, "CPU_CHUNK_PER_THREAD", per_thread)
+        pixels = images.clone().requires_grad_()
+        coefficients = scattering(pixels, bank)
+        (coefficients * weights).sum().backward()
+        results.append((coefficients.detach(), pixels.grad))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)
+
+
+def test_cpu_chunks_grow_with_the_threads_up_to_a_cap(monkeypatch):
+    seen = []
+    monkeypatch.setattr(fast_scattering, "_scatter", lambda part, bank: seen.append(len(part)) or part[:, None])
+    images = torch.zeros(300, 1, 8, 8)
+    for threads, largest in ((1, 32), (2, 64), (8, fast_scattering.MAX_CPU_CHUNK)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        seen.clear()
+        scattering(images, None)
+        assert max(seen) == largest and sum(seen) == 300
