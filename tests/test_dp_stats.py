@@ -16,8 +16,10 @@ import privacy.sampling
 import registry
 from common.distributed import Distributed
 from common.errors import DPImgSynError
+from common.files import cache_root
 from privacy.moments import add_gaussian_noise, clip_rows, clipped_sum, noisy_global_sum
 from synthesizer import dp_stats
+from training import frontend
 from synthesizer.dp_stats import (StatsResult, compute_dp_statistics, per_sample_statistics, public_clip_norm,
                                   public_scales, relative_errors, statistic_dimension)
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
@@ -431,13 +433,24 @@ def test_vectors_computed_once_give_the_per_step_result(monkeypatch, make_model)
 def test_vectors_beyond_the_memory_bound_go_to_an_unlinked_owner_only_file(monkeypatch):
     model, data = gn_cnn(), dataset(12)
     attach_stat_layers(model)
+    shapes = []
+    original = dp_stats.private_file_tensor
+
+    def spy(shape, dtype):
+        shapes.append(shape)
+        return original(shape, dtype)
+
+    monkeypatch.setattr(dp_stats, "private_file_tensor", spy)
     in_memory = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False)
+    assert shapes == []
     in_file = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False,
                                            max_bytes=0)
+    assert shapes == [(12, statistic_dimension(model))]
+    folder = cache_root() / frontend.CACHE_FOLDER
+    assert not list(folder.glob("private-*"))  # unlinked as soon as it was opened
     assert torch.equal(in_memory.tensors[0], in_file.tensors[0])
     assert torch.equal(in_memory.tensors[0], per_sample_statistics(model, data.tensors[0]))
     assert torch.equal(in_file.tensors[1], data.tensors[1])
-    assert in_file.tensors[0].untyped_storage().filename is None  # no name: the file was unlinked when opened
 
 
 class RandomlyFlipped(ListDataset):
