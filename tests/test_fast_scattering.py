@@ -62,7 +62,6 @@ def test_the_input_gradient_is_kymatios_and_zero_where_the_modulus_is():
     assert_relative(fast, reference, 1e-5)
 
 
-
 def test_the_modulus_gradient_is_zero_at_zero_and_leaves_a_nan_gradient_nan():
     """Zero points are found by the quotient grad / |z|; that must not also turn a NaN gradient into 0."""
     z = torch.tensor([0j, 3 + 4j, 1e-30 + 0j, 3 + 4j, 0j], requires_grad=True)  # |1e-30|^2 underflows: |z| = 0
@@ -73,6 +72,7 @@ def test_the_modulus_gradient_is_zero_at_zero_and_leaves_a_nan_gradient_nan():
     assert gradient[[0, 2, 4]].eq(0).all()
     torch.testing.assert_close(gradient[1], torch.tensor([6.0, 8.0]))  # 10 * z / |z|
     assert gradient[3].isnan().all()
+
 
 def test_per_example_gradients_under_torch_func_match_one_backward_per_example():
     """torch.func's vmap of grad (per-example machinery) runs through the transform (kymatio's does not)."""
