@@ -20,7 +20,7 @@ import os
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -160,6 +160,15 @@ class ImageSets:
     totals: dict[str, int]
     mean: Tensor
     std: Tensor
+    digests: dict[int, tuple[Tensor, str]] = field(default_factory=dict, init=False, repr=False)
+
+    def digest(self, images: Tensor) -> str:
+        """:func:`_content_digest` of one of these tensors, computed once per evaluation (both the neighbour
+        search and the features are keyed by it)."""
+        kept = self.digests.get(id(images))
+        if kept is None or kept[0] is not images:
+            kept = self.digests[id(images)] = (images, _content_digest(images))
+        return kept[1]
 
     def normalize(self, batch: Tensor) -> Tensor:
         """Pixel space to the teacher's input space."""
@@ -252,8 +261,8 @@ def obfuscation(sets: ImageSets, k: int | None, k_ssim: int, device: torch.devic
     """
     compared = (("synthetic", sets.synthetic), (PRIVATE_TEST_REFERENCE, sets.private_test),
                 (PUBLIC_INIT_REFERENCE, sets.public_init))
-    private = _content_digest(sets.private_train)
-    reports = {name: _COMPUTED.get(("nearest", _content_digest(images), private, k_ssim, str(device)),
+    private = sets.digest(sets.private_train)
+    reports = {name: _COMPUTED.get(("nearest", sets.digest(images), private, k_ssim, str(device)),
                                    lambda images=images: nn_report(images, sets.private_train, k_ssim=k_ssim,
                                                                    device=device))
                for name, images in compared if images is not None}
@@ -282,8 +291,8 @@ def fidelity(model: torch.nn.Module, sets: ImageSets, device: torch.device, mode
             return penultimate_features(model, images, device=device, preprocess=sets.normalize)
         if model_sha256 is None:
             return compute()
-        return _COMPUTED.get(("features", model_sha256, _content_digest(images), _content_digest(sets.mean),
-                              _content_digest(sets.std), str(device)), compute)
+        return _COMPUTED.get(("features", model_sha256, sets.digest(images), sets.digest(sets.mean),
+                              sets.digest(sets.std), str(device)), compute)
 
     real = features(sets.private_test)
     rows = {}

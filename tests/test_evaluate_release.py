@@ -265,6 +265,10 @@ def test_a_sets_figures_are_computed_once_per_process_and_are_the_same_numbers(t
 
     monkeypatch.setattr(evaluation, "penultimate_features", counted("features", evaluation.penultimate_features))
     monkeypatch.setattr(evaluation, "nn_report", counted("nearest", evaluation.nn_report))
+    digested = []
+    original_digest = evaluation._content_digest
+    monkeypatch.setattr(evaluation, "_content_digest",
+                        lambda images: digested.append(images) or original_digest(images))
 
     def card(k: int, folder: str) -> dict:
         return evaluation.evaluate_release(EvaluationConfig(
@@ -274,6 +278,7 @@ def test_a_sets_figures_are_computed_once_per_process_and_are_the_same_numbers(t
     evaluation._COMPUTED.kept.clear()
     card(0, "k0")
     assert calls == {"features": 3, "nearest": 2}, "k = 0: the public initialization is the release itself"
+    assert len(digested) == 6, "each set (synthetic, public init, private train and test, mean, std) hashed once"
     shared = card(3, "k3")
     assert calls == {"features": 5, "nearest": 4}, "the private train and test references come from the k = 0 card"
     evaluation._COMPUTED.kept.clear()
