@@ -39,8 +39,12 @@ _HIGH_WATER = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- arguments and set-up
-def benchmark_parser(doc: str, repeats: int = 5) -> ArgumentParser:
-    """The flags every benchmark has; the script adds its size flags. ``doc``: the script's docstring."""
+def benchmark_parser(doc: str, repeats: int = 5, threads: int = 1) -> ArgumentParser:
+    """The flags every benchmark has; the script adds its size flags. ``doc``: the script's docstring.
+
+    ``threads``: the default of ``--threads``, 1, or 0 (all cores) where a goal is stated for the cores the
+    stages use.
+    """
     lines = doc.strip().splitlines()
     parser = ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]) or None,
                             formatter_class=HelpFormatter)
@@ -49,9 +53,10 @@ def benchmark_parser(doc: str, repeats: int = 5) -> ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--repeats", type=positive_int, default=repeats, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs of every side first")
-    parser.add_argument("--threads", type=nonnegative_int, default=1,
-                        help="torch intra-op threads, 0 for torch's own choice; one by default because on a "
-                             "shared machine extra threads make ratios swing with other processes' load")
+    why = ("torch's choice (all cores) by default: the goals are for the cores the stages use" if threads == 0 else
+           "one by default because on a shared machine extra threads make ratios swing with other processes' load")
+    parser.add_argument("--threads", type=nonnegative_int, default=threads,
+                        help=f"torch intra-op threads, 0 for torch's own choice; {why}")
     parser.add_argument("--image_size", type=positive_int, default=32, help="side of the square input images")
     parser.add_argument("--num_classes", type=positive_int, default=10, help="classifier outputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, models and sampling")

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="forwarded: network under test")
     parser.add_argument("--device", default=None, help="forwarded: cpu, cuda, ...")
     parser.add_argument("--threads", type=nonnegative_int, default=None,
-                        help="forwarded: torch intra-op threads (0: torch's choice; default 1)")
+                        help="forwarded: torch intra-op threads (0: torch's choice; default: each benchmark's own, "
+                             "1, and all cores for bench_scatter.py, whose goal is stated for them)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="forwarded: interleaved rounds")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's batch sizes (DP-SGD 128, statistics 64, synthesis 80, student 256)")
