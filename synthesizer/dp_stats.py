@@ -14,14 +14,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm import tqdm
 
 from common.batches import in_memory_tensors, random_transform, sequential_batches
 from common.distributed import Distributed
 from common.errors import DPImgSynError
 from privacy.moments import exact_mean, private_mean
 from synthesizer.stat_norm import attach_stat_layers, stat_layers
-from training.frontend import MAX_FEATURE_BYTES, cache_free_bytes, private_file_tensor
+from training.frontend import MAX_FEATURE_BYTES, cache_free_bytes, rows_in_order
 
 VAR_FLOOR = 1e-5
 MECHANISM_NAME = "dp_statistics"
@@ -222,26 +221,16 @@ def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: 
     return None
 
 
-@torch.no_grad()
 def precomputed_vectors(model: nn.Module, train_set: Dataset, device: torch.device, batch_size: int = 256,
                         num_workers: int = 0, progress: bool = True,
                         max_bytes: int = MAX_FEATURE_BYTES) -> TensorDataset:
     """``(v_i, label_i)`` of every record in order, on the CPU: the teacher run once per record (see
-    :func:`precompute_refusal`). A row depends on its own image alone (no batch statistics); only its last bits
-    may depend on the batch's size (a convolution's algorithm; not scatter_cnn's rows)."""
-    vectors, labels, start = None, [], 0
-    batches = sequential_batches(train_set, batch_size, num_workers)
-    for images, batch_labels in tqdm(batches, desc="statistics vectors", unit="batch", disable=not progress,
-                                     total=-(-len(train_set) // batch_size)):
-        rows = per_sample_statistics(model, images.to(device)).cpu()
-        if vectors is None:
-            shape = (len(train_set), rows.shape[1])
-            small = rows.element_size() * shape[0] * shape[1] <= max_bytes
-            vectors = torch.empty(shape, dtype=rows.dtype) if small else private_file_tensor(shape, rows.dtype)
-        vectors[start:start + len(rows)] = rows
-        labels.append(batch_labels)
-        start += len(rows)
-    return TensorDataset(vectors, torch.cat(labels))
+    :func:`precompute_refusal`), kept as the front end's features are (:func:`training.frontend.rows_in_order`).
+    A row depends on its own image alone (no batch statistics); only its last bits may depend on the batch's size
+    (a convolution's algorithm; not scatter_cnn's rows)."""
+    vectors, labels = rows_in_order(lambda images: per_sample_statistics(model, images), train_set, device,
+                                    batch_size, max_bytes, num_workers, "statistics vectors" if progress else None)
+    return TensorDataset(vectors, labels)
 
 
 def _vectors_as_read(vectors: Tensor) -> Tensor:

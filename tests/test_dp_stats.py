@@ -434,13 +434,13 @@ def test_vectors_beyond_the_memory_bound_go_to_an_unlinked_owner_only_file(monke
     model, data = gn_cnn(), dataset(12)
     attach_stat_layers(model)
     shapes = []
-    original = dp_stats.private_file_tensor
+    original = frontend.private_file_tensor
 
     def spy(shape, dtype):
         shapes.append(shape)
         return original(shape, dtype)
 
-    monkeypatch.setattr(dp_stats, "private_file_tensor", spy)
+    monkeypatch.setattr(frontend, "private_file_tensor", spy)
     in_memory = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False)
     assert shapes == []
     in_file = dp_stats.precomputed_vectors(model, data, torch.device("cpu"), batch_size=5, progress=False,

@@ -41,10 +41,12 @@ import secrets
 import shutil
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+from tqdm import tqdm
 
 from common.batches import default_workers, in_memory_tensors, random_transform, sequential_batches, stack_items
 from common.errors import DPImgSynError
@@ -213,13 +215,17 @@ def private_file_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
 
 @torch.no_grad()
-def _features(cached: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, max_bytes: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cached(image), label)`` of every item, in order, batch by batch into one CPU tensor (no second copy at
-    the end), in memory up to ``max_bytes``, else in an unlinked file (:func:`private_file_tensor`)."""
+def rows_in_order(compute: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, device: torch.device,
+                  batch_size: int, max_bytes: int = MAX_FEATURE_BYTES, num_workers: int | None = None,
+                  progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(compute(images), labels)`` of every item, in order, batch by batch into one CPU tensor (no second copy at
+    the end), in memory up to ``max_bytes``, else in an unlinked file (:func:`private_file_tensor`).
+    ``num_workers``: loader workers (None: the device's default); ``progress``: a bar's label (None: no bar)."""
     features, labels, start = None, [], 0
-    for images, batch_labels in sequential_batches(dataset, batch_size, default_workers(device)):
-        batch = cached(images.to(device))
+    workers = default_workers(device) if num_workers is None else num_workers
+    for images, batch_labels in tqdm(sequential_batches(dataset, batch_size, workers), desc=progress, unit="batch",
+                                     total=-(-len(dataset) // batch_size), disable=progress is None):
+        batch = compute(images.to(device)).cpu()  # one read of the device per batch, into the host tensor
         if features is None:
             shape = (len(dataset), *batch.shape[1:])
             small = math.prod(shape) * batch.element_size() <= max_bytes
@@ -304,7 +310,7 @@ def _cached(model: nn.Module, train_set: Dataset, device: torch.device, batch_si
             alone = torch.cat([cached(stack_items(train_set, [index]).to(device)).cpu() for index in checked])
         features = None if key is None else _shared_features(key, len(train_set), alone)
         if features is None:
-            features, labels = _features(cached, train_set, device, batch_size, max_bytes)
+            features, labels = rows_in_order(cached, train_set, device, batch_size, max_bytes)
             where = (f"in memory ({_size(features)})" if features.nbytes <= max_bytes else
                      f"in an owner-only file of the cache folder, removed with the run ({_size(features)})")
             if key is not None and _keep_shared(key, features):
