@@ -35,7 +35,7 @@ from stages.fetch import resolve_checkpoint
 from stages.skeleton import StageRun
 from synthesizer import overlap
 from synthesizer.deepinversion import AlignmentConfig, cyclic_targets, optimize_batch
-from synthesizer.release import ReleaseWriter, check_class_names
+from synthesizer.release import ReleaseWriter, check_class_names, is_complete
 from synthesizer.stat_norm import attach_stat_layers, load_dp_statistics, set_mode
 
 
@@ -114,6 +114,12 @@ def synthesize(config: SynthesisConfig) -> Path:
                                    image_shape=(spec.channels, spec.image_size, spec.image_size),
                                    num_classes=checkpoint["num_classes"], settings=settings)
         run.open_log(output.parent / f"{output.name}.log", "stage 3 (synthesis)", settings)
+        if is_complete(output):  # the writer has checked that it was made with these settings
+            if run.is_main:
+                writer.remove_shards()
+            run.say(f"{output} already complete ({config.num_samples} images, k={config.k}, "
+                    f"epsilon {block['epsilon']:.3f}); nothing to do")
+            return output
         pending = [shard for shard in writer.pending_shards() if run.dist.owns(shard)]
         bar = tqdm(total=sum(stop - start for start, stop in map(writer.shard_range, pending)), unit="img",
                    desc=f"synthesis k={config.k}", disable=not (config.progress and run.is_main), dynamic_ncols=True)

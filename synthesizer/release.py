@@ -305,7 +305,7 @@ class ReleaseWriter:
         writer's settings added. ``metadata.json`` is written last, then the shards are removed.
         """
         if is_complete(self.out_dir):
-            shutil.rmtree(self._shards_dir, ignore_errors=True)
+            self.remove_shards()
             return self.out_dir
         clashes = sorted(set(metadata) & set(RESERVED_METADATA_KEYS))
         if clashes:
@@ -354,8 +354,12 @@ class ReleaseWriter:
             "release_settings": self.identity,
         }
         atomic_write_text(self.out_dir / METADATA_FILE, json.dumps(document, indent=2) + "\n")
-        shutil.rmtree(self._shards_dir, ignore_errors=True)
+        self.remove_shards()
         return self.out_dir
+
+    def remove_shards(self) -> None:
+        """Delete the shards of a finished release (a kill right after ``metadata.json`` was written leaves them)."""
+        shutil.rmtree(self._shards_dir, ignore_errors=True)
 
     @staticmethod
     def _collect_preview(preview: dict[int, list[tuple[np.ndarray, np.ndarray]]],

@@ -77,7 +77,7 @@ def test_k0_releases_the_aligned_public_images(tiny_pipeline):
     assert np.allclose(np.asarray(bundle.images[0]), np.clip(first, 0, 1), atol=1e-5)
 
 
-def test_rerun_redoes_only_the_missing_stage(tiny_pipeline, tiny_config):
+def test_rerun_redoes_only_the_missing_stage(tiny_pipeline, tiny_config, capsys):
     out, first = tiny_pipeline
     copy_dir = out.parent / "rerun"
     shutil.copytree(out, copy_dir)
@@ -92,6 +92,10 @@ def test_rerun_redoes_only_the_missing_stage(tiny_pipeline, tiny_config):
     # The stage times add up over invocations: the skipped teacher keeps the time the first run spent on it.
     assert report["seconds"]["teacher"] >= first["seconds"]["teacher"]
     assert json.loads((copy_dir / "seconds.json").read_text()) == report["seconds"]
+    # Each finished stage says so; a finished release is not announced as written again.
+    said = capsys.readouterr().out
+    assert f"{copy_dir / 'release_k3'} already complete" in said and "nothing to do" in said
+    assert "release written" not in said
 
 
 def test_student_and_synthesis_never_open_private_training_data(tiny_pipeline, tmp_path):
