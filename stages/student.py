@@ -146,7 +146,7 @@ def _finished(metrics_path: Path, settings: dict, final_key: str, eval_split: st
     if final_key not in metrics:  # a validation student of an earlier version filed it as a test accuracy
         raise DPImgSynError(f"{metrics_path} holds no {final_key} (an earlier version wrote it); delete "
                             f"{metrics_path.parent} to train this student again")
-    run.say(f"{metrics_path} already complete (student {eval_split} accuracy {metrics[final_key]:.4f})")
+    run.say(f"{metrics_path} already complete (student {eval_split} accuracy {metrics[final_key]:.4f}); nothing to do")
     return metrics
 
 
