@@ -127,6 +127,21 @@ def test_bench_scatter_smoke() -> None:
         figure(output, name, "measured")
 
 
+def test_bench_scatter_speed_up_over_fresh_processes() -> None:
+    output = run_benchmark("bench_scatter.py", *TINY, "--only", "transform", "--image_size", "28", "--batch_size", "1",
+                           "--processes", "2")
+    per_process = re.findall(r"^# process (\d)/2: ratio (\d+\.\d\d) \(goal >= 3\)", output, re.MULTILINE)
+    assert [index for index, _ in per_process] == ["1", "2"], output
+    low, high = sorted(float(ratio) for _, ratio in per_process)
+    summary = re.search(r"^scatter_forward_backward_speedup_vs_kymatio_over_processes: ratio (\d+\.\d\d) "
+                        r"\(goal >= 3\)  spread (\d+\.\d\d)-(\d+\.\d\d) over 2 process\(es\); (\d) of 2 meet the goal$",
+                        output, re.MULTILINE)
+    assert summary, output
+    assert (float(summary[2]), float(summary[3])) == (low, high)
+    assert abs(float(summary[1]) - (low + high) / 2) <= 0.0051  # the median of two, printed to two decimals
+    assert int(summary[4]) == (low >= 3) + (high >= 3)
+
+
 def test_every_benchmark_has_help_and_is_in_run_all() -> None:
     scripts = sorted(path.name for path in (ROOT / "benchmarks").glob("bench_*.py"))
     code = ("import sys, runpy\n"
