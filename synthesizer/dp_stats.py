@@ -180,7 +180,7 @@ def compute_dp_statistics(model: nn.Module, train_set: Dataset, *, epochs: float
         return StatsResult(_split_moments(model, moments), record, moments.float())
     reason = precompute_refusal(train_set, dimension, epochs, dist)
     if reason is None:
-        size = 4 * dimension * len(train_set)  # float32, as precomputed_vectors keeps them
+        size = _table_bytes(dimension, len(train_set))
         where = "in memory" if size <= MAX_FEATURE_BYTES else "in an owner-only file, removed with the run"
         say(f"DP statistics: the teacher runs once on each of the {len(train_set)} records, whose statistics "
             f"vectors the Poisson steps then read ({size / 2**20:,.1f} MiB, {where})")
@@ -214,11 +214,16 @@ def precompute_refusal(train_set: Dataset, dimension: int, epochs: float, dist: 
         transform = random_transform(train_set)
         if transform:
             return f"the dataset applies a random transform ({transform}) when read: one view would be frozen"
-    size = 4 * dimension * len(train_set)  # float32, as per_sample_statistics gives them
+    size = _table_bytes(dimension, len(train_set))
     if size > max_bytes and size > cache_free_bytes():
         return (f"the vectors would take {size / 2**30:.1f} GiB: more than {max_bytes / 2**30:.1f} GiB in memory "
                 "and more than the cache folder's disk has free")
     return None
+
+
+def _table_bytes(dimension: int, records: int) -> int:
+    """The size of the records' statistics vectors, float32 as :func:`per_sample_statistics` gives them."""
+    return 4 * dimension * records
 
 
 def precomputed_vectors(model: nn.Module, train_set: Dataset, device: torch.device, batch_size: int = 256,
