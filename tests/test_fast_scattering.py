@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import functools
+import shutil
 
 import pytest
 import torch
 from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
 import models.fast_scattering as fast_scattering
+from models import scatter_kernels
 from models.fast_scattering import build_bank, scattering
 from models.scatter import Scattering
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the CPU kernels")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,10 +78,12 @@ def test_the_modulus_gradient_is_zero_at_zero_and_leaves_a_nan_gradient_nan():
     assert gradient[3].isnan().all()
 
 
-def test_per_example_gradients_under_torch_func_match_one_backward_per_example():
-    """torch.func's vmap of grad (per-example machinery) runs through the transform (kymatio's does not)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_example_gradients_under_torch_func_match_one_backward_per_example(dtype):
+    """torch.func's vmap of grad (per-example machinery) runs through the transform (kymatio's does not); in
+    float32 its wrapped tensors take PyTorch's operations, the plain backward the compiled kernels."""
     frontend = Scattering()
-    images = torch.randn(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    images = torch.randn(2, 1, 28, 28, dtype=dtype, generator=torch.Generator().manual_seed(3))
 
     def loss(image: torch.Tensor) -> torch.Tensor:
         return frontend(image.unsqueeze(0)).square().mean()
@@ -86,7 +92,8 @@ def test_per_example_gradients_under_torch_func_match_one_backward_per_example()
     for image, gradient in zip(images, batched):
         pixels = image.clone().requires_grad_()
         loss(pixels).backward()
-        torch.testing.assert_close(gradient, pixels.grad, rtol=1e-10, atol=1e-14)
+        tolerance = dict(rtol=1e-10, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(gradient, pixels.grad, **tolerance)
 
 
 def test_filters_are_built_once_per_shape_device_and_dtype(monkeypatch):
@@ -144,3 +151,60 @@ def test_cpu_chunks_grow_with_the_threads_up_to_a_cap(monkeypatch):
         seen.clear()
         scattering(images, None)
         assert max(seen) == largest and sum(seen) == 300
+
+
+def _coefficients_and_gradients(images: torch.Tensor, scales: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    bank = build_bank(tuple(images.shape[-2:]), scales, 8, images.device, images.dtype)
+    weights = torch.randn(*images.shape[:-2], 1 + 8 * scales + 32 * scales * (scales - 1), *(
+        side // 2**scales for side in images.shape[-2:]), generator=torch.Generator().manual_seed(7))
+    pixels = images.clone().requires_grad_()
+    coefficients = scattering(pixels, bank)
+    (coefficients * weights).sum().backward()
+    return coefficients.detach(), pixels.grad
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, scales", [((1, 28, 28), 2), ((3, 32, 32), 2), ((3, 64, 64), 2), ((1, 20, 24), 1),
+                                           ((3, 29, 32), 3)])
+def test_the_compiled_kernels_give_pytorchs_coefficients_and_gradients_to_the_bit(shape, scales, threads):
+    """Every scatter_cnn figure was measured with PyTorch's operations: the kernels must not move a bit."""
+    assert fast_scattering._checked_kernels() is not None, "the kernels build here but disagree with PyTorch"
+    torch.set_num_threads(threads)
+    images = torch.randn(3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    images[1] = 0  # every wavelet response 0: the modulus's gradient there
+    with_kernels = _coefficients_and_gradients(images, scales)
+    with fast_scattering.pytorch_operations_only():
+        with_operations = _coefficients_and_gradients(images, scales)
+    for kernels, operations in zip(with_kernels, with_operations):
+        assert torch.equal(kernels, operations)
+
+
+@needs_compiler
+def test_the_probe_refuses_kernels_that_round_otherwise(monkeypatch, tmp_path):
+    """Built letting the compiler fuse each product into its sum (one rounding instead of two), the kernels are
+    close to PyTorch's operations but not equal: the probe must see it, or a faster build could move the bits."""
+    monkeypatch.setenv("DPIMGSYN_CACHE", str(tmp_path))
+    assert fast_scattering._agrees_with_pytorch(scatter_kernels.load())
+    monkeypatch.setattr(scatter_kernels, "FLAGS", tuple(
+        "-ffp-contract=fast" if flag == "-ffp-contract=off" else flag for flag in scatter_kernels.FLAGS))
+    fused = scatter_kernels.load()
+    assert not isinstance(fused, str) and not fast_scattering._agrees_with_pytorch(fused)
+    assert len(list((tmp_path / scatter_kernels.KERNEL_FOLDER).glob("*.so"))) == 2  # one build per flags
+
+
+def test_without_a_compiler_the_transform_says_so_once_and_runs_on_pytorchs_operations(monkeypatch, tmp_path,
+                                                                                        capsys):
+    monkeypatch.setenv("DPIMGSYN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(fast_scattering, "_checked_kernels", functools.lru_cache(maxsize=1)(
+        fast_scattering._checked_kernels.__wrapped__))
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    first = _coefficients_and_gradients(images)
+    _coefficients_and_gradients(images)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"note: the scattering's compiled CPU kernels are not used (no C compiler "
+                     f"'{tmp_path / 'no-such-cc'}'); PyTorch's operations give the same coefficients, more slowly"]
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: the reason is the build's
+    assert scatter_kernels.load().startswith("the build failed")
+    assert torch.isfinite(first[1]).all()
