@@ -32,7 +32,6 @@ import ctypes
 import functools
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -242,15 +241,13 @@ def _kernels_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=1)
 def _checked_kernels() -> ctypes.CDLL | None:
-    """The kernels, once per process, if they build and give PyTorch's bits on a probe; else one line saying so."""
+    """The kernels, once per process, if they build and give PyTorch's bits on a probe; else a warning saying why."""
     kernels = scatter_kernels.load()
     if not isinstance(kernels, str) and not _agrees_with_pytorch(kernels):
         kernels = "they differ from PyTorch's operations on this machine"
-    if isinstance(kernels, str):
-        line = (f"note: the scattering's compiled CPU kernels are not used ({kernels}); PyTorch's operations give "
-                f"the same coefficients, more slowly")
-        logging.getLogger("dpimgsyn").warning(line)
-        print(line, file=sys.stderr, flush=True)
+    if isinstance(kernels, str):  # on stderr and in a stage's log
+        logging.getLogger("dpimgsyn").warning("the scattering's compiled CPU kernels are not used (%s); PyTorch's "
+                                              "operations give the same coefficients, more slowly", kernels)
         return None
     return kernels
 

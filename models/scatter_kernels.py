@@ -8,8 +8,9 @@ it uses them, and keeps PyTorch's operations otherwise).
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``), for this CPU, into the
 cache folder (``common.files.cache_root()/kernels``), keyed by the source, the flags, the compiler and the CPU;
-later processes load it (a fraction of a second to build). It shares PyTorch's OpenMP runtime and thread count.
-Without a compiler, or where the build fails, ``load`` returns the reason instead and nothing else changes.
+later processes load it (a fraction of a second to build). Each kernel runs on PyTorch's thread count, in its
+OpenMP runtime where that is GNU's (as in PyTorch's pip wheels: the same ``libgomp.so.1``). Without a compiler, or
+where building or loading fails, ``load`` returns the reason instead and nothing else changes.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def load() -> ctypes.CDLL | str:
         loaded = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as error:
         lines = str(error).strip().splitlines()
-        return f"the build failed: {lines[-1] if lines else type(error).__name__}"
+        return f"building or loading them failed: {lines[-1] if lines else type(error).__name__}"
     for name, arguments in _SIGNATURES.items():
         getattr(loaded, name).argtypes = arguments
         getattr(loaded, name).restype = None
