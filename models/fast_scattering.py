@@ -232,11 +232,9 @@ def pytorch_operations_only() -> Iterator[None]:
 def _kernels_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The compiled kernels where they apply: plain float32 / complex64 CPU tensors, outside torch.func's
     transforms (whose wrapped tensors have no memory of their own) and without a pending conjugation."""
-    if _operations_only or not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.complex64) and not t.is_conj()
-               and not t.is_neg()
-               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return None
-    return _checked_kernels()
+    plain = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.complex64) and not t.is_conj()
+                and not t.is_neg() and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return _checked_kernels() if plain and not _operations_only else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,25 +38,30 @@ void periodized_product(const float *spectrum, const float *filters, float *out,
     }
 }
 
-/* The spectrum's gradient: block t of out[b] = the sum over l of grad[b, l] * filters[t, l], added in PyTorch's
- * order for a sum over a middle dimension (its CPU sum kernel, AVX2): a running sum from l = 0 at the points of
- * each whole group of 16, and at the last (h w mod 16) points four running sums of every fourth l, then added up
- * in order (its row_sum). Here: products first, then that order; the kernel runs only where a probe agrees. */
+/* One value of the sum over l of grad[l * step + v] * filters[l * step + v]: in a group of 16, a running sum;
+ * otherwise PyTorch's row_sum, four running sums of every fourth l, the remainder added to the first. */
 static float product_sum(const float *grad, const float *filters, int64_t step, int64_t angles, int64_t v,
                          int in_groups) {
-    float total = 0.0f;
     if (in_groups) {
+        float total = 0.0f;
         for (int64_t l = 0; l < angles; l++) total = total + grad[l * step + v] * filters[l * step + v];
         return total;
     }
     float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t whole = angles / 4;
     for (int64_t i = 0; i < whole; i++)
-        for (int64_t k = 0; k < 4; k++) partial[k] = partial[k] + grad[(4 * i + k) * step + v] * filters[(4 * i + k) * step + v];
+        for (int64_t k = 0; k < 4; k++) {
+            const int64_t at = (4 * i + k) * step + v;
+            partial[k] = partial[k] + grad[at] * filters[at];
+        }
     for (int64_t l = 4 * whole; l < angles; l++) partial[0] = partial[0] + grad[l * step + v] * filters[l * step + v];
     return ((partial[0] + partial[1]) + partial[2]) + partial[3];
 }
 
+/* The spectrum's gradient: block t of out[b] = the sum over l of grad[b, l] * filters[t, l], added in PyTorch's
+ * order for a sum over a middle dimension (its CPU sum kernel, AVX2): a running sum from l = 0 at the points of
+ * each whole group of 16, and at the last (h w mod 16) points four running sums of every fourth l, then added up
+ * in order (its row_sum). Here: products first, then that order; the kernel runs only where a probe agrees. */
 void periodized_product_backward(const float *grad, const float *filters, float *out, int64_t batch, int64_t rows,
                                  int64_t cols, int64_t angles, int64_t factor, int threads) {
     const int64_t height = rows / factor, width = cols / factor, pairs = 2 * width, blocks = factor * factor;

@@ -99,8 +99,9 @@ def periodized_product(library: ctypes.CDLL, spectrum: torch.Tensor, filters: to
     rows, cols = spectrum.shape[-2:]
     angles, height, pairs = filters.shape[1:]
     out = spectrum.new_empty(*spectrum.shape[:-2], angles, height, pairs // 2)
-    library.periodized_product(spectrum.data_ptr(), filters.data_ptr(), out.data_ptr(), spectrum.numel() // (rows * cols),
-                               rows, cols, angles, rows // height, torch.get_num_threads())
+    library.periodized_product(spectrum.data_ptr(), filters.data_ptr(), out.data_ptr(),
+                               spectrum.numel() // (rows * cols), rows, cols, angles, rows // height,
+                               torch.get_num_threads())
     return out
 
 
