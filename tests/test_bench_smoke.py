@@ -123,7 +123,8 @@ def test_bench_scatter_smoke() -> None:
     figure(output, "scatter_forward_backward_speedup_vs_kymatio", ">= 3")
     figure(output, "scatter_forward_backward_vs_fft_flop_rate", "<= 2")
     for name in ("scatter_forward_speedup_vs_kymatio", "scatter_forward_vs_matmul_flop_rate",
-                 "scatter_forward_backward_kernels_vs_pytorch_operations", "scatter_head_dp_sgd_step", "scatter_synthesis_step", "scatter_student_epoch_cached"):
+                 "scatter_forward_backward_kernels_vs_pytorch_operations", "scatter_head_dp_sgd_step",
+                 "scatter_synthesis_step", "scatter_student_epoch_cached"):
         figure(output, name, "measured")
 
 

@@ -202,7 +202,7 @@ def test_without_a_compiler_the_transform_says_so_once_and_runs_on_pytorchs_oper
         fast_scattering._checked_kernels.__wrapped__))
     images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(8))
     with caplog.at_level(logging.WARNING, logger="dpimgsyn"):
-        coefficients, gradient = _coefficients_and_gradients(images)
+        _, gradient = _coefficients_and_gradients(images)
         _coefficients_and_gradients(images)
     assert [record.getMessage() for record in caplog.records] == [
         f"the scattering's compiled CPU kernels are not used (no C compiler '{tmp_path / 'no-such-cc'}'); PyTorch's "
